@@ -1,0 +1,11 @@
+"""grades: fused gradient statistics, a frozen-aware AdamW, GradES early stopping and
+test-time-compute-aware early stopping for PyTorch training loops."""
+from __future__ import annotations
+
+from ._validate import SegmentTable, STATS_DTYPE, SUMSQ, SUMABS, NONFINITE
+from .ops import grad_stats, masked_adamw_
+
+__version__ = "0.1.0"
+
+__all__ = ["grad_stats", "masked_adamw_", "SegmentTable", "STATS_DTYPE", "SUMSQ", "SUMABS", "NONFINITE",
+           "__version__"]

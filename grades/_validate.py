@@ -1,0 +1,234 @@
+"""Input validation and the host-side segment table.
+
+Every public op validates *all* of its inputs before any backend touches memory, so a bad call
+raises a ``TypeError``/``ValueError`` and writes nothing. Nothing here reads device data: shapes,
+dtypes, devices and layouts are host metadata, and segment tables live on the host by design
+(a Megatron-style buffer's per-parameter ranges are known on the host when the buffer is built).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+
+#: Floating dtypes accepted for gradients and parameters by every backend.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: dtype of the statistics tensor returned by every op: ``[num_matrices, 3]``.
+STATS_DTYPE = torch.float64
+#: Columns of the statistics tensor.
+SUMSQ, SUMABS, NONFINITE = 0, 1, 2
+
+SegmentsLike = Union["SegmentTable", torch.Tensor, Sequence[Sequence[int]], np.ndarray]
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def check_tensor(t: object, what: str, *, dtypes=SUPPORTED_DTYPES) -> torch.Tensor:
+    """Check one tensor argument: a dense, contiguous, real floating tensor of a claimed dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.is_complex():
+        raise TypeError(f"{what} is complex ({_dtype_name(t.dtype)}); grades supports real tensors only")
+    if t.dtype not in dtypes:
+        names = ", ".join(_dtype_name(d) for d in dtypes)
+        raise TypeError(f"{what} has dtype {_dtype_name(t.dtype)}; supported: {names}")
+    if not t.is_contiguous():
+        raise ValueError(f"{what} is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
+                         "call .contiguous() first")
+    return t
+
+
+def check_same_device(tensors: Iterable[torch.Tensor], what: str, device: torch.device) -> None:
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(f"{what}[{i}] is on {t.device}, expected {device} (all tensors must share one device)")
+
+
+def as_tensor_list(x: object, what: str) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a list of tensors (for a flat buffer pass segments=...)")
+    try:
+        out = list(x)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what} must be a list or tuple of tensors, got {type(x).__name__}") from None
+    return out
+
+
+def check_frozen(frozen: object, num_matrices: int, device: torch.device) -> torch.Tensor | None:
+    """``frozen`` is ``None`` or a bool tensor ``[num_matrices]`` on the tensors' device."""
+    if frozen is None:
+        return None
+    if not isinstance(frozen, torch.Tensor):
+        raise TypeError(f"frozen must be a bool tensor of shape [{num_matrices}], got {type(frozen).__name__}")
+    if frozen.dtype != torch.bool:
+        raise TypeError(f"frozen must have dtype bool, got {_dtype_name(frozen.dtype)}")
+    if tuple(frozen.shape) != (num_matrices,):
+        raise ValueError(f"frozen must have shape [{num_matrices}] (one entry per matrix), got {tuple(frozen.shape)}")
+    if frozen.device != device:
+        raise ValueError(f"frozen is on {frozen.device}, expected {device}")
+    return frozen.contiguous()
+
+
+def check_out(out: object, num_matrices: int, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty((num_matrices, 3), dtype=STATS_DTYPE, device=device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    if out.dtype != STATS_DTYPE or tuple(out.shape) != (num_matrices, 3) or out.device != device:
+        raise ValueError(f"out must be a float64 tensor of shape [{num_matrices}, 3] on {device}, got "
+                         f"{_dtype_name(out.dtype)} {tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return out
+
+
+class SegmentTable:
+    """Where each matrix lives inside a flat buffer: rows of ``(offset, length, matrix_id)``.
+
+    Offsets and lengths are in elements of the buffer. Several segments may carry the same matrix id
+    (a LoRA A/B pair, or the pieces of a matrix split across buckets); their statistics add up.
+    The table is validated once, here, on the host: offsets and lengths non-negative, matrix ids in
+    ``[0, num_matrices)``, no two segments overlapping, and (when ``numel`` is given, or at each use)
+    no segment running past the end of the buffer.
+
+    Args:
+        segments: ``[S, 3]`` integer rows: a list of tuples, a NumPy array or a CPU tensor.
+        numel: length of the buffer the table describes, checked now if given.
+        num_matrices: number of matrices ``M`` (default: largest id + 1). Ids need not all be used;
+            an unused id's statistics read zero.
+    """
+
+    def __init__(self, segments: SegmentsLike, *, numel: int | None = None, num_matrices: int | None = None):
+        if isinstance(segments, SegmentTable):
+            arr = segments.array
+            num_matrices = segments.num_matrices if num_matrices is None else num_matrices
+        elif isinstance(segments, torch.Tensor):
+            if segments.device.type != "cpu":
+                raise TypeError("segment tables live on the host: pass a CPU tensor or a list of "
+                                "(offset, length, matrix_id) rows, not a tensor on " + str(segments.device))
+            if segments.is_floating_point() or segments.is_complex() or segments.dtype == torch.bool:
+                raise TypeError(f"segments must be an integer tensor, got {_dtype_name(segments.dtype)}")
+            arr = segments.to(torch.int64).numpy()
+        else:
+            try:
+                arr = np.asarray(segments, dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                raise TypeError("segments must be rows of three integers (offset, length, matrix_id)") from None
+        arr = np.array(arr, dtype=np.int64, copy=True).reshape(-1, 3) if arr.size else np.zeros((0, 3), np.int64)
+        if arr.ndim != 2 or arr.shape[1] != 3:
+            raise ValueError(f"segments must have shape [S, 3], got {arr.shape}")
+        off, length, mid = arr[:, 0], arr[:, 1], arr[:, 2]
+        if (off < 0).any():
+            raise ValueError(f"segment {int(np.argmax(off < 0))} has a negative offset")
+        if (length < 0).any():
+            raise ValueError(f"segment {int(np.argmax(length < 0))} has a negative length")
+        if (mid < 0).any():
+            raise ValueError(f"segment {int(np.argmax(mid < 0))} has a negative matrix id")
+        inferred = int(mid.max()) + 1 if len(mid) else 0
+        if num_matrices is None:
+            num_matrices = inferred
+        if not isinstance(num_matrices, (int, np.integer)) or num_matrices < 0:
+            raise ValueError(f"num_matrices must be a non-negative int, got {num_matrices!r}")
+        if inferred > num_matrices:
+            raise ValueError(f"segment matrix id {inferred - 1} is out of range for num_matrices={num_matrices}")
+        nonempty = np.nonzero(length > 0)[0]
+        order = nonempty[np.argsort(off[nonempty], kind="stable")]
+        if len(order) > 1:
+            ends = off[order] + length[order]
+            bad = np.nonzero(off[order][1:] < ends[:-1])[0]
+            if len(bad):
+                a, b = int(order[bad[0]]), int(order[bad[0] + 1])
+                raise ValueError(f"segments {a} [{off[a]}, {off[a] + length[a]}) and {b} "
+                                 f"[{off[b]}, {off[b] + length[b]}) overlap")
+        self.array = arr
+        self.num_matrices = int(num_matrices)
+        self.end = int((off + length).max()) if len(arr) else 0
+        self._chunk_cache: dict[int, np.ndarray] = {}
+        self._device_cache: dict[tuple, torch.Tensor] = {}
+        if numel is not None:
+            self.check_numel(numel)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.array[:, 0]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.array[:, 1]
+
+    @property
+    def matrix_ids(self) -> np.ndarray:
+        return self.array[:, 2]
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __repr__(self) -> str:
+        return f"SegmentTable({len(self)} segments, {self.num_matrices} matrices, end={self.end})"
+
+    def check_numel(self, numel: int) -> None:
+        if self.end > numel:
+            i = int(np.argmax(self.offsets + self.lengths))
+            raise ValueError(f"segment {i} [{self.offsets[i]}, {self.offsets[i] + self.lengths[i]}) "
+                             f"overruns the buffer of {numel} elements")
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor], matrix_ids: Sequence[int] | None = None,
+                     *, num_matrices: int | None = None) -> "SegmentTable":
+        """Table for tensors laid out back to back in one buffer (``torch.cat([t.flatten() ...])``)."""
+        rows, off = [], 0
+        for i, t in enumerate(tensors):
+            rows.append((off, t.numel(), i if matrix_ids is None else int(matrix_ids[i])))
+            off += t.numel()
+        return cls(rows, numel=off, num_matrices=num_matrices)
+
+    def chunks(self, chunk: int) -> np.ndarray:
+        """Split every segment into pieces of at most ``chunk`` elements: ``[C, 3]`` rows of
+        ``(start, length, matrix_id)``, ordered by segment then position. Cached per chunk size.
+        Backends reduce one chunk in a fixed order, then the chunks of each matrix in table order,
+        which is what makes the statistics bitwise reproducible."""
+        got = self._chunk_cache.get(chunk)
+        if got is None:
+            got = chunk_rows(self.offsets, self.lengths, self.matrix_ids, chunk)
+            self._chunk_cache[chunk] = got
+        return got
+
+    def device_tensor(self, name: str, device: torch.device, build) -> torch.Tensor:
+        """A cached device copy of some table-derived int64 array (built once per device)."""
+        key = (name, str(device))
+        t = self._device_cache.get(key)
+        if t is None:
+            t = torch.as_tensor(build(), dtype=torch.int64).to(device)
+            self._device_cache[key] = t
+        return t
+
+
+def chunk_rows(offsets: np.ndarray, lengths: np.ndarray, matrix_ids: np.ndarray, chunk: int) -> np.ndarray:
+    """Vectorised split of segments into ``(start, length, matrix_id)`` chunks of at most ``chunk``."""
+    offsets = np.asarray(offsets, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    matrix_ids = np.asarray(matrix_ids, np.int64)
+    n = (lengths + chunk - 1) // chunk
+    total = int(n.sum())
+    if total == 0:
+        return np.zeros((0, 3), np.int64)
+    seg = np.repeat(np.arange(len(lengths)), n)
+    first = np.cumsum(n) - n
+    k = np.arange(total) - np.repeat(first, n)
+    start = offsets[seg] + k * chunk
+    length = np.minimum(chunk, lengths[seg] - k * chunk)
+    return np.stack([start, length, matrix_ids[seg]], axis=1)
+
+
+def resolve_segments(segments: SegmentsLike, numel: int, num_matrices: int | None) -> SegmentTable:
+    if isinstance(segments, SegmentTable) and (num_matrices is None or num_matrices == segments.num_matrices):
+        table = segments
+    else:
+        table = SegmentTable(segments, num_matrices=num_matrices)
+    table.check_numel(numel)
+    return table

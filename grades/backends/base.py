@@ -1,0 +1,81 @@
+"""The backend contract shared by the reference, CPU, CUDA and Triton implementations.
+
+A backend implements four entry points. They receive inputs that ``grades.ops`` has already
+validated (dtypes, devices, shapes, contiguity, segment tables) and a preallocated ``out`` of
+shape ``[M, 3]``, dtype float64, on the tensors' device, which they must fill completely:
+
+* column 0: sum of squares of the (unscaled) gradient, ``sum(g**2)``
+* column 1: sum of absolute values, ``sum(|g|)``
+* column 2: number of non-finite elements (NaN, +Inf, -Inf), an exact integer stored as float64
+
+Sums include every element, so a NaN makes both sums NaN and an Inf makes them Inf (as
+``torch.linalg.vector_norm`` would); the count says how many. A frozen matrix is neither read nor
+written (its row of ``out`` is zero). Backends must be deterministic (same input, bitwise same
+output) and must not synchronise with the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+Number = Union[int, float]
+
+
+@dataclass
+class AdamWArgs:
+    """Hyperparameters of one ``masked_adamw_`` call.
+
+    ``lr``: float, or a 0-dim float tensor on the params' device.
+    ``step``: the 1-based step count used for bias correction of *this* update (the caller has
+    already incremented it): a Python number, a 0-dim tensor, or a float32 tensor ``[M]`` with one
+    step per matrix, on the params' device.
+    ``grad_scale``: optional 0-dim float32 tensor; gradients are divided by it before use (and
+    before statistics), as torch's fused AdamW does for ``GradScaler``.
+    ``found_inf``: optional 0-dim float32 tensor; when non-zero, nothing is updated (statistics are
+    still written).
+    """
+
+    lr: Union[float, torch.Tensor]
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: Union[Number, torch.Tensor]
+    grad_scale: Optional[torch.Tensor] = None
+    found_inf: Optional[torch.Tensor] = None
+
+
+class Backend:
+    """Base class; subclasses override ``name``, ``device_types``, ``kinds``, ``available`` and the ops."""
+
+    name: str = "?"
+    device_types: tuple[str, ...] = ()
+    #: which input forms it implements: "list" and/or "flat"
+    kinds: tuple[str, ...] = ("list", "flat")
+
+    def available(self) -> tuple[bool, str]:
+        """``(True, detail)`` if usable in this process, else ``(False, reason)``. May build/load."""
+        raise NotImplementedError
+
+    def supports(self, device: torch.device, kind: str) -> bool:
+        return device.type in self.device_types and kind in self.kinds
+
+    def grad_stats_list(self, grads: list[torch.Tensor], frozen: Optional[torch.Tensor],
+                        out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def grad_stats_flat(self, buf: torch.Tensor, table, frozen: Optional[torch.Tensor],
+                        out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def adamw_list(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                   frozen: Optional[torch.Tensor], hp: AdamWArgs, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def adamw_flat(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                   exp_avg_sq: torch.Tensor, table, frozen: Optional[torch.Tensor], hp: AdamWArgs,
+                   out: torch.Tensor) -> None:
+        raise NotImplementedError

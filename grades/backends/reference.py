@@ -1,0 +1,112 @@
+"""Pure-PyTorch reference backend: the specification every other backend is tested against.
+
+Written for reading, not speed. It is still free of host synchronisation (frozen matrices are
+handled with ``torch.where`` rather than Python branches on device values), so it is a correct,
+if slow, fallback on any device.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import AdamWArgs, Backend
+
+
+def _stats_row(g: torch.Tensor, grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[3]`` float64: sum g^2, sum |g|, non-finite count of one gradient (after unscaling)."""
+    g32 = g.float()
+    if grad_scale is not None:
+        g32 = g32 / grad_scale
+    g64 = g32.double()
+    return torch.stack([
+        (g64 * g64).sum(),
+        g64.abs().sum(),
+        (~torch.isfinite(g32)).sum().double(),
+    ])
+
+
+def _masked_rows(rows: list[torch.Tensor], frozen: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    if not rows:
+        return
+    stats = torch.stack(rows)
+    if frozen is not None:
+        stats = torch.where(frozen[:, None], torch.zeros_like(stats), stats)
+    out.copy_(stats)
+
+
+def _matrix_stats_from_flat(buf: torch.Tensor, table, grad_scale=None) -> list[torch.Tensor]:
+    rows = [torch.zeros(3, dtype=torch.float64, device=buf.device) for _ in range(table.num_matrices)]
+    for off, length, m in table.array.tolist():  # host table, no device read
+        rows[m] = rows[m] + _stats_row(buf[off:off + length], grad_scale)
+    return rows
+
+
+def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                 hp: AdamWArgs, step, active) -> None:
+    """One AdamW update of one tensor, in fp32, written back only where ``active``.
+
+    Same arithmetic as ``torch.optim.AdamW``: decoupled weight decay ``p *= 1 - lr*wd``, then
+    ``m = lerp(m, g, 1-beta1)``, ``v = beta2*v + (1-beta2)*g*g``,
+    ``p -= (lr / (1-beta1^t)) * m / (sqrt(v) / sqrt(1-beta2^t) + eps)``.
+    """
+    g32 = g.float()
+    if hp.grad_scale is not None:
+        g32 = g32 / hp.grad_scale
+    p32 = p.float()
+    lr = hp.lr
+    step = torch.as_tensor(step, dtype=torch.float64, device=p.device)
+    bc1 = 1 - hp.beta1 ** step
+    bc2_sqrt = (1 - hp.beta2 ** step).sqrt()
+    new_p = p32 * (1 - lr * hp.weight_decay)
+    new_m = m.lerp(g32, 1 - hp.beta1)
+    new_v = v * hp.beta2 + (1 - hp.beta2) * g32 * g32
+    step_size = (lr / bc1).float()
+    denom = new_v.sqrt() / bc2_sqrt.float() + hp.eps
+    new_p = new_p - step_size * new_m / denom
+    p.copy_(torch.where(active, new_p.to(p.dtype), p))
+    m.copy_(torch.where(active, new_m, m))
+    v.copy_(torch.where(active, new_v, v))
+
+
+def _active(frozen: Optional[torch.Tensor], hp: AdamWArgs, i: int, device) -> torch.Tensor:
+    active = torch.ones((), dtype=torch.bool, device=device)
+    if frozen is not None:
+        active = active & ~frozen[i]
+    if hp.found_inf is not None:
+        active = active & (hp.found_inf == 0)
+    return active
+
+
+def _step_of(hp: AdamWArgs, i: int):
+    s = hp.step
+    if isinstance(s, torch.Tensor) and s.dim() == 1:
+        return s[i]
+    return s
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    device_types = ("cpu", "cuda", "xpu", "mps", "meta")
+    kinds = ("list", "flat")
+
+    def available(self) -> tuple[bool, str]:
+        return True, "pure PyTorch"
+
+    def grad_stats_list(self, grads, frozen, out) -> None:
+        _masked_rows([_stats_row(g) for g in grads], frozen, out)
+
+    def grad_stats_flat(self, buf, table, frozen, out) -> None:
+        _masked_rows(_matrix_stats_from_flat(buf, table), frozen, out)
+
+    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out) -> None:
+        _masked_rows([_stats_row(g, hp.grad_scale) for g in grads], frozen, out)
+        for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+            adamw_update(p, g, m, v, hp, _step_of(hp, i), _active(frozen, hp, i, p.device))
+
+    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out) -> None:
+        _masked_rows(_matrix_stats_from_flat(grad, table, hp.grad_scale), frozen, out)
+        for off, length, i in table.array.tolist():
+            sl = slice(off, off + length)
+            adamw_update(param[sl], grad[sl], exp_avg[sl], exp_avg_sq[sl], hp, _step_of(hp, i),
+                         _active(frozen, hp, i, param.device))
