@@ -31,7 +31,4 @@ def available_backends(device: str, kind: str) -> list[str]:
     for name, (ok, _) in backends.availability().items():
         if ok and backends.get(name).supports(dev, kind):
             out.append(name)
-        elif ok and name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" \
-                and kind in backends.get(name).kinds:
-            out.append(name)
     return out

@@ -6,7 +6,7 @@ from .base import Backend
 
 class TritonBackend(Backend):
     name = "triton"
-    device_types = ("cuda",)
+    device_types = ("cuda", "cpu")  # cpu only under TRITON_INTERPRET=1, and only when named
     kinds = ("flat",)
 
     def available(self) -> tuple[bool, str]:
