@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ._validate import SegmentTable, STATS_DTYPE, SUMSQ, SUMABS, NONFINITE
 from .ops import grad_stats, masked_adamw_
+from .optim import FrozenAwareAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["grad_stats", "masked_adamw_", "SegmentTable", "STATS_DTYPE", "SUMSQ", "SUMABS", "NONFINITE",
+__all__ = ["grad_stats", "masked_adamw_", "FrozenAwareAdamW", "SegmentTable", "STATS_DTYPE", "SUMSQ", "SUMABS", "NONFINITE",
            "__version__"]

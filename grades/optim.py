@@ -1,0 +1,613 @@
+"""``FrozenAwareAdamW``: a drop-in ``torch.optim.AdamW`` that can freeze parameters without a host sync.
+
+The update itself is :func:`grades.masked_adamw_`: one fused call per parameter group over every
+parameter that has a gradient, which also returns the per-parameter gradient statistics
+(sum of squares, sum of absolute values, non-finite count) of the gradients it applied. Freezing
+is a device-side bool mask, so a policy can decide to freeze on the device and the optimizer
+honours the decision at the next step without the host ever waiting for the device.
+
+Layout of the state is the one ``torch.optim.AdamW(fused=True)`` uses (per parameter: a 0-dim
+float32 ``step`` on the parameter's device, ``exp_avg`` and ``exp_avg_sq``), so state dicts move
+freely between this optimizer and ``torch.optim.AdamW`` in both directions. Moments are always
+float32, also for bfloat16/float16 parameters. Extras (frozen mask, last statistics, skipped step
+counter) travel under the ``"grades"`` key of the state dict, which torch ignores.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Iterable, Optional, Union
+
+import numpy as np
+import torch
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from ._validate import STATS_DTYPE, SUPPORTED_DTYPES
+from .ops import grad_stats, masked_adamw_
+
+__all__ = ["FrozenAwareAdamW", "NonFiniteGradientError"]
+
+_NONFINITE_POLICIES = ("skip", "raise", "ignore")
+# Options torch.optim.AdamW accepts that this optimizer only accepts at their default value.
+_FIXED_OPTIONS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                  "differentiable": False, "fused": None}
+_WHY = {"amsgrad": "the AMSGrad variant is not implemented",
+        "maximize": "negate the loss instead",
+        "foreach": "the update is always one fused call per parameter group",
+        "capturable": "step() never synchronises with the host, but CUDA-graph capture is not supported",
+        "differentiable": "the fused update is not differentiable",
+        "fused": "the update is always fused"}
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised by :meth:`FrozenAwareAdamW.step` with ``nonfinite="raise"`` when a gradient holds NaN/Inf."""
+
+
+def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> tuple[Any, tuple[float, float]]:
+    """torch.optim.AdamW's checks and messages; returns ``(lr, (beta1, beta2))`` normalised."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr.is_complex() or not lr.is_floating_point():
+            raise TypeError(f"Tensor lr must be a real floating-point tensor, got {lr.dtype}")
+        lr = lr.detach().reshape(())
+    elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    try:
+        b0, b1 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+    out = []
+    for i, b in enumerate((b0, b1)):
+        if isinstance(b, torch.Tensor):
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+            b = float(b.detach().reshape(()).item())  # host value, read once at construction
+        elif isinstance(b, bool) or not isinstance(b, numbers.Real):
+            raise TypeError(f"betas[{i}] must be a float, got {type(b).__name__}")
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        out.append(float(b))
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real):
+        raise TypeError(f"weight_decay must be a float, got {type(weight_decay).__name__}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    return lr, (out[0], out[1])
+
+
+def _check_options(group: dict) -> None:
+    for name, default in _FIXED_OPTIONS.items():
+        v = group.get(name, default)
+        bad = (v is not None) if default is None else (not isinstance(v, (bool, int)) or bool(v) != default)
+        if bad:
+            raise ValueError(f"FrozenAwareAdamW does not support {name}={v!r} ({_WHY[name]}); "
+                             f"leave {name} at its default ({default!r}) or use torch.optim.AdamW")
+    if group.get("decoupled_weight_decay", True) is not True:
+        raise ValueError("FrozenAwareAdamW always uses decoupled weight decay (AdamW); "
+                         "decoupled_weight_decay must be True")
+
+
+class _Plan:
+    """What one group's update looks like for one set of participating parameters (cached)."""
+
+    __slots__ = ("local", "full", "params", "exp_avgs", "exp_avg_sqs", "idx_local", "idx_global",
+                 "scratch", "discard")
+
+    def __init__(self, local: tuple, full: bool, params, exp_avgs, exp_avg_sqs, idx_local, idx_global,
+                 scratch):
+        self.local, self.full = local, full
+        self.params, self.exp_avgs, self.exp_avg_sqs = params, exp_avgs, exp_avg_sqs
+        self.idx_local, self.idx_global, self.scratch = idx_local, idx_global, scratch
+        # the fused update's own statistics when a detection pass has already produced them
+        self.discard = torch.empty_like(scratch)
+
+
+class FrozenAwareAdamW(Optimizer):
+    r"""AdamW with a device-side frozen mask, fused per-parameter gradient statistics and no host sync.
+
+    Same arguments, defaults, validation and ``state_dict`` layout as ``torch.optim.AdamW``, and for
+    parameters that are not frozen the same update (decoupled weight decay, bias correction with a
+    per-parameter step count, computed in float32).
+
+    Args:
+        params: iterable of parameters, named parameters, or param-group dicts (as torch).
+        lr: learning rate, a float or a 1-element tensor (default ``1e-3``).
+        betas: ``(beta1, beta2)`` (default ``(0.9, 0.999)``).
+        eps: added to the denominator (default ``1e-8``).
+        weight_decay: decoupled weight decay coefficient (default ``1e-2``).
+        amsgrad, maximize, foreach, capturable, differentiable, fused: accepted for signature
+            compatibility at torch's default values only; any other value raises ``ValueError``.
+        backend: the :mod:`grades` backend for the fused update (``"auto"`` or a backend name).
+        nonfinite: what to do with NaN/Inf gradients when no ``GradScaler`` drives the step:
+
+            * ``"skip"`` (default): one statistics pass before the update detects them on the
+              device; if any non-frozen gradient holds one, the whole step is skipped (params,
+              moments and steps bitwise unchanged) and :attr:`skipped_steps` grows by one.
+            * ``"raise"``: the same detection, then one host sync to raise
+              :class:`NonFiniteGradientError` before anything changes (a debugging mode).
+            * ``"ignore"``: no detection pass (one pass over memory instead of two); non-finite
+              values are applied as ``torch.optim.AdamW`` would apply them, and still counted.
+
+            Under a ``torch.amp.GradScaler`` the scaler's protocol decides instead (its
+            ``found_inf`` skips the step, in the same single pass as the update).
+        release_frozen_state: free ``exp_avg``/``exp_avg_sq`` of parameters once the host knows
+            they are frozen (after :meth:`freeze` or :meth:`sync_frozen_state`); see
+            :attr:`released_bytes`. A state dict then lacks the moments of those parameters.
+
+    Attributes (all device tensors, read without syncing; the order is :attr:`param_list`):
+        frozen: bool ``[num_params]``; a frozen parameter is never updated again.
+        last_grad_stats: float64 ``[num_params, 3]``: ``(sum g^2, sum |g|, non-finite count)`` of
+            each gradient applied by the last step (unscaled). Rows of frozen parameters and of
+            parameters without a gradient are zero. On a skipped step the first two columns of
+            the participating rows are NaN, so no threshold test can pass on them.
+        nonfinite_count: int64 0-dim, non-finite gradient elements seen in the last step.
+        skipped_steps: int64 0-dim, number of steps skipped because of non-finite gradients.
+        last_step_skipped: bool 0-dim, whether the last step was skipped.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        backend: str = "auto",
+        nonfinite: str = "skip",
+        release_frozen_state: bool = False,
+    ) -> None:
+        lr, betas = _check_hparams(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
+        _check_options(defaults)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        if nonfinite not in _NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, _NONFINITE_POLICIES))}, "
+                             f"got {nonfinite!r}")
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.release_frozen_state = bool(release_frozen_state)
+        self.released_bytes = 0
+        self.param_list: list[torch.Tensor] = []
+        self._index: dict[int, int] = {}
+        self._ranges: list[tuple[int, int]] = []
+        self._group_steps: list[torch.Tensor] = []
+        self._host_frozen = np.zeros(0, dtype=bool)
+        self._released: set[int] = set()
+        self._plans: dict[tuple, _Plan] = {}
+        self._part_cache: dict[tuple, torch.Tensor] = {}
+        self._device: Optional[torch.device] = None
+        self.frozen = torch.zeros(0, dtype=torch.bool)
+        self.last_grad_stats = torch.zeros(0, 3, dtype=STATS_DTYPE)
+        super().__init__(params, defaults)
+        # Tells torch.amp.GradScaler to hand us grad_scale/found_inf instead of unscaling itself.
+        self._step_supports_amp_scaling = True
+        dev = self._device or torch.device("cpu")
+        self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=dev)
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=dev)
+        self._false = torch.zeros((), dtype=torch.bool, device=dev)
+        self.last_step_skipped = self._false
+
+    # ------------------------------------------------------------------ parameter bookkeeping
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (as torch), extending :attr:`param_list`, :attr:`frozen` and
+        :attr:`last_grad_stats` with rows for its parameters (not frozen, zero statistics)."""
+        n_before = len(self.param_groups)
+        super().add_param_group(param_group)
+        if len(self.param_groups) == n_before:  # pragma: no cover - torch raised
+            return
+        group = self.param_groups[-1]
+        try:
+            group["lr"], group["betas"] = _check_hparams(group["lr"], group["betas"], group["eps"],
+                                                         group["weight_decay"])
+            _check_options(group)
+            self._check_params(group["params"])
+        except Exception:
+            self.param_groups.pop()
+            raise
+        start = len(self.param_list)
+        for i, p in enumerate(group["params"]):
+            self._index[id(p)] = start + i
+        self.param_list.extend(group["params"])
+        end = len(self.param_list)
+        self._ranges.append((start, end))
+        if self._device is None and self.param_list:
+            self._device = self.param_list[0].device
+        dev = self._device or torch.device("cpu")
+        n = end - start
+        self._group_steps.append(torch.zeros(n, dtype=torch.float32, device=dev))
+        self.frozen = torch.cat([self.frozen.to(dev), torch.zeros(n, dtype=torch.bool, device=dev)])
+        self.last_grad_stats = torch.cat([self.last_grad_stats.to(dev),
+                                          torch.zeros(n, 3, dtype=STATS_DTYPE, device=dev)])
+        self._host_frozen = np.concatenate([self._host_frozen, np.zeros(n, dtype=bool)])
+        self._clear_plans()
+
+    def _check_params(self, params: list) -> None:
+        for p in params:
+            if p.is_complex():
+                raise TypeError(f"FrozenAwareAdamW supports real parameters only, got a {p.dtype} "
+                                "parameter (view complex parameters with torch.view_as_real)")
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"FrozenAwareAdamW supports float32, bfloat16 and float16 parameters, "
+                                f"got {p.dtype}")
+            if p.layout != torch.strided:
+                raise TypeError(f"FrozenAwareAdamW supports dense parameters only, got layout {p.layout}")
+            if not p.is_contiguous():
+                raise ValueError(f"parameter of shape {tuple(p.shape)} is not contiguous; the fused update "
+                                 "needs contiguous parameters")
+            dev = self._device or (self.param_list[0].device if self.param_list else p.device)
+            if p.device != dev:
+                raise ValueError(f"all parameters must be on one device: got {p.device} and {dev}")
+            if id(p) in self._index:
+                raise ValueError("some parameters appear in more than one parameter group")
+
+    def param_index(self, p: torch.Tensor) -> int:
+        """Position of parameter ``p`` in :attr:`param_list` (the row of :attr:`frozen` and
+        :attr:`last_grad_stats` that belongs to it)."""
+        try:
+            return self._index[id(p)]
+        except KeyError:
+            raise ValueError("parameter is not managed by this optimizer") from None
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters over all groups (the length of :attr:`frozen`)."""
+        return len(self.param_list)
+
+    # ------------------------------------------------------------------ freezing
+
+    def freeze(self, params: Union[torch.Tensor, Iterable[torch.Tensor]]) -> None:
+        """Freeze parameters the host already knows about: set their :attr:`frozen` entries.
+
+        The host learns the decision at once, so with ``release_frozen_state=True`` their moments
+        are freed right away. No device-to-host copy.
+        """
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        idx = sorted({self.param_index(p) for p in params})
+        if not idx:
+            return
+        self.frozen.index_fill_(0, torch.tensor(idx, dtype=torch.long).to(self.frozen.device), True)
+        self._learn_frozen(np.asarray(idx, dtype=np.int64))
+
+    def freeze_mask_(self, mask: torch.Tensor) -> None:
+        """OR a device bool mask ``[num_params]`` into :attr:`frozen` (in place, no host sync).
+
+        The host does not learn which parameters froze; call :meth:`sync_frozen_state` once a
+        (non-blocking) host copy of the mask is available, to drop them from the host-side lists
+        and, with ``release_frozen_state=True``, free their moments.
+        """
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+        if tuple(mask.shape) != (self.num_params,):
+            raise ValueError(f"mask must have shape [{self.num_params}] (one entry per parameter), "
+                             f"got {list(mask.shape)}")
+        if mask.device != self.frozen.device:
+            raise ValueError(f"mask is on {mask.device}, expected {self.frozen.device}")
+        self.frozen.logical_or_(mask)
+
+    def sync_frozen_state(self, mask: Optional[Union[torch.Tensor, np.ndarray]] = None) -> int:
+        """Tell the host which parameters are frozen; returns how many it learned about now.
+
+        Args:
+            mask: a host copy of :attr:`frozen` (bool ``[num_params]``), typically the result of a
+                non-blocking copy that has completed. ``None`` copies :attr:`frozen` now, which
+                waits for the device. Entries set here are also set in :attr:`frozen`.
+
+        Host-known frozen parameters leave the lists handed to the fused update (so they cost no
+        launch work at all) and, with ``release_frozen_state=True``, their moments are freed.
+        """
+        if mask is None:
+            host = self.frozen.detach().to("cpu").numpy().astype(bool)
+        else:
+            if isinstance(mask, torch.Tensor):
+                if mask.dtype != torch.bool:
+                    raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+                host = mask.detach().to("cpu").numpy().astype(bool)
+            else:
+                host = np.asarray(mask, dtype=bool)
+            if host.shape != (self.num_params,):
+                raise ValueError(f"mask must have shape [{self.num_params}], got {list(host.shape)}")
+        new = np.nonzero(host & ~self._host_frozen)[0]
+        if len(new) and mask is not None:
+            self.frozen.index_fill_(0, torch.from_numpy(new).to(self.frozen.device), True)
+        self._learn_frozen(new)
+        return int(len(new))
+
+    def _learn_frozen(self, idx: np.ndarray) -> None:
+        if not len(idx):
+            return
+        self._host_frozen[idx] = True
+        self._clear_plans()
+        if self.release_frozen_state:
+            for i in idx.tolist():
+                self._release(int(i))
+
+    def _release(self, i: int) -> None:
+        if i in self._released:
+            return
+        st = self.state.get(self.param_list[i])
+        if not st:
+            return
+        for k in ("exp_avg", "exp_avg_sq"):
+            t = st.pop(k, None)
+            if t is not None:
+                self.released_bytes += t.numel() * t.element_size()
+        self._released.add(i)
+
+    # ------------------------------------------------------------------ step
+
+    def _init_state(self, gi: int, local: int, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = self._group_steps[gi][local]
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return state
+
+    def _gather(self, gi: int, group: dict) -> tuple[Optional[_Plan], list[torch.Tensor]]:
+        start, end = self._ranges[gi]
+        local, grads = [], []
+        host_frozen = self._host_frozen
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None or host_frozen[start + i]:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise TypeError("FrozenAwareAdamW does not support sparse gradients, please consider "
+                                "SparseAdam instead")
+            if g.is_complex():
+                raise TypeError("FrozenAwareAdamW supports real gradients only")
+            if not g.is_contiguous():
+                g = g.contiguous()
+            local.append(i)
+            grads.append(g)
+        if not local:
+            return None, grads
+        key = (gi, tuple(local))
+        plan = self._plans.get(key)
+        if plan is None:
+            params = [group["params"][i] for i in local]
+            states = [self._init_state(gi, i, p) for i, p in zip(local, params)]
+            full = len(local) == end - start
+            dev = self.frozen.device
+            idx_local = idx_global = None
+            if not full:
+                idx_local = torch.tensor(local, dtype=torch.long).to(dev)
+                idx_global = idx_local + start
+            scratch = torch.zeros(len(local), 3, dtype=STATS_DTYPE, device=dev)
+            plan = _Plan(key[1], full, params, [s["exp_avg"] for s in states],
+                         [s["exp_avg_sq"] for s in states], idx_local, idx_global, scratch)
+            self._plans[key] = plan
+        return plan, grads
+
+    def _lr_of(self, group: dict) -> Union[float, torch.Tensor]:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            dev = self.frozen.device
+            if lr.device != dev or lr.dtype != torch.float32 or lr.dim() != 0:
+                lr = lr.detach().reshape(()).to(device=dev, dtype=torch.float32, non_blocking=True)
+        return lr
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One AdamW step over every parameter that has a gradient and is not frozen.
+
+        No host-device synchronisation (except ``nonfinite="raise"``, which waits once for the
+        non-finite count). Per group: one fused :func:`grades.masked_adamw_` call, plus with
+        ``nonfinite="skip"`` one :func:`grades.grad_stats` detection pass, plus a few tiny
+        kernels for the step counters and statistics rows.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.param_list:
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        dev = self.frozen.device
+        stats_all = self.last_grad_stats
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            plan, grads = self._gather(gi, group)
+            if plan is not None:
+                work.append((gi, group, plan, grads))
+        all_full = len(work) == len(self.param_groups) and all(w[2].full for w in work)
+        if not all_full:
+            stats_all.zero_()  # rows of parameters without a gradient (or host-frozen) read zero
+
+        frozens = []
+        for gi, _, plan, _ in work:
+            s, e = self._ranges[gi]
+            frozens.append(self.frozen[s:e] if plan.full else self.frozen.index_select(0, plan.idx_global))
+
+        def rows_of(gi: int, plan: _Plan) -> torch.Tensor:
+            s, e = self._ranges[gi]
+            return stats_all[s:e] if plan.full else plan.scratch
+
+        if found_inf is not None:
+            # GradScaler protocol: the scaler has already checked the gradients; one pass.
+            found = found_inf.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(())
+            if grad_scale is not None:
+                grad_scale = grad_scale.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(())
+            detect = False
+        elif self.nonfinite == "ignore":
+            found, detect = None, False
+        else:
+            detect = True
+            for (gi, group, plan, grads), fz in zip(work, frozens):
+                rows = rows_of(gi, plan)
+                grad_stats(grads, frozen=fz, out=rows, backend=self.backend)
+                if not plan.full:
+                    stats_all.index_copy_(0, plan.idx_global, rows)
+            count = stats_all[:, 2].sum(dtype=torch.int64)
+            self.nonfinite_count = count
+            if self.nonfinite == "raise":
+                n = int(count.item())  # the one sync of the debugging mode
+                if n:
+                    bad = torch.nonzero(stats_all[:, 2]).flatten().tolist()
+                    raise NonFiniteGradientError(
+                        f"{n} non-finite gradient element(s) in {len(bad)} parameter(s) "
+                        f"(param_list indices {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+                        f"{self._names(bad[:5])}); nothing was updated. "
+                        "Use nonfinite='skip' to skip such steps instead.")
+                found = None
+            else:
+                found = (count > 0).to(torch.float32)
+
+        ok = None if found is None else found == 0
+        for (gi, group, plan, grads), fz in zip(work, frozens):
+            active = fz.logical_not()
+            if ok is not None:
+                active.logical_and_(ok)
+            steps = self._group_steps[gi]
+            if plan.full:
+                steps.add_(active)
+                step_t = steps
+            else:
+                steps.index_add_(0, plan.idx_local, active.to(torch.float32))
+                step_t = steps.index_select(0, plan.idx_local)
+            beta1, beta2 = group["betas"]
+            out = plan.discard if detect else rows_of(gi, plan)
+            masked_adamw_(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, step=step_t,
+                          lr=self._lr_of(group), beta1=beta1, beta2=beta2, eps=group["eps"],
+                          weight_decay=group["weight_decay"], grad_scale=grad_scale,
+                          found_inf=found, out=out, backend=self.backend)
+            if not detect and not plan.full:
+                stats_all.index_copy_(0, plan.idx_global, out)
+
+        if not detect:
+            self.nonfinite_count = stats_all[:, 2].sum(dtype=torch.int64)
+        if found is not None:
+            skipped = found != 0
+            self.skipped_steps.add_(skipped)
+            self.last_step_skipped = skipped
+            # A skipped step's statistics must not drive a freeze decision: NaN compares false
+            # with any threshold. Only rows that took part (had a gradient, not frozen) get NaN.
+            live = self.frozen.logical_not().logical_and_(skipped)
+            if not all_full:
+                live.logical_and_(self._participation(work))
+            stats_all[:, :2].masked_fill_(live[:, None], math.nan)
+        else:
+            self.last_step_skipped = self._false
+        return loss
+
+    def _participation(self, work: list) -> torch.Tensor:
+        key = tuple((w[0], w[2].local) for w in work)
+        part = self._part_cache.get(key)
+        if part is None:
+            host = torch.zeros(self.num_params, dtype=torch.bool)
+            for gi, _, plan, _ in work:
+                s, _e = self._ranges[gi]
+                host[[s + i for i in plan.local]] = True
+            part = host.to(self.frozen.device)
+            self._part_cache[key] = part
+        return part
+
+    def _clear_plans(self) -> None:
+        self._plans.clear()
+        self._part_cache.clear()
+
+    def _names(self, idx: list[int]) -> str:
+        names = []
+        for i in idx:
+            for gi, (s, e) in enumerate(self._ranges):
+                if s <= i < e:
+                    pn = self.param_groups[gi].get("param_names")
+                    if pn:
+                        names.append(pn[i - s])
+        return f"; names {names}" if names else ""
+
+    # ------------------------------------------------------------------ state dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.AdamW's state dict (per parameter ``step``, ``exp_avg``, ``exp_avg_sq``),
+        plus ``"grades"``: ``frozen`` (bool ``[num_params]``), ``last_grad_stats``,
+        ``skipped_steps`` and ``released`` (indices whose moments were freed)."""
+        sd = super().state_dict()
+        sd["state"] = {k: ({**v, "step": v["step"].clone()} if isinstance(v, dict) and "step" in v else v)
+                       for k, v in sd["state"].items()}
+        sd["grades"] = {"frozen": self.frozen.clone(), "last_grad_stats": self.last_grad_stats.clone(),
+                        "skipped_steps": self.skipped_steps.clone(), "released": sorted(self._released)}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this optimizer or of ``torch.optim.AdamW`` (any of its variants).
+
+        Moments are kept in float32 whatever the parameter dtype; steps are moved to the
+        parameters' device. Without a ``"grades"`` entry nothing is frozen.
+        """
+        sd = dict(state_dict)
+        extras = sd.pop("grades", None)
+        for g in sd["param_groups"]:
+            _check_options(g)
+            if "amsgrad" in g and g["amsgrad"]:
+                raise ValueError("cannot load an AMSGrad state dict")
+        src = sd["state"]
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
+        super().load_state_dict(sd)
+        dev = self.frozen.device
+        n = self.num_params
+        frozen = torch.zeros(n, dtype=torch.bool, device=dev)
+        released: set[int] = set()
+        if extras is not None:
+            frozen.copy_(extras["frozen"].to(device=dev, dtype=torch.bool))
+            released = set(int(i) for i in extras.get("released", ()))
+        host_frozen = frozen.cpu().numpy().astype(bool)
+        for gi, group in enumerate(self.param_groups):
+            lr, betas = _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            group["lr"], group["betas"] = lr, betas
+            s, e = self._ranges[gi]
+            steps = torch.zeros(e - s, dtype=torch.float32, device=dev)
+            for local, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not st:
+                    continue
+                gidx = s + local
+                orig = src.get(saved_ids[gidx], {})
+                st.pop("max_exp_avg_sq", None)
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in orig:
+                        st[k] = orig[k].detach().to(device=p.device, dtype=torch.float32, copy=True)
+                    elif not host_frozen[gidx]:
+                        raise ValueError(f"state of parameter {gidx} has no {k!r} but it is not frozen")
+                    else:
+                        released.add(gidx)
+                if "step" not in st:
+                    raise ValueError(f"state of parameter {gidx} has no 'step'")
+                v = st["step"]
+                steps[local] = v.detach().to(torch.float32) if isinstance(v, torch.Tensor) else float(v)
+                st["step"] = steps[local]
+            self._group_steps[gi] = steps
+        self.frozen = frozen
+        self._host_frozen = host_frozen
+        self._released = released
+        self._clear_plans()
+        if extras is not None:
+            self.last_grad_stats = extras["last_grad_stats"].to(device=dev, dtype=STATS_DTYPE).clone()
+            self.skipped_steps = extras["skipped_steps"].to(device=dev, dtype=torch.int64).clone()
+        else:
+            self.last_grad_stats = torch.zeros(n, 3, dtype=STATS_DTYPE, device=dev)
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=dev)
+        if self.release_frozen_state:
+            for i in np.nonzero(host_frozen)[0].tolist():
+                self._release(int(i))
