@@ -1,0 +1,296 @@
+"""Test-time-compute-aware early stopping during training.
+
+:class:`TTCMonitor` holds the logic and works in any loop: call
+``monitor.evaluate(model, step, train_flops)`` at each evaluation. It draws ``n_samples``
+completions per evaluation problem (once: every k up to ``k_max`` is estimated from that batch),
+verifies them, records the checkpoint, fits accuracy (k = 1) against training FLOPs, and returns a
+:class:`TTCDecision`. Training should stop when some recorded checkpoint with some k <= k_max and an
+allowed strategy reaches ``target - tolerance`` and, if a query volume is declared, that volume is
+at most the candidate's break-even count Q* (so the early checkpoint with k samples costs fewer
+total FLOPs than finishing the run and answering with one sample).
+
+:class:`TTCEarlyStopping` wraps a monitor as a ``transformers.TrainerCallback``.
+
+The target is either a number or ``"projection"``: the accuracy-vs-FLOPs fit evaluated at
+``planned_train_flops``. The projection is used only when the fit passes its quality checks and
+``planned_train_flops`` lies within ``max_extrapolation`` x the fitted FLOP range past the last
+checkpoint; until then the monitor does not stop (the decision's ``reason`` says why).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+from .fits import ExtrapolationError, FitResult, PoorFitError, fit_accuracy_vs_flops
+from .samples import CheckpointSamples, samples_from_completions, write_samples
+from .select import Candidate, Selection, normalise_strategies, select
+
+__all__ = ["TTCDecision", "TTCMonitor", "TTCEarlyStopping"]
+
+SampleFn = Callable[[Any, Sequence[Any], int], Sequence[Sequence[str]]]
+
+
+@dataclass
+class TTCDecision:
+    """Outcome of one evaluation.
+
+    Attributes:
+        step, train_flops: where the evaluation happened (FLOPs as a float).
+        stop: whether training should stop now.
+        reason: a sentence on why (not).
+        target: the target accuracy used (None when none could be set yet).
+        choice: the (checkpoint, k, strategy) that met it, when ``stop``.
+        accuracy: ``{strategy: [accuracy at k=1..k_max]}`` of this checkpoint.
+        samples_drawn: completions generated at this evaluation.
+    """
+
+    step: int
+    train_flops: float
+    stop: bool
+    reason: str
+    target: float | None
+    choice: Candidate | None
+    accuracy: dict[str, list[float]]
+    samples_drawn: int
+    selection: Selection | None = field(default=None, repr=False)
+    projection: FitResult | None = field(default=None, repr=False)
+
+
+class TTCMonitor:
+    """Plain-loop TTC early stopping (see the module docstring).
+
+    Args:
+        problems: evaluation problems (any objects your ``sample_fn``/``verifier`` understand).
+        task: an :class:`~grades.tasks.AdditionTask`; supplies the default ``sample_fn``
+            (:func:`~grades.tasks.generate_answers` with ``do_sample=True``) and ``verifier``.
+        sample_fn: ``sample_fn(model, problems, n) -> [len(problems)][n]`` completion strings.
+        verifier: ``verifier(problem, completion) -> bool``.
+        answer_fn: completion -> answer compared by majority vote (default: ``str.strip``).
+        score_fn: ``score_fn(problem, completion) -> float`` for best-of-k (optional).
+        n_samples: completions per problem per evaluation (>= k_max).
+        k_max: k budget (default ``n_samples``).
+        strategies: allowed strategies (default ``("majority@k",)``: deployable without an oracle;
+            add ``"pass@k"`` only if an exact verifier is available at test time).
+        target: accuracy in [0, 1] or ``"projection"``.
+        tolerance: accuracy slack.
+        planned_train_flops: FLOPs of the full planned run (needed for ``"projection"``; also the
+            reference for the training FLOPs saved).
+        expected_queries: declared query volume Q; stop only if Q <= Q* of the candidate.
+        infer_flops_per_sample: inference FLOPs of one completion (needed with ``expected_queries``).
+        min_checkpoints: checkpoints needed before a projection is attempted.
+        fit_model, max_extrapolation: passed to :func:`~grades.ttc.fits.fit_accuracy_vs_flops`.
+        problem_ids: identifiers for the recorded table (default ``0..P-1``).
+        seed: base seed; evaluation at step s samples with seed ``seed + s``.
+    """
+
+    def __init__(self, problems: Sequence[Any], *, task=None, sample_fn: SampleFn | None = None,
+                 verifier: Callable[[Any, str], bool] | None = None,
+                 answer_fn: Callable[[str], Hashable] | None = None,
+                 score_fn: Callable[[Any, str], float] | None = None, n_samples: int = 16,
+                 k_max: int | None = None, strategies: Sequence[str] | None = ("majority@k",),
+                 target: float | str = "projection", tolerance: float = 0.0,
+                 planned_train_flops: float | None = None, expected_queries: float | None = None,
+                 infer_flops_per_sample: float | None = None, min_checkpoints: int = 4,
+                 fit_model: str = "exp", max_extrapolation: float = 1.0,
+                 problem_ids: Sequence[Hashable] | None = None, seed: int = 0):
+        self.problems = list(problems)
+        if not self.problems:
+            raise ValueError("no evaluation problems")
+        if task is not None:
+            from ..tasks import generate_answers
+            if sample_fn is None:
+                def sample_fn(model, probs, n, _task=task):
+                    return generate_answers(model, _task, probs, num_samples=n, do_sample=True,
+                                            seed=self._seed)
+            if verifier is None:
+                verifier = task.verify
+        if sample_fn is None or verifier is None:
+            raise TypeError("give a task, or both sample_fn(model, problems, n) and verifier(problem, completion)")
+        if not callable(sample_fn) or not callable(verifier):
+            raise TypeError("sample_fn and verifier must be callable")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+        self.k_max = n_samples if k_max is None else int(k_max)
+        if not 1 <= self.k_max <= n_samples:
+            raise ValueError(f"k_max must be in [1, n_samples={n_samples}], got {k_max}")
+        if isinstance(target, str):
+            if target != "projection":
+                raise ValueError(f"target must be an accuracy or 'projection', got {target!r}")
+            if planned_train_flops is None:
+                raise ValueError("target='projection' needs planned_train_flops")
+        elif isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
+            raise ValueError(f"target must be in [0, 1], got {target!r}")
+        if expected_queries is not None and infer_flops_per_sample is None:
+            raise ValueError("expected_queries needs infer_flops_per_sample")
+        if planned_train_flops is not None and not (planned_train_flops >= 0 and math.isfinite(planned_train_flops)):
+            raise ValueError(f"planned_train_flops must be finite and >= 0, got {planned_train_flops!r}")
+        self.sample_fn, self.verifier, self.score_fn = sample_fn, verifier, score_fn
+        self.answer_fn = answer_fn or (lambda c: c.strip())
+        self.n_samples = n_samples
+        self.strategies = normalise_strategies(strategies)
+        if "best-of-k" in self.strategies and score_fn is None:
+            raise ValueError("best-of-k needs a score_fn")
+        self.target, self.tolerance = target, float(tolerance)
+        self.planned_train_flops = planned_train_flops
+        self.expected_queries, self.infer_flops_per_sample = expected_queries, infer_flops_per_sample
+        self.min_checkpoints, self.fit_model = int(min_checkpoints), fit_model
+        self.max_extrapolation = float(max_extrapolation)
+        self.problem_ids = list(range(len(self.problems))) if problem_ids is None else list(problem_ids)
+        if len(self.problem_ids) != len(self.problems):
+            raise ValueError("problem_ids must have one id per problem")
+        self.seed = int(seed)
+        self._seed = self.seed
+        self.checkpoints: list[CheckpointSamples] = []
+        self.decisions: list[TTCDecision] = []
+        self.samples_drawn = 0
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _sample(self, model, step: int) -> CheckpointSamples:
+        self._seed = self.seed + int(step)
+        comps = self.sample_fn(model, self.problems, self.n_samples)
+        if len(comps) != len(self.problems):
+            raise ValueError(f"sample_fn returned {len(comps)} rows for {len(self.problems)} problems")
+        answers, correct, scores = [], [], []
+        for prob, row in zip(self.problems, comps):
+            if len(row) != self.n_samples:
+                raise ValueError(f"sample_fn returned {len(row)} completions, expected {self.n_samples}")
+            answers.append([str(self.answer_fn(c)) for c in row])
+            correct.append([bool(self.verifier(prob, c)) for c in row])
+            if self.score_fn is not None:
+                scores.append([float(self.score_fn(prob, c)) for c in row])
+        self.samples_drawn += len(self.problems) * self.n_samples
+        return samples_from_completions(f"step-{step}", 0.0, self.problem_ids, answers, correct,
+                                        scores if self.score_fn is not None else None)
+
+    def evaluate(self, model, step: int, train_flops: float) -> TTCDecision:
+        """Sample, verify, record this checkpoint and decide whether to stop.
+
+        Args:
+            model: anything ``sample_fn`` accepts (a transformers causal LM for the task default).
+            step: the training step (names the checkpoint ``step-<step>``).
+            train_flops: training FLOPs spent so far (float, >= those of earlier evaluations).
+        """
+        if isinstance(train_flops, bool) or not isinstance(train_flops, (int, float)) \
+                or not train_flops >= 0 or not math.isfinite(train_flops):
+            raise ValueError(f"train_flops must be finite and >= 0, got {train_flops!r}")
+        if self.checkpoints and train_flops < self.checkpoints[-1].train_flops:
+            raise ValueError("train_flops must not decrease between evaluations")
+        ck = self._sample(model, step)
+        ck.train_flops = float(train_flops)
+        if any(c.name == ck.name for c in self.checkpoints):
+            raise ValueError(f"step {step} was already evaluated")
+        self.checkpoints.append(ck)
+        drawn = len(self.problems) * self.n_samples
+        target, projection, why_not = self._target()
+        sel = None
+        acc: dict[str, list[float]] = {}
+        choice = None
+        if target is None:
+            sel_target: float | str = 0.0
+        else:
+            sel_target = target
+        sel = select(self.checkpoints, k_max=self.k_max, target=sel_target, tolerance=self.tolerance,
+                     strategies=self.strategies, queries=self.expected_queries,
+                     infer_flops_per_sample=self.infer_flops_per_sample,
+                     final_train_flops=self._reference_flops())
+        for s in sel.strategies:
+            acc[s] = [float(v) for v in sel.estimates[(ck.name, s)].mean]
+        if target is None:
+            reason = why_not
+        else:
+            ok = [c for c in sel.table if c.meets and self._pays_off(c)]
+            order = {s: i for i, s in enumerate(sel.strategies)}
+            choice = min(ok, key=lambda c: (c.train_flops, c.k, order[c.strategy]), default=None)
+            if choice is None:
+                best = max(sel.table, key=lambda c: c.accuracy)
+                reason = (f"no (checkpoint, k<= {self.k_max}) reaches {target - self.tolerance:.4f}"
+                          f" within the break-even volume (best: {best.strategy} k={best.k} at "
+                          f"{best.checkpoint}: {best.accuracy:.4f})")
+            else:
+                be = "inf" if choice.break_even is None or math.isinf(choice.break_even) else f"{choice.break_even:.3g}"
+                reason = (f"{choice.checkpoint} with {choice.strategy} k={choice.k} reaches "
+                          f"{choice.accuracy:.4f} >= {target - self.tolerance:.4f}; Q*={be}")
+        d = TTCDecision(int(step), float(train_flops), choice is not None, reason, target, choice, acc,
+                        drawn, sel, projection)
+        self.decisions.append(d)
+        return d
+
+    def _reference_flops(self) -> float | None:
+        if self.planned_train_flops is None:
+            return None
+        return max(float(self.planned_train_flops), max(c.train_flops for c in self.checkpoints))
+
+    def _pays_off(self, c: Candidate) -> bool:
+        if self.expected_queries is None:
+            return True
+        return c.break_even is not None and self.expected_queries <= c.break_even
+
+    def _target(self) -> tuple[float | None, FitResult | None, str]:
+        if not isinstance(self.target, str):
+            return float(self.target), None, ""
+        if len(self.checkpoints) < self.min_checkpoints:
+            return None, None, (f"projection waits for {self.min_checkpoints} checkpoints "
+                                f"(have {len(self.checkpoints)})")
+        from .estimators import pass_at_k
+        xs, ys, se = [], [], []
+        for c in self.checkpoints:
+            e = pass_at_k(c.correct(), 1)
+            xs.append(c.train_flops)
+            ys.append(float(e.mean[0]))
+            se.append(float(e.se[0]))
+        fit = fit_accuracy_vs_flops(xs, ys, se if len(self.problems) > 1 else None, model=self.fit_model,
+                                    max_extrapolation=self.max_extrapolation)
+        try:
+            return float(fit.predict(self.planned_train_flops)), fit, ""
+        except (PoorFitError, ExtrapolationError) as e:
+            return None, fit, f"no trusted projection yet: {e}"
+
+    def write(self, path) -> int:
+        """Write the recorded samples as JSONL (see :mod:`grades.ttc.samples`); returns lines."""
+        return write_samples(path, self.checkpoints)
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+    return TrainerCallback
+
+
+class TTCEarlyStopping(_trainer_callback_base()):
+    """``transformers.TrainerCallback`` running a :class:`TTCMonitor` every ``eval_steps`` steps.
+
+    Training FLOPs come from, in order of preference: ``ledger`` (a
+    :class:`~grades.ttc.flops.FlopLedger` that something else fills each step), ``train_flops_fn``
+    (``state -> float``), or ``flops_per_step * state.global_step``. When the monitor decides to
+    stop, ``control.should_training_stop`` is set. Decisions are in ``monitor.decisions``.
+    """
+
+    def __init__(self, monitor: TTCMonitor, *, eval_steps: int, flops_per_step: float | None = None,
+                 ledger=None, train_flops_fn: Callable[[Any], float] | None = None):
+        if not isinstance(monitor, TTCMonitor):
+            raise TypeError("monitor must be a TTCMonitor")
+        if isinstance(eval_steps, bool) or not isinstance(eval_steps, int) or eval_steps < 1:
+            raise ValueError(f"eval_steps must be an integer >= 1, got {eval_steps!r}")
+        if ledger is None and train_flops_fn is None and flops_per_step is None:
+            raise ValueError("give ledger, train_flops_fn or flops_per_step to count training FLOPs")
+        if flops_per_step is not None and not flops_per_step >= 0:
+            raise ValueError("flops_per_step must be >= 0")
+        self.monitor, self.eval_steps = monitor, eval_steps
+        self.flops_per_step, self.ledger, self.train_flops_fn = flops_per_step, ledger, train_flops_fn
+        self.stopped_at: int | None = None
+
+    def _flops(self, state) -> float:
+        if self.ledger is not None:
+            return float(self.ledger.train_flops)
+        if self.train_flops_fn is not None:
+            return float(self.train_flops_fn(state))
+        return float(self.flops_per_step) * state.global_step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.eval_steps != 0 or model is None:
+            return control
+        d = self.monitor.evaluate(model, state.global_step, self._flops(state))
+        if d.stop:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+        return control

@@ -1,0 +1,169 @@
+"""``grades ttc SAMPLES.jsonl``: the offline test-time-compute table and (checkpoint, k) choice.
+
+Reads a samples file (format: :mod:`grades.ttc.samples`), prints accuracy by (checkpoint, k,
+strategy), the choice with the fewest training FLOPs meeting the target (and, with ``--queries``,
+the one with the fewest total FLOPs), the training FLOPs saved and the break-even query count Q*.
+
+Exit codes: 0 a choice was found; 1 nothing meets the target; 2 bad input or arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Sequence
+
+from .fits import ExtrapolationError, PoorFitError
+from .samples import LoadReport, SamplesFormatError, common_problems, load_samples
+from .select import STRATEGIES, Candidate, Selection, select
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grades ttc", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", help="samples JSONL file, one line per (checkpoint, problem)")
+    p.add_argument("--target", default="final",
+                   help="accuracy in [0, 1], 'final' (measured k=1 accuracy of the checkpoint with the "
+                        "most training FLOPs; default) or 'projection' (accuracy-vs-FLOPs fit at "
+                        "--final-flops)")
+    p.add_argument("--tolerance", type=float, default=0.0, help="accuracy slack (default 0)")
+    p.add_argument("--k-max", type=int, default=None,
+                   help="k budget (default: the smallest number of samples of any problem)")
+    p.add_argument("--queries", type=float, default=None, help="expected query volume Q")
+    p.add_argument("--infer-flops", type=float, default=None,
+                   help="inference FLOPs of one sampled completion (for Q* and total FLOPs)")
+    p.add_argument("--final-flops", type=float, default=None,
+                   help="training FLOPs of the full run (default: the largest checkpoint's)")
+    p.add_argument("--strategies", nargs="+", default=None, metavar="S",
+                   help=f"any of {', '.join(STRATEGIES)} (default: all available; pass@k assumes an "
+                        "oracle verifier at deployment)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write accuracy-vs-k curves here")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the full result as JSON here")
+    p.add_argument("--on-bad-line", choices=("skip", "error"), default="skip",
+                   help="malformed lines: skip them with a report on stderr (default) or stop (exit 2)")
+    return p
+
+
+def _fmt_q(q: float | None) -> str:
+    if q is None:
+        return "n/a (give --infer-flops)"
+    if math.isinf(q):
+        return "inf (no extra inference per query)"
+    return f"{q:.4g} queries"
+
+
+def _print_table(sel: Selection, out) -> None:
+    strats = list(sel.strategies)
+    cks: list[tuple[str, float]] = []
+    for c in sel.table:
+        if (c.checkpoint, c.train_flops) not in cks:
+            cks.append((c.checkpoint, c.train_flops))
+    cks.sort(key=lambda t: t[1])
+    by = {(c.checkpoint, c.k, c.strategy): c for c in sel.table}
+    w = max(10, max(len(n) for n, _ in cks))
+    head = f"{'checkpoint':<{w}} {'train FLOPs':>11} {'k':>3} " + " ".join(f"{s:>17}" for s in strats)
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for name, fl in cks:
+        for k in range(1, sel.k_max + 1):
+            cells = []
+            for s in strats:
+                c = by[(name, k, s)]
+                se = "" if math.isnan(c.se) else f"±{c.se:.3f}"
+                mark = "*" if c.meets else " "
+                cells.append(f"{c.accuracy:.4f}{se:>7}{mark}".rjust(17))
+            print(f"{name:<{w}} {fl:>11.4g} {k:>3} " + " ".join(cells), file=out)
+    print("(* meets target - tolerance)", file=out)
+
+
+def _describe(c: Candidate, sel: Selection, label: str, out) -> None:
+    pct = 100.0 * c.train_flops_saved / sel.reference_flops if sel.reference_flops > 0 else 0.0
+    print(f"{label}: {c.checkpoint} with {c.strategy}, k={c.k}: accuracy {c.accuracy:.4f}"
+          + ("" if math.isnan(c.se) else f" ± {c.se:.4f}"), file=out)
+    print(f"  training FLOPs {c.train_flops:.4g} (saved {c.train_flops_saved:.4g} = {pct:.1f}% vs "
+          f"{sel.reference_flops:.4g}); break-even Q* = {_fmt_q(c.break_even)}", file=out)
+    if c.total_flops is not None:
+        print(f"  total FLOPs at Q={sel.queries:.4g}: {c.total_flops:.4g} "
+              f"(reference {sel.reference_total_flops:.4g})", file=out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``grades ttc``; returns the exit code (0 choice found, 1 none meets target, 2 error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    target: float | str = args.target
+    if target not in ("final", "projection"):
+        try:
+            target = float(target)
+        except ValueError:
+            print(f"grades ttc: error: --target must be a number, 'final' or 'projection', got {args.target!r}",
+                  file=sys.stderr)
+            return 2
+    rep = LoadReport()
+    try:
+        cks = load_samples(args.samples, on_bad_line=args.on_bad_line, report=rep)
+    except FileNotFoundError:
+        print(f"grades ttc: error: no such file: {args.samples}", file=sys.stderr)
+        return 2
+    except SamplesFormatError as e:
+        print(f"grades ttc: error: {e}", file=sys.stderr)
+        return 2
+    if rep.bad_lines:
+        print(f"grades ttc: skipped {len(rep.bad_lines)} malformed line(s) of {rep.lines_read}:", file=sys.stderr)
+        for ln, why in rep.bad_lines[:20]:
+            print(f"  line {ln}: {why}", file=sys.stderr)
+        if len(rep.bad_lines) > 20:
+            print(f"  ... and {len(rep.bad_lines) - 20} more", file=sys.stderr)
+    try:
+        common, dropped = common_problems(cks)
+        k_max = args.k_max if args.k_max is not None else min(c.min_samples for c in common)
+        sel = select(common, k_max=k_max, target=target, tolerance=args.tolerance,
+                     strategies=args.strategies, queries=args.queries,
+                     infer_flops_per_sample=args.infer_flops, final_train_flops=args.final_flops)
+    except (PoorFitError, ExtrapolationError) as e:
+        print(f"grades ttc: error: cannot use the projection: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as e:
+        print(f"grades ttc: error: {e}", file=sys.stderr)
+        return 2
+    if dropped:
+        print(f"grades ttc: {dropped} problem(s) missing from some checkpoint were left out", file=sys.stderr)
+    out = sys.stdout
+    print(f"{len(common)} checkpoints x {sel.n_problems} problems, k = 1..{sel.k_max}", file=out)
+    if sel.projection is not None:
+        pr = sel.projection
+        print(f"projection fit ({pr.model}): {', '.join(f'{k}={v:.4g}' for k, v in pr.params.items())}; "
+              f"RMSE {pr.rmse:.4f}, R^2 {pr.r2:.4f}", file=out)
+    print(f"target {sel.target:.4f} ({sel.target_source}), tolerance {sel.tolerance:g} -> "
+          f"threshold {sel.threshold:.4f}", file=out)
+    print(file=out)
+    _print_table(sel, out)
+    print(file=out)
+    code = 0
+    if sel.min_train is None:
+        print("no (checkpoint, k, strategy) meets the target", file=out)
+        code = 1
+    else:
+        _describe(sel.min_train, sel, "fewest training FLOPs", out)
+        if sel.min_total is not None:
+            _describe(sel.min_total, sel, "fewest total FLOPs", out)
+    if "pass@k" in sel.strategies:
+        print("note: pass@k assumes an oracle verifier picks a correct sample at deployment.", file=out)
+    if args.plot:
+        from .plot import plot_selection
+        plot_selection(sel, args.plot)
+        print(f"plot written to {args.plot}", file=out)
+    if args.json:
+        d = sel.to_dict()
+        d["skipped_lines"] = [{"line": ln, "reason": why} for ln, why in rep.bad_lines]
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(d, fh, indent=1)
+        print(f"JSON written to {args.json}", file=out)
+    return code

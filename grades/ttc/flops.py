@@ -1,0 +1,214 @@
+"""FLOP accounting for decoder-only transformers (Llama, Qwen2/3, Mistral-style configs).
+
+Counting rules (all values are floats, in FLOPs; one multiply-add = 2 FLOPs):
+
+* **Dense matrices.** N is the number of weights in the matrices every token passes through: per
+  layer the attention projections q, k, v, o and the MLP gate, up, down, plus the LM head.
+  Embedding lookups are not matrix products and are excluded; norms and biases are ignored (they
+  are O(hidden) per token). A trainable matrix of ``P`` weights costs ``6 P`` per training token
+  (forward 2P, input-gradient GEMM 2P, weight-gradient GEMM 2P). A matrix frozen by GradES keeps
+  its forward and its input-gradient GEMM (gradients still flow through it) but loses the
+  weight-gradient GEMM: ``4 P``. The input gradient is counted for every matrix, even where no
+  earlier parameter would need it (a slight overcount for fully frozen prefixes).
+* **Attention scores and values.** Per layer, a query attending to ``c`` keys costs
+  ``2 * heads * head_dim * c`` for ``Q K^T`` and the same for ``softmax(.) V``. With causal
+  masking the token at position ``t`` (1-based) attends to ``t`` keys, so a sequence of length
+  ``T`` averages ``(T + 1) / 2`` keys per token: forward ``4 * L * heads * head_dim * (T+1)/2``
+  per token; training (forward + backward, which has two GEMMs per forward GEMM) three times that.
+  Kernels that compute the full ``T x T`` square and mask it do more work than this count.
+* **Inference.** A generated token with a KV cache over ``c`` context positions (itself included)
+  costs ``2 N + 4 * L * heads * head_dim * c``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+__all__ = ["ModelShape", "model_shape", "matrix_shapes", "training_flops", "inference_flops_per_token",
+           "inference_flops_per_sample", "FlopLedger"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that FLOP counts need (read from a transformers config)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+
+def model_shape(config) -> ModelShape:
+    """Read a dense decoder config (``LlamaConfig``, ``Qwen2Config``, ``Qwen3Config``, ...)."""
+    if isinstance(config, ModelShape):
+        return config
+    try:
+        h = int(config.hidden_size)
+        layers = int(config.num_hidden_layers)
+        heads = int(config.num_attention_heads)
+        inter = int(config.intermediate_size)
+        vocab = int(config.vocab_size)
+    except AttributeError as e:
+        raise TypeError(f"config lacks a field of a dense decoder transformer config: {e}") from None
+    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+        raise TypeError("mixture-of-experts configs are not supported by this FLOP count")
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    for name, v in (("hidden_size", h), ("num_hidden_layers", layers), ("num_attention_heads", heads),
+                    ("intermediate_size", inter), ("vocab_size", vocab), ("head_dim", hd)):
+        if v < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {v}")
+    return ModelShape(h, layers, heads, int(kv), int(hd), inter, vocab)
+
+
+def matrix_shapes(config) -> dict[str, tuple[int, int]]:
+    """``{module name: (out_features, in_features)}`` of every counted matrix, named as in
+    transformers' Llama/Qwen modules (``model.layers.0.self_attn.q_proj``, ..., ``lm_head``)."""
+    s = model_shape(config)
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(s.layers):
+        p = f"model.layers.{i}."
+        out[p + "self_attn.q_proj"] = (s.heads * s.head_dim, s.hidden)
+        out[p + "self_attn.k_proj"] = (s.kv_heads * s.head_dim, s.hidden)
+        out[p + "self_attn.v_proj"] = (s.kv_heads * s.head_dim, s.hidden)
+        out[p + "self_attn.o_proj"] = (s.hidden, s.heads * s.head_dim)
+        out[p + "mlp.gate_proj"] = (s.intermediate, s.hidden)
+        out[p + "mlp.up_proj"] = (s.intermediate, s.hidden)
+        out[p + "mlp.down_proj"] = (s.hidden, s.intermediate)
+    out["lm_head"] = (s.vocab, s.hidden)
+    return out
+
+
+def _norm_name(name: str) -> str:
+    return name[:-len(".weight")] if name.endswith(".weight") else name
+
+
+def _frozen_params(shapes: dict[str, tuple[int, int]], frozen: Iterable[str]) -> int:
+    total = 0
+    seen = set()
+    for f in frozen:
+        if not isinstance(f, str):
+            raise TypeError(f"frozen matrix names must be strings, got {type(f).__name__}")
+        n = _norm_name(f)
+        if n not in shapes:
+            raise ValueError(f"unknown matrix {f!r}; expected names like {next(iter(shapes))!r}")
+        if n not in seen:
+            seen.add(n)
+            o, i = shapes[n]
+            total += o * i
+    return total
+
+
+def _check_count(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return float(v)
+
+
+def training_flops(config, tokens: float, *, seq_len: int | None = None,
+                   frozen: Iterable[str] = ()) -> float:
+    """Training FLOPs for ``tokens`` tokens (forward + backward).
+
+    Args:
+        config: a transformers decoder config (or :class:`ModelShape`).
+        tokens: tokens processed (every position of every sequence, prompt included).
+        seq_len: sequence length for the causal attention term; None leaves attention out.
+        frozen: names of frozen matrices (keys of :func:`matrix_shapes`, ``.weight`` optional).
+    Returns:
+        ``tokens * (6 N_trainable + 4 N_frozen + 12 L heads head_dim (seq_len+1)/2)`` FLOPs.
+    """
+    tokens = _check_count(tokens, "tokens")
+    shapes = matrix_shapes(config)
+    s = model_shape(config)
+    n_all = sum(o * i for o, i in shapes.values())
+    n_frozen = _frozen_params(shapes, frozen)
+    per_token = 6.0 * (n_all - n_frozen) + 4.0 * n_frozen
+    if seq_len is not None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        per_token += 3.0 * 4.0 * s.layers * s.heads * s.head_dim * (seq_len + 1) / 2.0
+    return tokens * per_token
+
+
+def inference_flops_per_token(config, context_len: int) -> float:
+    """FLOPs of generating one token with a KV cache over ``context_len`` positions:
+    ``2 N + 4 L heads head_dim context_len``."""
+    if context_len < 0:
+        raise ValueError(f"context_len must be >= 0, got {context_len}")
+    s = model_shape(config)
+    n_all = sum(o * i for o, i in matrix_shapes(config).values())
+    return 2.0 * n_all + 4.0 * s.layers * s.heads * s.head_dim * context_len
+
+
+def inference_flops_per_sample(config, prompt_len: int, new_tokens: int) -> float:
+    """FLOPs of one sampled completion: a causal prefill of ``prompt_len`` tokens, then
+    ``new_tokens`` decoding steps (the i-th attends to ``prompt_len + i`` positions)."""
+    if prompt_len < 1 or new_tokens < 0:
+        raise ValueError("prompt_len must be >= 1 and new_tokens >= 0")
+    s = model_shape(config)
+    n_all = sum(o * i for o, i in matrix_shapes(config).values())
+    att = 4.0 * s.layers * s.heads * s.head_dim
+    prefill = prompt_len * 2.0 * n_all + att * prompt_len * (prompt_len + 1) / 2.0
+    decode = sum(inference_flops_per_token(config, prompt_len + i) for i in range(1, new_tokens + 1))
+    return prefill + decode
+
+
+@dataclass
+class FlopLedger:
+    """Running account of training FLOPs with GradES freezing, and the TTC savings on top.
+
+    Call :meth:`add_step` once per optimizer step with the tokens of that step and the matrices
+    frozen during it. ``train_flops`` is what was spent; ``dense_flops`` what the same steps cost
+    with nothing frozen. :meth:`summary` splits the saving against a planned full run into the
+    GradES part (``dense_flops - train_flops``) and the early-stopping part
+    (``planned - dense_flops``), which add up to ``planned - train_flops``.
+
+    Args:
+        config: the model's transformers config.
+        seq_len: sequence length for the attention term (None: attention not counted).
+    """
+
+    config: object
+    seq_len: int | None = None
+    train_flops: float = 0.0
+    dense_flops: float = 0.0
+    eval_flops: float = 0.0
+    steps: int = 0
+    tokens: float = 0.0
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._shapes = matrix_shapes(self.config)
+
+    def add_step(self, tokens: float, frozen: Iterable[str] = ()) -> float:
+        """Account one step of ``tokens`` tokens with ``frozen`` matrices; returns its FLOPs."""
+        f = training_flops(self.config, tokens, seq_len=self.seq_len, frozen=frozen)
+        self.train_flops += f
+        self.dense_flops += training_flops(self.config, tokens, seq_len=self.seq_len)
+        self.steps += 1
+        self.tokens += float(tokens)
+        self.history.append((self.steps, self.train_flops))
+        return f
+
+    def add_eval(self, flops: float) -> None:
+        """Account evaluation compute (e.g. TTC sampling) separately from training."""
+        self.eval_flops += _check_count(flops, "flops")
+
+    def summary(self, planned_tokens: float | None = None) -> dict[str, float | None]:
+        """FLOPs spent and saved; ``planned_tokens`` is the token count of the full planned run."""
+        out: dict[str, float | None] = {
+            "steps": float(self.steps), "tokens": self.tokens, "train_flops": self.train_flops,
+            "dense_flops": self.dense_flops, "grades_saved": self.dense_flops - self.train_flops,
+            "eval_flops": self.eval_flops, "planned_flops": None, "early_stop_saved": None,
+            "total_saved": None}
+        if planned_tokens is not None:
+            planned = training_flops(self.config, planned_tokens, seq_len=self.seq_len)
+            out["planned_flops"] = planned
+            out["early_stop_saved"] = planned - self.dense_flops
+            out["total_saved"] = planned - self.train_flops
+        return out

@@ -1,0 +1,284 @@
+"""Samples files: the JSONL format read by ``grades ttc`` and written by :func:`write_samples`.
+
+Format
+------
+UTF-8 text, one JSON object per line, one line per (checkpoint, problem). Blank lines are ignored.
+
+.. code-block:: text
+
+    {"checkpoint": "step-200", "train_flops": 1.2e15, "problem": 17,
+     "samples": [{"answer": "82", "correct": true, "score": -0.31},
+                 {"answer": "81", "correct": false, "score": -1.7}]}
+
+Fields:
+
+``checkpoint`` (string, required)
+    Name of the checkpoint that produced the samples.
+``train_flops`` (number, required)
+    Training FLOPs spent to reach that checkpoint (a float, e.g. ``1.2e15``; finite, >= 0). Every
+    line of one checkpoint must give the same value.
+``problem`` (string or integer, required)
+    Problem identifier; unique within a checkpoint. ``17`` and ``"17"`` are different problems.
+``samples`` (array, required, non-empty)
+    The n samples drawn for that problem at that checkpoint, each an object with
+
+    * ``answer`` (string, required): the extracted final answer; majority voting compares these
+      strings exactly, so normalise them before writing. All samples of a problem with one answer
+      must have the same ``correct``.
+    * ``correct`` (boolean, required): the verifier's verdict.
+    * ``score`` (number, optional): a scorer's value (higher is better) for best-of-k. Best-of-k
+      is available for a checkpoint only when every sample of every problem has a score.
+
+Any other field, on the line or in a sample, is ignored (``completion``, ``tokens``, ... are fine).
+
+Malformed lines -- invalid JSON, a missing or mistyped field, an empty ``samples`` array, a
+duplicated (checkpoint, problem), a ``train_flops`` that disagrees with earlier lines of the same
+checkpoint -- are reported with their 1-based line number and, with ``on_bad_line="skip"``
+(default) skipped, with ``on_bad_line="error"`` refused (:class:`SamplesFormatError`). Negative
+or non-finite ``train_flops`` are refused in both modes, as is a file without any valid line.
+
+Checkpoints should share their problems: :func:`common_problems` keeps the problems present in
+every checkpoint, which is what the table and the selection compare.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+__all__ = ["Sample", "CheckpointSamples", "SamplesFormatError", "LoadReport", "load_samples",
+           "write_samples", "common_problems", "samples_from_completions"]
+
+ProblemId = str | int
+
+
+class SamplesFormatError(ValueError):
+    """A samples file (or in-memory table) that cannot be used; the message names the line."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One drawn completion: its extracted ``answer``, the verifier's ``correct`` and an optional
+    scorer value ``score`` (higher is better)."""
+
+    answer: str
+    correct: bool
+    score: float | None = None
+
+
+@dataclass
+class CheckpointSamples:
+    """All samples of one checkpoint: ``problems[problem_id]`` is the list of its n samples.
+
+    ``train_flops`` is the training compute spent to reach the checkpoint, in FLOPs (float).
+    """
+
+    name: str
+    train_flops: float
+    problems: dict[ProblemId, list[Sample]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError("checkpoint name must be a non-empty string")
+        f = _flops(self.train_flops, f"checkpoint {self.name!r}")
+        self.train_flops = f
+
+    @property
+    def problem_ids(self) -> list[ProblemId]:
+        return list(self.problems)
+
+    def correct(self) -> list[list[bool]]:
+        """``[P][n_p]`` verdicts in problem order."""
+        return [[s.correct for s in v] for v in self.problems.values()]
+
+    def answers(self) -> list[list[str]]:
+        """``[P][n_p]`` answers in problem order."""
+        return [[s.answer for s in v] for v in self.problems.values()]
+
+    def scores(self) -> list[list[float]] | None:
+        """``[P][n_p]`` scores, or None when any sample lacks one."""
+        out = []
+        for v in self.problems.values():
+            if any(s.score is None for s in v):
+                return None
+            out.append([float(s.score) for s in v])
+        return out
+
+    @property
+    def min_samples(self) -> int:
+        """Smallest n over problems (0 when there are no problems)."""
+        return min((len(v) for v in self.problems.values()), default=0)
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_samples` skipped: ``bad_lines`` is a list of ``(line_number, reason)``."""
+
+    lines_read: int = 0
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _flops(v, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{where}: train_flops must be a number, got {type(v).__name__}")
+    f = float(v)
+    if not math.isfinite(f) or f < 0:
+        raise ValueError(f"{where}: train_flops must be finite and >= 0, got {v!r}")
+    return f
+
+
+class _BadLine(Exception):
+    pass
+
+
+def _parse_sample(obj, j: int) -> Sample:
+    if not isinstance(obj, dict):
+        raise _BadLine(f"samples[{j}] is not an object")
+    if "answer" not in obj or "correct" not in obj:
+        raise _BadLine(f"samples[{j}] needs 'answer' and 'correct'")
+    ans, cor = obj["answer"], obj["correct"]
+    if not isinstance(ans, str):
+        raise _BadLine(f"samples[{j}].answer must be a string")
+    if not isinstance(cor, bool):
+        raise _BadLine(f"samples[{j}].correct must be true or false")
+    sc = obj.get("score")
+    if sc is not None:
+        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not math.isfinite(sc):
+            raise _BadLine(f"samples[{j}].score must be a finite number")
+        sc = float(sc)
+    return Sample(ans, cor, sc)
+
+
+def load_samples(path: str | os.PathLike, *, on_bad_line: str = "skip",
+                 report: LoadReport | None = None) -> list[CheckpointSamples]:
+    """Read a samples JSONL file (format in this module's docstring).
+
+    Args:
+        path: the file.
+        on_bad_line: ``"skip"`` (malformed lines are recorded in ``report`` and skipped) or
+            ``"error"`` (the first one raises :class:`SamplesFormatError` with its line number).
+        report: filled with the lines read and the skipped lines, if given.
+
+    Returns:
+        Checkpoints in order of first appearance, each with its problems in file order.
+
+    Raises:
+        SamplesFormatError: a malformed line with ``on_bad_line="error"``, negative or non-finite
+            ``train_flops`` (either mode), or no valid line at all.
+    """
+    if on_bad_line not in ("skip", "error"):
+        raise ValueError(f"on_bad_line must be 'skip' or 'error', got {on_bad_line!r}")
+    rep = report if report is not None else LoadReport()
+    cks: dict[str, CheckpointSamples] = {}
+    with open(path, "r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            rep.lines_read += 1
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _BadLine(f"invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise _BadLine("not a JSON object")
+                for key in ("checkpoint", "train_flops", "problem", "samples"):
+                    if key not in obj:
+                        raise _BadLine(f"missing field '{key}'")
+                name, flops, prob, samples = (obj["checkpoint"], obj["train_flops"], obj["problem"],
+                                              obj["samples"])
+                if not isinstance(name, str) or not name:
+                    raise _BadLine("'checkpoint' must be a non-empty string")
+                if isinstance(flops, bool) or not isinstance(flops, (int, float)):
+                    raise _BadLine("'train_flops' must be a number")
+                if not math.isfinite(flops) or flops < 0:
+                    raise SamplesFormatError(f"line {lineno}: train_flops must be finite and >= 0, "
+                                             f"got {flops!r} (checkpoint {name!r})")
+                if isinstance(prob, bool) or not isinstance(prob, (str, int)):
+                    raise _BadLine("'problem' must be a string or an integer")
+                if not isinstance(samples, list) or not samples:
+                    raise _BadLine("'samples' must be a non-empty array")
+                parsed = [_parse_sample(s, j) for j, s in enumerate(samples)]
+                ck = cks.get(name)
+                if ck is not None and ck.train_flops != float(flops):
+                    raise _BadLine(f"train_flops {flops!r} differs from {ck.train_flops!r} given "
+                                   f"earlier for checkpoint {name!r}")
+                if ck is not None and prob in ck.problems:
+                    raise _BadLine(f"problem {prob!r} repeated for checkpoint {name!r}")
+                if ck is None:
+                    ck = cks[name] = CheckpointSamples(name, float(flops))
+                ck.problems[prob] = parsed
+            except _BadLine as e:
+                if on_bad_line == "error":
+                    raise SamplesFormatError(f"line {lineno}: {e}") from None
+                rep.bad_lines.append((lineno, str(e)))
+    if not cks:
+        raise SamplesFormatError(f"{os.fspath(path)}: no valid lines (read {rep.lines_read}, "
+                                 f"{len(rep.bad_lines)} malformed)")
+    return list(cks.values())
+
+
+def write_samples(path: str | os.PathLike, checkpoints: Iterable[CheckpointSamples]) -> int:
+    """Write checkpoints to ``path`` in the JSONL format above; returns the number of lines."""
+    lines = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for ck in checkpoints:
+            if not isinstance(ck, CheckpointSamples):
+                raise TypeError("write_samples takes CheckpointSamples objects "
+                                "(see samples_from_completions)")
+            for prob, samples in ck.problems.items():
+                rec = {"checkpoint": ck.name, "train_flops": float(ck.train_flops), "problem": prob,
+                       "samples": [{"answer": s.answer, "correct": bool(s.correct),
+                                    **({} if s.score is None else {"score": float(s.score)})}
+                                   for s in samples]}
+                fh.write(json.dumps(rec) + "\n")
+                lines += 1
+    return lines
+
+
+def samples_from_completions(name: str, train_flops: float, problem_ids: Sequence[ProblemId],
+                             answers: Sequence[Sequence[str]], correct: Sequence[Sequence[bool]],
+                             scores: Sequence[Sequence[float]] | None = None) -> CheckpointSamples:
+    """Build a :class:`CheckpointSamples` from in-memory ``[P][n]`` answers/verdicts(/scores)."""
+    if not (len(problem_ids) == len(answers) == len(correct)):
+        raise ValueError("problem_ids, answers and correct must have one entry per problem")
+    if scores is not None and len(scores) != len(answers):
+        raise ValueError("scores must have one entry per problem")
+    ck = CheckpointSamples(name, train_flops)
+    for i, pid in enumerate(problem_ids):
+        if pid in ck.problems:
+            raise ValueError(f"problem id {pid!r} repeated")
+        if len(answers[i]) != len(correct[i]) or (scores is not None and len(scores[i]) != len(answers[i])):
+            raise ValueError(f"problem {pid!r}: answers/correct/scores lengths differ")
+        if not answers[i]:
+            raise ValueError(f"problem {pid!r} has no samples")
+        ck.problems[pid] = [Sample(str(a), bool(c), None if scores is None else float(scores[i][j]))
+                            for j, (a, c) in enumerate(zip(answers[i], correct[i]))]
+    return ck
+
+
+def common_problems(checkpoints: Sequence[CheckpointSamples]) -> tuple[list[CheckpointSamples], int]:
+    """Restrict every checkpoint to the problems all of them have.
+
+    Returns the restricted checkpoints (problem order of the first one) and how many distinct
+    problem ids were dropped. Raises ``ValueError`` when there are no checkpoints, a checkpoint has
+    no problems, or no problem is common to all.
+    """
+    if not checkpoints:
+        raise ValueError("no checkpoints")
+    for ck in checkpoints:
+        if not ck.problems:
+            raise ValueError(f"checkpoint {ck.name!r} has no problems")
+    common = set(checkpoints[0].problems)
+    every: set = set()
+    for ck in checkpoints:
+        common &= set(ck.problems)
+        every |= set(ck.problems)
+    if not common:
+        raise ValueError("no problem is shared by all checkpoints")
+    out = [CheckpointSamples(ck.name, ck.train_flops,
+                             {p: ck.problems[p] for p in checkpoints[0].problems if p in common})
+           for ck in checkpoints]
+    return out, len(every) - len(common)

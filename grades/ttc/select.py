@@ -1,0 +1,274 @@
+"""Choosing (checkpoint, k, strategy): the cheapest way to reach a target accuracy.
+
+Every checkpoint is evaluated at every k in ``1..k_max`` with each strategy, from the one set of
+samples it has (see :mod:`grades.ttc.estimators`). A candidate *meets* the target when its mean
+accuracy is at least ``target - tolerance``. The reference deployment is the final checkpoint (the
+one with the most training FLOPs, or ``final_train_flops`` when projecting) answering each query
+with ``k_ref = 1`` sample.
+
+* ``min_train``: the candidate meeting the target with the fewest training FLOPs (ties: smaller k,
+  then the order of ``strategies``).
+* ``min_total``: with an expected query volume ``Q`` and inference FLOPs per sample ``f``, the
+  candidate meeting the target with the fewest ``train_flops + Q * k * f``.
+* Break-even query count of a candidate: ``Q* = (F_ref - F_ckpt) / ((k - k_ref) * f)``. Below Q*
+  queries, the earlier checkpoint with k samples costs fewer FLOPs in total than the reference;
+  ``Q* = inf`` when k <= k_ref (no extra inference) and the saving is >= 0, and ``Q* = 0`` when
+  nothing is saved but inference costs more.
+
+Strategies: ``"pass@k"`` (needs an oracle verifier at deployment -- a ceiling, not something you
+can ship without one), ``"majority@k"`` (plurality vote; deployable), ``"best-of-k"`` (needs a
+scorer at deployment and a ``score`` per sample). Choose what you can deploy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .estimators import Estimate, best_of_k, majority_at_k, pass_at_k
+from .fits import MAX_EXTRAPOLATION, FitResult, fit_accuracy_vs_flops
+from .samples import CheckpointSamples, common_problems
+
+__all__ = ["STRATEGIES", "Candidate", "Selection", "normalise_strategies", "evaluate_checkpoints",
+           "break_even_queries", "select"]
+
+STRATEGIES = ("pass@k", "majority@k", "best-of-k")
+_ALIASES = {"pass": "pass@k", "pass@k": "pass@k", "majority": "majority@k", "maj": "majority@k",
+            "majority@k": "majority@k", "vote": "majority@k", "best-of-k": "best-of-k",
+            "best": "best-of-k", "best-of": "best-of-k", "bon": "best-of-k"}
+
+
+def normalise_strategies(strategies: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Canonical strategy names (accepts ``pass``, ``majority``, ``best-of`` and the like)."""
+    if strategies is None:
+        return STRATEGIES
+    if isinstance(strategies, str):
+        strategies = [s for s in strategies.replace(",", " ").split() if s]
+    out = []
+    for s in strategies:
+        if not isinstance(s, str):
+            raise TypeError(f"strategy names must be strings, got {type(s).__name__}")
+        key = s.strip().lower()
+        if key not in _ALIASES:
+            raise ValueError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+        if _ALIASES[key] not in out:
+            out.append(_ALIASES[key])
+    if not out:
+        raise ValueError("no strategies given")
+    return tuple(out)
+
+
+@dataclass
+class Candidate:
+    """One (checkpoint, k, strategy) with its accuracy and costs (FLOPs as floats).
+
+    ``train_flops_saved`` is against the reference; ``break_even`` is Q* (None when the inference
+    FLOPs per sample are unknown and k > k_ref); ``total_flops`` is None without a query volume.
+    """
+
+    checkpoint: str
+    train_flops: float
+    k: int
+    strategy: str
+    accuracy: float
+    se: float
+    meets: bool
+    train_flops_saved: float
+    break_even: float | None
+    total_flops: float | None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("se", "break_even"):
+            v = d[key]
+            if v is not None and not math.isfinite(v):
+                d[key] = None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return d
+
+
+@dataclass
+class Selection:
+    """Result of :func:`select`."""
+
+    target: float
+    target_source: str
+    tolerance: float
+    threshold: float
+    reference: str
+    reference_flops: float
+    k_max: int
+    strategies: tuple[str, ...]
+    queries: float | None
+    infer_flops_per_sample: float | None
+    n_problems: int
+    dropped_problems: int
+    table: list[Candidate]
+    min_train: Candidate | None
+    min_total: Candidate | None
+    reference_total_flops: float | None = None
+    projection: FitResult | None = None
+    estimates: dict[tuple[str, str], Estimate] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "target_source": self.target_source, "tolerance": self.tolerance,
+                "threshold": self.threshold, "reference": self.reference,
+                "reference_flops": self.reference_flops, "k_max": self.k_max,
+                "strategies": list(self.strategies), "queries": self.queries,
+                "infer_flops_per_sample": self.infer_flops_per_sample, "n_problems": self.n_problems,
+                "dropped_problems": self.dropped_problems,
+                "min_train": None if self.min_train is None else self.min_train.to_dict(),
+                "min_total": None if self.min_total is None else self.min_total.to_dict(),
+                "reference_total_flops": self.reference_total_flops,
+                "projection": None if self.projection is None else self.projection.to_dict(),
+                "table": [c.to_dict() for c in self.table]}
+
+
+def break_even_queries(train_flops_saved: float, k: int, infer_flops_per_sample: float | None,
+                       k_ref: int = 1) -> float | None:
+    """Q* = saved training FLOPs / extra inference FLOPs per query (``(k - k_ref) * f``).
+
+    Returns ``inf`` when there is no extra inference (k <= k_ref) and the saving is >= 0, ``0``
+    when nothing is saved (saving <= 0) and inference costs more, and None when ``f`` is None and
+    k > k_ref.
+    """
+    if k < 1 or k_ref < 1:
+        raise ValueError("k and k_ref must be >= 1")
+    extra = k - k_ref
+    if extra <= 0:
+        return math.inf if train_flops_saved >= 0 else 0.0
+    if infer_flops_per_sample is None:
+        return None
+    if not infer_flops_per_sample > 0 or not math.isfinite(infer_flops_per_sample):
+        raise ValueError(f"inference FLOPs per sample must be finite and > 0, got {infer_flops_per_sample}")
+    if train_flops_saved <= 0:
+        return 0.0
+    return train_flops_saved / (extra * infer_flops_per_sample)
+
+
+def evaluate_checkpoints(checkpoints: Sequence[CheckpointSamples], k_max: int,
+                         strategies: Sequence[str] | None = None
+                         ) -> tuple[dict[tuple[str, str], Estimate], tuple[str, ...]]:
+    """Estimates for each (checkpoint, strategy) at k = 1..k_max.
+
+    Strategies default to all three; ``best-of-k`` is then dropped when some sample lacks a score
+    (and is an error when asked for explicitly). Returns ``({(checkpoint, strategy): Estimate},
+    strategies used)``.
+    """
+    explicit = strategies is not None
+    strats = normalise_strategies(strategies)
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 1:
+        raise ValueError(f"k_max must be an integer >= 1, got {k_max!r}")
+    if not checkpoints:
+        raise ValueError("no checkpoints")
+    names = [c.name for c in checkpoints]
+    if len(set(names)) != len(names):
+        raise ValueError("checkpoint names must be unique")
+    scores = {c.name: c.scores() for c in checkpoints}
+    if "best-of-k" in strats and any(s is None for s in scores.values()):
+        missing = [n for n, s in scores.items() if s is None]
+        if explicit:
+            raise ValueError(f"best-of-k needs a score on every sample; checkpoint {missing[0]!r} "
+                             "has samples without one")
+        strats = tuple(s for s in strats if s != "best-of-k")
+    ks = list(range(1, int(k_max) + 1))
+    out: dict[tuple[str, str], Estimate] = {}
+    for ck in checkpoints:
+        if not ck.problems:
+            raise ValueError(f"checkpoint {ck.name!r} has no problems")
+        if ck.min_samples < k_max:
+            raise ValueError(f"checkpoint {ck.name!r}: a problem has n={ck.min_samples} samples, fewer "
+                             f"than k_max={k_max}")
+        cor = ck.correct()
+        for s in strats:
+            if s == "pass@k":
+                out[(ck.name, s)] = pass_at_k(cor, ks)
+            elif s == "majority@k":
+                out[(ck.name, s)] = majority_at_k(ck.answers(), cor, ks)
+            else:
+                out[(ck.name, s)] = best_of_k(scores[ck.name], cor, ks)
+    return out, strats
+
+
+def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: float | str = "final",
+           tolerance: float = 0.0, strategies: Sequence[str] | None = None,
+           queries: float | None = None, infer_flops_per_sample: float | None = None,
+           final_train_flops: float | None = None, fit_model: str = "exp",
+           max_extrapolation: float = MAX_EXTRAPOLATION) -> Selection:
+    """Pick (checkpoint, k, strategy) meeting ``target - tolerance`` at the lowest cost.
+
+    Args:
+        checkpoints: samples per checkpoint (restricted to their common problems).
+        k_max: largest k considered (every problem needs n >= k_max samples).
+        target: a number in [0, 1]; ``"final"``: the measured accuracy (k = 1) of the checkpoint
+            with the most training FLOPs; ``"projection"``: the accuracy-vs-FLOPs fit (k = 1)
+            evaluated at ``final_train_flops`` (raises ``PoorFitError``/``ExtrapolationError``
+            when the fit cannot be trusted there).
+        tolerance: accuracy slack (>= 0).
+        strategies: subset of :data:`STRATEGIES` (default: all; see the module note on pass@k).
+        queries: expected number of queries served, for ``min_total``.
+        infer_flops_per_sample: inference FLOPs of one sampled completion (for Q* and totals).
+        final_train_flops: training FLOPs of the full run (default: the largest checkpoint's).
+        fit_model, max_extrapolation: passed to :func:`fit_accuracy_vs_flops` for projection.
+    """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    if queries is not None and (not isinstance(queries, (int, float)) or not queries >= 0
+                                or not math.isfinite(queries)):
+        raise ValueError(f"queries must be a finite number >= 0, got {queries!r}")
+    if queries is not None and infer_flops_per_sample is None:
+        raise ValueError("a query volume needs infer_flops_per_sample to compare total FLOPs")
+    if infer_flops_per_sample is not None and (not infer_flops_per_sample > 0
+                                               or not math.isfinite(infer_flops_per_sample)):
+        raise ValueError(f"infer_flops_per_sample must be finite and > 0, got {infer_flops_per_sample!r}")
+    cks, dropped = common_problems(list(checkpoints))
+    estimates, strats = evaluate_checkpoints(cks, k_max, strategies)
+    ref = max(cks, key=lambda c: c.train_flops)
+    ref_flops = ref.train_flops if final_train_flops is None else float(final_train_flops)
+    if ref_flops < 0 or not math.isfinite(ref_flops):
+        raise ValueError(f"final_train_flops must be finite and >= 0, got {final_train_flops!r}")
+    acc1 = {c.name: pass_at_k(c.correct(), 1) for c in cks}
+    projection = None
+    if isinstance(target, str):
+        if target == "final":
+            tgt, source = float(acc1[ref.name].mean[0]), f"final:{ref.name}"
+        elif target == "projection":
+            xs = [c.train_flops for c in cks]
+            ys = [float(acc1[c.name].mean[0]) for c in cks]
+            se = [float(acc1[c.name].se[0]) for c in cks]
+            projection = fit_accuracy_vs_flops(xs, ys, se if len(cks[0].problems) > 1 else None,
+                                               model=fit_model, max_extrapolation=max_extrapolation)
+            tgt, source = float(projection.predict(ref_flops)), "projection"
+        else:
+            raise ValueError(f"target must be a number, 'final' or 'projection', got {target!r}")
+    else:
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
+            raise ValueError(f"target must be an accuracy in [0, 1], got {target!r}")
+        tgt, source = float(target), "given"
+    threshold = tgt - float(tolerance)
+    table: list[Candidate] = []
+    for ck in cks:
+        saved = ref_flops - ck.train_flops
+        for s in strats:
+            est = estimates[(ck.name, s)]
+            for i, k in enumerate(est.ks):
+                k = int(k)
+                acc = float(est.mean[i])
+                total = None if queries is None else ck.train_flops + queries * k * infer_flops_per_sample
+                table.append(Candidate(ck.name, ck.train_flops, k, s, acc, float(est.se[i]),
+                                       acc >= threshold - 1e-12, saved,
+                                       break_even_queries(saved, k, infer_flops_per_sample), total))
+    order = {s: i for i, s in enumerate(strats)}
+    feas = [c for c in table if c.meets]
+    min_train = min(feas, key=lambda c: (c.train_flops, c.k, order[c.strategy], -c.accuracy), default=None)
+    min_total = None
+    ref_total = None
+    if queries is not None:
+        min_total = min(feas, key=lambda c: (c.total_flops, c.train_flops, c.k, order[c.strategy]),
+                        default=None)
+        ref_total = ref_flops + queries * 1 * infer_flops_per_sample
+    return Selection(tgt, source, float(tolerance), threshold, ref.name, ref_flops, int(k_max), strats,
+                     None if queries is None else float(queries), infer_flops_per_sample,
+                     len(cks[0].problems), dropped, table, min_train, min_total, ref_total, projection,
+                     estimates)
