@@ -273,6 +273,7 @@ def test_adamw_sizes(dev, size):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter, masked lanes
 def test_adamw_found_inf_skips_writes(dev):
     rows = [(0, 3000, 0), (3001, 2000, 1)]
     a = adamw_state(5001, torch.bfloat16, torch.float32, dev, seed=8)
@@ -307,8 +308,8 @@ def test_masked_adamw_vs_torch_adamw(dev, steps):
     """Flat fp32 buffer with sharded matrices: the unfrozen ones follow torch.optim.AdamW for
     ``steps`` steps within 1e-6 relative; frozen ones (and their moments) stay bitwise the same."""
     rng = np.random.default_rng(11)
-    rows, n = sharded_segments(rng, 4, 2, (10, 3000), gap=(0, 5))
-    frozen = torch.tensor([False, True, False, True], device=dev)
+    rows, n = sharded_segments(rng, 3, 2, (10, 3000), gap=(0, 5))
+    frozen = torch.tensor([False, True, False], device=dev)
     p = torch.randn(n, generator=torch.Generator().manual_seed(12)).to(dev)
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     g = torch.zeros_like(p)

@@ -44,15 +44,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _grad_block(grad_ptr, offs, mask, scale, acc_sq, acc_abs, acc_bad, HAS_SCALE: tl.constexpr):
-    """Load one block of gradient as float32 (unscaled if asked) and fold it into the accumulators."""
+def _grad_block(grad_ptr, offs, mask, acc_sq, acc_abs, acc_bad):
+    """Load one block of gradient as float32 and fold it into the per-lane accumulators."""
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        g = tl.div_rn(g, scale)
     acc_sq += g * g
     acc_abs += tl.abs(g)
     acc_bad += (~(tl.abs(g) <= FINITE_MAX)).to(tl.int32)
-    return g, acc_sq, acc_abs, acc_bad
+    return acc_sq, acc_abs, acc_bad
 
 
 @triton.jit
@@ -97,10 +95,10 @@ def grad_stats_chunks_kernel(
     n_full = n // BLOCK
     for i in range(0, n_full):
         offs = start + i * BLOCK + lane
-        _, acc_sq, acc_abs, acc_bad = _grad_block(grad_ptr, offs, full, 1.0, acc_sq, acc_abs, acc_bad, False)
+        acc_sq, acc_abs, acc_bad = _grad_block(grad_ptr, offs, full, acc_sq, acc_abs, acc_bad)
     tail = n_full * BLOCK
     offs = start + tail + lane
-    _, acc_sq, acc_abs, acc_bad = _grad_block(grad_ptr, offs, tail + lane < n, 1.0, acc_sq, acc_abs, acc_bad, False)
+    acc_sq, acc_abs, acc_bad = _grad_block(grad_ptr, offs, tail + lane < n, acc_sq, acc_abs, acc_bad)
     _store_partial(part_ptr, pid, acc_sq, acc_abs, acc_bad)
 
 
@@ -111,7 +109,12 @@ def _adamw_block(param_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, scale,
                  HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LERP_HI: tl.constexpr):
     """Statistics plus one AdamW update of one block; parameter and moments written only where
     ``mask & upd``. Same operation order as the reference ``adamw_update``."""
-    g, acc_sq, acc_abs, acc_bad = _grad_block(grad_ptr, offs, mask, scale, acc_sq, acc_abs, acc_bad, HAS_SCALE)
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = tl.div_rn(g, scale)
+    acc_sq += g * g
+    acc_abs += tl.abs(g)
+    acc_bad += (~(tl.abs(g) <= FINITE_MAX)).to(tl.int32)
     if HAS_FOUND_INF:
         wmask = tl.where(upd, mask, False)
     else:
@@ -209,16 +212,12 @@ def reduce_partials_kernel(
     mid = tl.program_id(0).to(tl.int64)
     lo = tl.load(ptr_ptr + mid)
     hi = tl.load(ptr_ptr + mid + 1)
-    r = tl.arange(0, RBLOCK)
-    a_sq = tl.zeros([RBLOCK], dtype=tl.float64)
-    a_abs = tl.zeros([RBLOCK], dtype=tl.float64)
-    a_bad = tl.zeros([RBLOCK], dtype=tl.float64)
-    for i in range(0, tl.cdiv(hi - lo, RBLOCK)):
-        idx = lo + i * RBLOCK + r
-        msk = idx < hi
-        a_sq += tl.load(part_ptr + idx * 3, mask=msk, other=0.0)
-        a_abs += tl.load(part_ptr + idx * 3 + 1, mask=msk, other=0.0)
-        a_bad += tl.load(part_ptr + idx * 3 + 2, mask=msk, other=0.0)
-    tl.store(out_ptr + mid * 3, tl.sum(a_sq, axis=0))
-    tl.store(out_ptr + mid * 3 + 1, tl.sum(a_abs, axis=0))
-    tl.store(out_ptr + mid * 3 + 2, tl.sum(a_bad, axis=0))
+    row = tl.arange(0, RBLOCK)[:, None]
+    col = tl.arange(0, 4)[None, :]  # columns 0..2 used, padded to a power of two
+    acc = tl.zeros([RBLOCK, 4], dtype=tl.float64)
+    for base in range(lo, hi, RBLOCK):
+        idx = base + row
+        acc += tl.load(part_ptr + idx * 3 + col, mask=(idx < hi) & (col < 3), other=0.0)
+    total = tl.sum(acc, axis=0)
+    c = tl.arange(0, 4)
+    tl.store(out_ptr + mid * 3 + c, total, mask=c < 3)
