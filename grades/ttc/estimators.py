@@ -207,16 +207,17 @@ def best_of_k(scores: Sequence[Sequence[float]], correct: Sequence[Sequence[bool
         starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
         ends = np.r_[starts[1:], n]
         ybar = np.add.reduceat(y_sorted, starts) / (ends - starts)
-        acc = np.zeros(ks.size)
-        # C(m, k)/C(n, k) = prod (1 - (n-m)/(n-i)); process groups in chunks to bound memory
-        for lo in range(0, starts.size, 256):
-            a = starts[lo:lo + 256]
-            e = ends[lo:lo + 256]
-            qa = np.stack([np.exp(_log_none_ratio(n, n - int(m), kmax)) if m > 0 else np.zeros(kmax)
-                           for m in a])
-            qe = np.stack([np.exp(_log_none_ratio(n, n - int(m), kmax)) for m in e])
-            prob = qe[:, ks - 1] - qa[:, ks - 1]
-            acc += ybar[lo:lo + 256] @ prob
+        # q(m, k) = C(m, k) / C(n, k) in log space, only at the requested k; [groups, K]
+        kf = ks.astype(np.float64)[None, :]
+        base = gammaln(n - kf + 1.0) - gammaln(n + 1.0)
+
+        def q(m: np.ndarray) -> np.ndarray:
+            mf = m.astype(np.float64)[:, None]
+            with np.errstate(invalid="ignore"):
+                lg = gammaln(mf + 1.0) - gammaln(np.maximum(mf - kf, 0.0) + 1.0) + base
+            return np.where(mf >= kf, np.exp(lg), 0.0)
+
+        acc = ybar @ (q(ends) - q(starts))
         per[p] = np.clip(acc, 0.0, 1.0)
     return _summarise("best-of-k", ks, per)
 

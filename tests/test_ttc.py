@@ -1,0 +1,426 @@
+"""grades.ttc: estimators vs brute force, fits, selection / break-even, FLOP counts, JSONL and CLI."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from grades.ttc import (CheckpointSamples, ExtrapolationError, FlopLedger, PoorFitError, Sample,
+                        SamplesFormatError, best_of_k, break_even_queries, fit_accuracy_vs_flops,
+                        fit_accuracy_vs_k, inference_flops_per_token, load_samples, majority_at_k,
+                        matrix_shapes, pass_at_k, samples_from_completions, select, training_flops,
+                        write_samples)
+from grades.ttc.cli import main as ttc_main
+
+
+# ---------------------------------------------------------------------------------------------
+# brute force references: enumerate every k-subset
+# ---------------------------------------------------------------------------------------------
+def brute_pass(correct, k):
+    subs = list(itertools.combinations(range(len(correct)), k))
+    return sum(any(correct[i] for i in s) for s in subs) / len(subs)
+
+
+def brute_majority(answers, correct, k):
+    corr = dict(zip(answers, correct))
+    subs = list(itertools.combinations(range(len(answers)), k))
+    tot = 0.0
+    for s in subs:
+        cnt: dict = {}
+        for i in s:
+            cnt[answers[i]] = cnt.get(answers[i], 0) + 1
+        m = max(cnt.values())
+        top = [a for a, v in cnt.items() if v == m]
+        tot += sum(corr[a] for a in top) / len(top)
+    return tot / len(subs)
+
+
+def brute_best(scores, correct, k):
+    subs = list(itertools.combinations(range(len(scores)), k))
+    tot = 0.0
+    for s in subs:
+        m = max(scores[i] for i in s)
+        top = [i for i in s if scores[i] == m]
+        tot += sum(correct[i] for i in top) / len(top)
+    return tot / len(subs)
+
+
+def random_problem(rng, n):
+    labels = rng.integers(0, rng.integers(1, 5), size=n)
+    label_ok = rng.random(5) < 0.45
+    answers = [f"a{x}" for x in labels]
+    correct = [bool(label_ok[x]) for x in labels]
+    scores = [float(x) for x in rng.integers(0, 4, size=n)]  # many ties on purpose
+    return answers, correct, scores
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_estimators_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    probs = [random_problem(rng, int(rng.integers(1, 10))) for _ in range(4)]
+    nmin = min(len(p[0]) for p in probs)
+    ks = list(range(1, nmin + 1))
+    ans = [p[0] for p in probs]
+    cor = [p[1] for p in probs]
+    sc = [p[2] for p in probs]
+    ep, em, eb = pass_at_k(cor, ks), majority_at_k(ans, cor, ks), best_of_k(sc, cor, ks)
+    assert em.method == "exact"
+    for p in range(len(probs)):
+        for i, k in enumerate(ks):
+            assert abs(ep.per_problem[p, i] - brute_pass(cor[p], k)) < 1e-12
+            assert abs(em.per_problem[p, i] - brute_majority(ans[p], cor[p], k)) < 1e-12
+            assert abs(eb.per_problem[p, i] - brute_best(sc[p], cor[p], k)) < 1e-12
+    # standard error over problems
+    for e in (ep, em, eb):
+        np.testing.assert_allclose(e.mean, e.per_problem.mean(0))
+        np.testing.assert_allclose(e.se, e.per_problem.std(0, ddof=1) / 2.0)
+
+
+def test_majority_all_k_for_larger_n_vs_brute_force():
+    rng = np.random.default_rng(7)
+    labels = rng.choice(4, size=12, p=[0.4, 0.3, 0.2, 0.1])
+    ans = [str(x) for x in labels]
+    cor = [x == 1 for x in labels]
+    e = majority_at_k([ans], [cor], range(1, 13))
+    for k in (1, 2, 3, 5, 8, 12):
+        assert abs(e.at(k)[0] - brute_majority(ans, cor, k)) < 1e-12
+
+
+def test_hand_values_and_tie_rule():
+    # one correct answer "a" among distinct wrong answers: every subset is a tie between singletons
+    e = majority_at_k([["a", "w1", "w2", "w3"]], [[True, False, False, False]], [1, 2, 3, 4])
+    np.testing.assert_allclose(e.mean, [0.25] * 4, atol=1e-15)
+    # [a, a, w1, w2]: k=2 -> (1 + 4 * 1/2 + 0) / 6 = 1/2; k=3 -> (2 + 2 * 1/3) / 4 = 2/3; k=4 -> 1
+    e = majority_at_k([["a", "a", "w1", "w2"]], [[True, True, False, False]], [2, 3, 4])
+    np.testing.assert_allclose(e.mean, [0.5, 2 / 3, 1.0], atol=1e-15)
+    # best-of-k with a full tie is the mean correctness for every k
+    e = best_of_k([[1.0] * 4], [[True, False, False, False]], [1, 2, 4])
+    np.testing.assert_allclose(e.mean, [0.25] * 3, atol=1e-15)
+    # without ties: best-of-n picks the top-scored sample
+    e = best_of_k([[0.1, 0.9, 0.5]], [[False, True, False]], [3])
+    assert e.mean[0] == pytest.approx(1.0)
+
+
+def test_edges_c0_cn_kn_and_k_gt_n():
+    cor0, corn = [[False] * 6], [[True] * 6]
+    for est in (pass_at_k(cor0, range(1, 7)), majority_at_k([["x"] * 6], cor0, range(1, 7)),
+                best_of_k([list(range(6))], cor0, range(1, 7))):
+        assert np.all(est.mean == 0.0)
+    for est in (pass_at_k(corn, range(1, 7)), majority_at_k([["x"] * 6], corn, range(1, 7)),
+                best_of_k([list(range(6))], corn, range(1, 7))):
+        np.testing.assert_allclose(est.mean, 1.0, atol=1e-15)
+    assert pass_at_k([[True, False, False]], 3).mean[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="exceeds"):
+        pass_at_k([[True, False]], 3)
+    with pytest.raises(ValueError, match="exceeds"):
+        majority_at_k([["a", "b"]], [[True, False]], [1, 3])
+    with pytest.raises(ValueError, match="exceeds"):
+        best_of_k([[0.0, 1.0]], [[True, False]], 3)
+    with pytest.raises(ValueError):
+        pass_at_k([[True]], 0)
+    with pytest.raises(TypeError):
+        pass_at_k([[True]], True)
+    with pytest.raises(ValueError, match="both correct and incorrect"):
+        majority_at_k([["a", "a"]], [[True, False]], 1)
+    with pytest.raises(ValueError, match="finite"):
+        best_of_k([[float("nan"), 1.0]], [[True, False]], 1)
+    assert math.isnan(pass_at_k([[True, False]], 1).se[0])  # one problem: no standard error
+
+
+def test_large_n_no_overflow():
+    n = 5000
+    rng = np.random.default_rng(0)
+    cor = [rng.random(n) < 0.002, np.zeros(n, bool), rng.random(n) < 0.3]
+    ks = [1, 2, 50, 1000, 4999, 5000]
+    e = pass_at_k(cor, ks)
+    assert np.isfinite(e.per_problem).all()
+    c = int(cor[0].sum())
+    # closed form with exact integers for comparison
+    for i, k in enumerate(ks):
+        exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+        assert abs(e.per_problem[0, i] - exact) < 1e-10
+    assert e.per_problem[1].max() == 0.0 and e.per_problem[2, -1] == 1.0
+    # majority (exact path) and best-of-k at n = 5000 stay finite and within [0, 1]
+    ans = [[str(x) for x in rng.integers(0, 30, size=n)]]
+    mcor = [[a == "7" for a in ans[0]]]
+    m = majority_at_k(ans, mcor, [1, 16, 32])
+    assert m.method == "exact" and np.isfinite(m.mean).all()
+    assert m.at(1)[0] == pytest.approx(np.mean(mcor[0]))
+    b = best_of_k([rng.random(n).tolist()], mcor, [1, 2, 100, 5000])
+    assert np.isfinite(b.mean).all() and 0 <= b.mean.min() <= b.mean.max() <= 1
+
+
+def test_majority_monte_carlo_within_stated_bound():
+    rng = np.random.default_rng(3)
+    ans, cor = [], []
+    for _ in range(8):
+        lab = rng.choice(3, size=14, p=[0.45, 0.35, 0.2])
+        ans.append([str(x) for x in lab])
+        cor.append([x == 0 for x in lab])
+    exact = majority_at_k(ans, cor, range(1, 15))
+    mc = majority_at_k(ans, cor, range(1, 15), method="monte-carlo", mc_draws=1500, mc_delta=0.001, seed=1)
+    assert mc.method == "monte-carlo" and mc.mc_error_bound > 0
+    assert np.abs(mc.mean - exact.mean).max() <= mc.mc_error_bound
+
+
+# ---------------------------------------------------------------------------------------------
+# fits
+# ---------------------------------------------------------------------------------------------
+def test_fit_vs_k_recovers_parameters():
+    rng = np.random.default_rng(0)
+    ks = np.arange(1, 33)
+    truth = 0.8 - (0.8 - 0.3) * np.exp(-0.25 * (ks - 1))
+    fit = fit_accuracy_vs_k(ks, np.clip(truth + rng.normal(0, 0.005, ks.size), 0, 1))
+    assert fit.ok, fit.reason
+    assert fit.params["a_1"] == pytest.approx(0.3, abs=0.02)
+    assert fit.params["a_inf"] == pytest.approx(0.8, abs=0.02)
+    assert fit.params["b"] == pytest.approx(0.25, rel=0.15)
+    assert fit.rmse < 0.01 and fit.r2 > 0.99
+    assert fit.predict(40) == pytest.approx(0.8, abs=0.02)
+    with pytest.raises(ExtrapolationError):
+        fit.predict(100)
+
+
+def test_fit_vs_flops_recovers_and_refuses():
+    rng = np.random.default_rng(1)
+    f = np.linspace(0, 2e18, 9)
+    truth = 0.7 - (0.7 - 0.1) * np.exp(-f / 5e17)
+    fit = fit_accuracy_vs_flops(f, truth + rng.normal(0, 0.004, f.size))
+    assert fit.ok, fit.reason
+    assert fit.params["a_max"] == pytest.approx(0.7, abs=0.03)
+    assert fit.params["a_0"] == pytest.approx(0.1, abs=0.03)
+    assert fit.params["f_s"] == pytest.approx(5e17, rel=0.2)
+    assert fit.predict(2.5e18) == pytest.approx(0.7 - 0.6 * math.exp(-5), abs=0.02)
+    with pytest.raises(ExtrapolationError):
+        fit.predict(4e18)
+    pw = fit_accuracy_vs_flops(f, truth, model="power")
+    assert pw.ok and pw.rmse < 0.02
+    # zig-zag data: flagged and refused
+    bad = fit_accuracy_vs_flops(f, [0.1, 0.6, 0.1, 0.6, 0.1, 0.6, 0.1, 0.6, 0.1])
+    assert not bad.ok and "R^2" in bad.reason
+    with pytest.raises(PoorFitError):
+        bad.predict(1e18)
+    # too few points for three parameters
+    few = fit_accuracy_vs_flops([0, 1e18, 2e18], [0.1, 0.5, 0.6])
+    assert not few.ok and "distinct" in few.reason
+    with pytest.raises(ValueError):
+        fit_accuracy_vs_flops([0, 1], [0.1, 1.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# selection and break-even (hand-computed)
+# ---------------------------------------------------------------------------------------------
+def hand_checkpoints():
+    """4 problems x 4 samples. A: 1 correct of 4, B: 2 of 4, C: 3 of 4 (final)."""
+    def ck(name, flops, n_correct):
+        pats = {1: (["a", "w1", "w2", "w3"], [True, False, False, False]),
+                2: (["a", "a", "w1", "w2"], [True, True, False, False]),
+                3: (["a", "a", "a", "w1"], [True, True, True, False])}[n_correct]
+        return samples_from_completions(name, flops, [0, 1, 2, 3], [pats[0]] * 4, [pats[1]] * 4)
+    return [ck("A", 1e12, 1), ck("B", 2e12, 2), ck("C", 4e12, 3)]
+
+
+def test_select_hand_example():
+    sel = select(hand_checkpoints(), k_max=4, strategies=["pass@k"], queries=1500, infer_flops_per_sample=1e9)
+    assert sel.target == pytest.approx(0.75) and sel.reference == "C"
+    # pass@3 of A = 1 - C(3,3)/C(4,3) = 0.75 meets 0.75 with the fewest training FLOPs
+    a = sel.min_train
+    assert (a.checkpoint, a.k, a.strategy) == ("A", 3, "pass@k")
+    assert a.train_flops_saved == pytest.approx(3e12)
+    assert a.break_even == pytest.approx(3e12 / (2 * 1e9))
+    # totals at Q=1500: A,k=3: 1e12+4.5e12; B,k=2 (pass 5/6): 2e12+3e12; C,k=1: 4e12+1.5e12
+    t = sel.min_total
+    assert (t.checkpoint, t.k) == ("B", 2) and t.total_flops == pytest.approx(5e12)
+    assert t.break_even == pytest.approx(2000.0)
+    assert sel.reference_total_flops == pytest.approx(5.5e12)
+
+
+def test_select_majority_tolerance_and_target():
+    cks = hand_checkpoints()
+    # majority@k of B: k=2 0.5, k=3 2/3, k=4 1.0 (hand values); of A: 0.25 for every k
+    sel = select(cks, k_max=4, strategies=["majority"], target=0.75)
+    assert (sel.min_train.checkpoint, sel.min_train.k) == ("B", 4)
+    sel = select(cks, k_max=4, strategies=["majority"], target=0.75, tolerance=0.1)
+    assert (sel.min_train.checkpoint, sel.min_train.k) == ("B", 3)
+    assert sel.min_train.accuracy == pytest.approx(2 / 3)
+    sel = select(cks, k_max=2, strategies=["majority"], target=0.99)
+    assert sel.min_train is None
+    # best-of-k is dropped by default without scores, refused when asked for
+    assert "best-of-k" not in select(cks, k_max=2).strategies
+    with pytest.raises(ValueError, match="score"):
+        select(cks, k_max=2, strategies=["best-of-k"])
+    with pytest.raises(ValueError, match="fewer than k_max"):
+        select(cks, k_max=5)
+    with pytest.raises(ValueError, match="infer_flops_per_sample"):
+        select(cks, k_max=2, queries=10)
+
+
+def test_break_even_queries():
+    assert break_even_queries(3e12, 3, 1e9) == pytest.approx(1500.0)
+    assert break_even_queries(3e12, 1, 1e9) == math.inf
+    assert break_even_queries(-1.0, 2, 1e9) == 0.0
+    assert break_even_queries(1e12, 4, 1e9, k_ref=2) == pytest.approx(500.0)
+    assert break_even_queries(1e12, 4, None) is None
+    with pytest.raises(ValueError):
+        break_even_queries(1.0, 2, 0.0)
+
+
+def test_select_projection_target():
+    # accuracies on an exact saturating curve: projection at the last checkpoint equals its value
+    f = np.linspace(0, 1e15, 6)
+    acc = 0.8 - 0.7 * np.exp(-f / 3e14)
+    cks = []
+    for i, (x, a) in enumerate(zip(f, acc)):
+        ncor = int(round(a * 400))  # 400 problems, one sample each, the first ncor correct
+        cks.append(samples_from_completions(f"c{i}", x, list(range(400)), [["x"]] * 400,
+                                            [[j < ncor] for j in range(400)]))
+    sel = select(cks, k_max=1, target="projection", strategies=["pass"])
+    assert sel.projection is not None and sel.projection.ok
+    assert sel.target == pytest.approx(acc[-1], abs=0.01)
+    with pytest.raises(ExtrapolationError):
+        select(cks, k_max=1, target="projection", final_train_flops=5e15)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------
+def test_flops_hand_count_llama():
+    from grades.models import llama_config, tiny_llama
+    cfg = llama_config(vocab_size=15, size="tiny")  # hidden 64, 2 layers, 4 heads (dim 16), 2 kv, MLP 128
+    per_layer = 64 * 64 + 2 * (32 * 64) + 64 * 64 + 3 * (128 * 64)  # q, k+v, o, gate+up+down
+    n = 2 * per_layer + 15 * 64  # + LM head; embeddings excluded
+    assert n == 74688
+    shapes = matrix_shapes(cfg)
+    assert sum(o * i for o, i in shapes.values()) == n
+    # the model's own Linear weights are exactly these matrices
+    model = tiny_llama(15, "tiny")
+    lin = {name: m.weight.shape for name, m in model.named_modules() if m.__class__.__name__ == "Linear"}
+    assert {k: tuple(v) for k, v in lin.items()} == shapes
+    tokens, T = 1000, 8
+    attn = 3 * 4 * 2 * 4 * 16 * (T + 1) / 2  # fwd+bwd, QK and AV, 2 layers, 4 heads x 16, mean ctx 4.5
+    assert training_flops(cfg, tokens) == 6 * n * tokens
+    assert training_flops(cfg, tokens, seq_len=T) == pytest.approx((6 * n + attn) * tokens)
+    frozen = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj"]
+    assert training_flops(cfg, tokens, frozen=frozen) == (6 * n - 2 * (4096 + 8192)) * tokens
+    assert inference_flops_per_token(cfg, 10) == 2 * n + 4 * 2 * 4 * 16 * 10
+    with pytest.raises(ValueError, match="unknown matrix"):
+        training_flops(cfg, 1, frozen=["model.layers.9.mlp.up_proj"])
+    with pytest.raises(ValueError):
+        training_flops(cfg, -1)
+
+
+def test_flop_ledger_adds_up():
+    from grades.models import llama_config
+    cfg = llama_config(vocab_size=15, size="tiny")
+    led = FlopLedger(cfg, seq_len=8)
+    led.add_step(512)
+    led.add_step(512, frozen=["model.layers.0.mlp.gate_proj"])
+    s = led.summary(planned_tokens=512 * 10)
+    assert s["grades_saved"] == pytest.approx(2 * 8192 * 512)
+    assert s["early_stop_saved"] == pytest.approx(8 * training_flops(cfg, 512, seq_len=8))
+    assert s["total_saved"] == pytest.approx(s["grades_saved"] + s["early_stop_saved"])
+    assert led.steps == 2 and led.history[-1] == (2, led.train_flops)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSONL and CLI
+# ---------------------------------------------------------------------------------------------
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_write_load_roundtrip(tmp_path):
+    cks = hand_checkpoints()
+    cks[0].problems[0][0] = Sample("a", True, 0.5)
+    p = tmp_path / "s.jsonl"
+    assert write_samples(p, cks) == 12
+    back = load_samples(p)
+    assert [c.name for c in back] == ["A", "B", "C"]
+    assert back[0].problems[0][0] == Sample("a", True, 0.5)
+    assert back[1].correct() == cks[1].correct()
+    with pytest.raises(TypeError):
+        write_samples(p, [{"checkpoint": "x"}])
+    with pytest.raises(ValueError):
+        CheckpointSamples("x", -1.0)
+
+
+def _line(ck, flops, prob, pattern):
+    return json.dumps({"checkpoint": ck, "train_flops": flops, "problem": prob,
+                       "samples": [{"answer": a, "correct": c} for a, c in pattern]})
+
+
+def small_jsonl(tmp_path, extra=()):
+    good = [("7", True), ("7", True), ("3", False), ("5", False)]
+    poor = [("7", True), ("3", False), ("5", False), ("6", False)]
+    lines = []
+    for prob in range(5):
+        lines.append(_line("early", 1e12, prob, poor))
+        lines.append(_line("late", 4e12, prob, good))
+    lines[2:2] = list(extra)
+    return write_lines(tmp_path / "s.jsonl", lines)
+
+
+def test_load_bad_lines_skip_or_error(tmp_path):
+    p = small_jsonl(tmp_path, ['{"checkpoint": "early", "train_flops": 1e12, "problem": 9, "samples": [}',
+                               _line("early", 1e12, 10, [])])
+    from grades.ttc.samples import LoadReport
+    rep = LoadReport()
+    cks = load_samples(p, report=rep)
+    assert [ln for ln, _ in rep.bad_lines] == [3, 4]
+    assert "invalid JSON" in rep.bad_lines[0][1] and "non-empty" in rep.bad_lines[1][1]
+    assert len(cks[0].problems) == 5
+    with pytest.raises(SamplesFormatError, match="line 3"):
+        load_samples(p, on_bad_line="error")
+    neg = small_jsonl(tmp_path, [_line("neg", -5.0, 0, [("1", True)])])
+    with pytest.raises(SamplesFormatError, match="line 3: train_flops"):
+        load_samples(neg)
+    dup = small_jsonl(tmp_path, [_line("early", 1e12, 0, [("1", True)])])
+    with pytest.raises(SamplesFormatError, match="repeated"):
+        load_samples(dup, on_bad_line="error")
+    only_bad = write_lines(tmp_path / "bad.jsonl", ["not json", "[1, 2]"])
+    with pytest.raises(SamplesFormatError, match="no valid lines"):
+        load_samples(only_bad)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    p = small_jsonl(tmp_path, ["{oops"])
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    code = ttc_main([str(p), "--k-max", "4", "--queries", "100", "--infer-flops", "1e9",
+                     "--json", str(out_json), "--plot", str(out_png)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert "skipped 1 malformed line(s)" in cap.err and "line 3" in cap.err
+    assert "fewest training FLOPs: early with pass@k, k=2" in cap.out
+    assert "oracle verifier" in cap.out
+    res = json.loads(out_json.read_text())
+    # early: 1 correct of 4 -> pass@2 = 0.5 = late's pass@1 (2 of 4)
+    assert res["min_train"]["checkpoint"] == "early" and res["min_train"]["k"] == 2
+    assert res["min_train"]["break_even"] == pytest.approx(3e12 / 1e9)
+    assert res["skipped_lines"][0]["line"] == 3
+    assert out_png.stat().st_size > 1000
+    # refuse malformed lines
+    assert ttc_main([str(p), "--on-bad-line", "error"]) == 2
+    assert "line 3" in capsys.readouterr().err
+    # n < k
+    assert ttc_main([str(small_jsonl(tmp_path)), "--k-max", "5"]) == 2
+    assert "fewer than k_max=5" in capsys.readouterr().err
+    # negative FLOPs
+    assert ttc_main([str(small_jsonl(tmp_path, [_line("x", -1, 0, [("1", True)])]))]) == 2
+    assert "train_flops must be finite and >= 0" in capsys.readouterr().err
+    # empty file / missing file / unreachable target
+    empty = write_lines(tmp_path / "e.jsonl", [""])
+    assert ttc_main([str(empty)]) == 2
+    assert ttc_main([str(tmp_path / "missing.jsonl")]) == 2
+    assert ttc_main([str(small_jsonl(tmp_path)), "--target", "0.99", "--k-max", "2",
+                     "--strategies", "majority"]) == 1
+    assert ttc_main([str(small_jsonl(tmp_path)), "--target", "high"]) == 2
+
+
+def test_grades_cli_dispatches_ttc(tmp_path, capsys):
+    from grades.cli import main as grades_main
+    assert grades_main(["ttc", str(small_jsonl(tmp_path)), "--strategies", "majority@k"]) == 0
+    assert "majority@k" in capsys.readouterr().out
