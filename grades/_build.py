@@ -26,7 +26,7 @@ _cache: dict[str, tuple[ModuleType | None, str]] = {}
 
 #: compiler flags per extension (host C++ flags, nvcc flags, linker flags)
 CXX_FLAGS = {
-    "cpu": ["-O3", "-fopenmp", "-march=native", "-ffp-contract=off", "-std=c++17"],
+    "cpu": ["-O3", "-fopenmp", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"],
     "cuda": ["-O3", "-std=c++17"],
 }
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math"]
