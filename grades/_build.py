@@ -29,7 +29,9 @@ CXX_FLAGS = {
     "cpu": ["-O3", "-fopenmp", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"],
     "cuda": ["-O3", "-std=c++17"],
 }
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math"]
+# No --use_fast_math: the AdamW update must match torch.optim.AdamW (IEEE division and square root,
+# no flush of denormals). -lineinfo lets compute-sanitizer name source lines.
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
 LD_FLAGS = {"cpu": ["-fopenmp"], "cuda": []}
 
 
