@@ -70,6 +70,7 @@ def _chunk_header(chunks_ptr, frozen_ptr, HAS_FROZEN: tl.constexpr, ALIGNED: tl.
 
 @triton.jit
 def _store_partial(part_ptr, pid, acc_sq, acc_abs, acc_bad):
+    """Reduce the ``[BLOCK]`` per-lane accumulators and write row ``pid`` of the float64 partials."""
     tl.store(part_ptr + pid * 3, tl.sum(acc_sq, axis=0).to(tl.float64))
     tl.store(part_ptr + pid * 3 + 1, tl.sum(acc_abs, axis=0).to(tl.float64))
     tl.store(part_ptr + pid * 3 + 2, tl.sum(acc_bad, axis=0).to(tl.float64))
