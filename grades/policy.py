@@ -594,7 +594,7 @@ class GradES:
 
     def summary(self) -> dict:
         return {"step": self.step_count, "frozen": int(self._host_frozen.sum()),
-                "components": len(self.components), "frozen_fraction": self.frozen_fraction,
+                "num_components": len(self.components), "frozen_fraction": self.frozen_fraction,
                 "should_stop": self.should_stop, "stopped_at": self.stopped_at}
 
     def history_dict(self) -> dict:
@@ -653,8 +653,6 @@ class GradES:
         put(self._last_stat, sd["last_stat"])
         put(self._invalid_steps, sd["invalid_steps"])
         self.step_count = int(sd["step"])
-        self.history = [dict(h) for h in sd.get("history", [])]
-        self._hist_stride = int(sd.get("hist_stride", 1))
         self._host_frozen[:] = False
         self.freeze_events = []
         if self.frozen_aware:
@@ -666,6 +664,8 @@ class GradES:
         slot.start(self.step_count, self._last_stat, self.frozen, self._freeze_step)
         slot.synchronize()
         self._learn(slot)
+        self.history = [dict(h) for h in sd.get("history", [])]
+        self._hist_stride = int(sd.get("hist_stride", 1))
         self.freeze_events = [dict(e) for e in sd.get("freeze_events", [])]
         self.should_stop = bool(sd.get("should_stop", False))
         self.stopped_at = sd.get("stopped_at")
