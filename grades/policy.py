@@ -357,6 +357,9 @@ class GradES:
                 self.process_group = mesh.get_group()
 
         if stats_source is not None:
+            bind = getattr(stats_source, "bind", None)
+            if callable(bind):
+                bind(self.components)
             self.source: StatsSource = stats_source
         elif self.frozen_aware:
             self.source = OptimizerSource(comps, self.optimizer, self.device)
