@@ -1,0 +1,452 @@
+"""FrozenAwareAdamW against torch.optim.AdamW: trajectories, state dicts, freezing, non-finite
+gradients, GradScaler, host-sync freedom and input validation (CPU)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+from conftest import available_backends
+from grades import FrozenAwareAdamW
+from grades.optim import NonFiniteGradientError
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore:grades. native backend:RuntimeWarning")
+
+VOCAB, SEQ, BATCH = 64, 8, 2
+
+
+def tiny_llama(seed=0, hidden=32, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=g) for _ in range(n)]
+
+
+def loss_of(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def groups_of(model, hp):
+    """Three param groups: attention, MLP, the rest (embeddings, norms, head)."""
+    attn, mlp, rest = [], [], []
+    for n, p in model.named_parameters():
+        (attn if "self_attn" in n else mlp if ".mlp." in n else rest).append(p)
+    return [dict(params=attn, **hp[0]), dict(params=mlp, **hp[1]), dict(params=rest)]
+
+
+def rel_diff(a_model, b_model):
+    worst = 0.0
+    for (n, a), b in zip(a_model.named_parameters(), b_model.parameters()):
+        d = (a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max().clamp_min(1e-30)
+        worst = max(worst, float(d))
+    return worst
+
+
+def train(model, opt, data, *, accum=1, sched=None, before_step=None):
+    for i in range(0, len(data), accum):
+        opt.zero_grad(set_to_none=True)
+        for ids in data[i:i + accum]:
+            (loss_of(model, ids) / accum).backward()
+        if before_step is not None:
+            before_step(model, i // accum)
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+HPARAMS = [
+    dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+         groups=[dict(lr=5e-3, betas=(0.8, 0.99), weight_decay=0.1), dict(eps=1e-6, weight_decay=0.0)]),
+    dict(lr=1e-3, betas=(0.95, 0.98), eps=1e-6, weight_decay=0.05,
+         groups=[dict(lr=2e-3), dict(betas=(0.5, 0.9), eps=1e-4, weight_decay=0.2)]),
+]
+
+
+def train_pair(a, oa, b, ob, data, *, accum=1, scheds=(), before_step_b=None, scalers=None, on_step=None):
+    """Train ``a`` with ``oa``; ``ob`` steps ``b`` with copies of exactly the same gradients.
+
+    Both optimizers see one gradient stream, so what is compared is the optimizer alone.
+    Free-running runs amplify last-bit differences through the model: torch's own fused and
+    for-loop AdamW drift apart by ~1e-6 after two steps on this model, ~1e-3 after 100.
+    """
+    for i in range(0, len(data), accum):
+        oa.zero_grad(set_to_none=True)
+        ob.zero_grad(set_to_none=True)
+        for ids in data[i:i + accum]:
+            loss = loss_of(a, ids) / accum
+            if scalers:
+                scalers[1].scale(loss.detach())  # b's scaler sees the same (scaled) gradients
+            (scalers[0].scale(loss) if scalers else loss).backward()
+        for p, q in zip(a.parameters(), b.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        if before_step_b is not None:
+            before_step_b(b, i // accum)
+        if on_step is not None:
+            on_step(a, oa, i // accum)
+        if scalers:
+            for sc, o in zip(scalers, (oa, ob)):
+                sc.step(o)
+                sc.update()
+        else:
+            oa.step()
+            ob.step()
+        for s in scheds:
+            s.step()
+
+
+_STREAMS = {}
+
+
+def torch_stream(hp):
+    """torch.optim.AdamW on the tiny Llama (3 groups, cosine schedule, accumulation for hp 0):
+    the initial weights, the gradients of every step, the final weights and state. Cached."""
+    if hp not in _STREAMS:
+        cfg = HPARAMS[hp]
+        kw = {k: cfg[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        model = tiny_llama()
+        init = copy.deepcopy(model.state_dict())
+        opt = torch.optim.AdamW(groups_of(model, cfg["groups"]), **kw)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100, eta_min=1e-4)
+        accum = 2 if hp == 0 else 1
+        data = batches(100 * accum)
+        grads = []
+        for i in range(0, len(data), accum):
+            opt.zero_grad()
+            for ids in data[i:i + accum]:
+                (loss_of(model, ids) / accum).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            opt.step()
+            sched.step()
+        _STREAMS[hp] = (init, grads, model, opt)
+    return _STREAMS[hp]
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu", "list"))
+@pytest.mark.parametrize("hp", range(len(HPARAMS)))
+def test_trajectory_matches_torch_adamw(backend, hp):
+    """100 steps, 3 param groups with their own lr/betas/eps/weight decay, a cosine LR schedule
+    and (hp 0) gradient accumulation: weights within 1e-6 (relative) of torch.optim.AdamW."""
+    cfg = HPARAMS[hp]
+    kw = {k: cfg[k] for k in ("lr", "betas", "eps", "weight_decay")}
+    init, grads, ref_model, ref_opt = torch_stream(hp)
+    a = tiny_llama()
+    a.load_state_dict(init)
+    oa = FrozenAwareAdamW(groups_of(a, cfg["groups"]), backend=backend, **kw)
+    sa = torch.optim.lr_scheduler.CosineAnnealingLR(oa, T_max=100, eta_min=1e-4)
+    for step_grads in grads:
+        oa.zero_grad()
+        for p, g in zip(a.parameters(), step_grads):
+            p.grad = g.clone()
+        oa.step()
+        sa.step()
+    assert rel_diff(a, ref_model) <= 1e-6
+    for p, q in zip(a.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(oa.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"], rtol=1e-5, atol=1e-9)
+        assert float(oa.state[p]["step"]) == float(ref_opt.state[q]["step"]) == 100.0
+        assert oa.state[p]["exp_avg"].dtype == torch.float32
+    assert oa.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
+    assert int(oa.skipped_steps) == 0 and int(oa.nonfinite_count) == 0
+    # the statistics are those of the last applied gradients
+    for i, p in enumerate(oa.param_list):
+        g = p.grad.double()
+        torch.testing.assert_close(oa.last_grad_stats[i, 0], (g * g).sum(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(oa.last_grad_stats[i, 1], g.abs().sum(), rtol=1e-5, atol=0)
+
+
+def test_tensor_lr_and_params_without_grad():
+    a, b = tiny_llama(), tiny_llama()
+    oa = FrozenAwareAdamW(a.parameters(), lr=torch.tensor(2e-3))
+    ob = torch.optim.AdamW(b.parameters(), lr=torch.tensor(2e-3))
+    skip = {"model.layers.1.mlp.up_proj.weight", "lm_head.weight"}
+
+    def drop(model, opt, step):  # some params have no grad on even steps: torch skips them, so must we
+        if step % 2 == 0:
+            for m in (a, b):
+                for n, p in m.named_parameters():
+                    if n in skip:
+                        p.grad = None
+
+    train_pair(a, oa, b, ob, batches(20), on_step=drop)
+    assert rel_diff(a, b) <= 1e-6
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert float(oa.state[p]["step"]) == float(ob.state[q]["step"]) == (10.0 if n in skip else 20.0)
+        if n in skip:
+            assert float(oa.last_grad_stats[oa.param_index(p)].abs().sum()) > 0  # odd last step: had grads
+
+
+@pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
+def test_state_dict_round_trip_with_torch(direction):
+    a, b = tiny_llama(), tiny_llama()
+    first = (torch.optim.AdamW if direction == "torch_to_ours" else FrozenAwareAdamW)
+    second = (FrozenAwareAdamW if direction == "torch_to_ours" else torch.optim.AdamW)
+    o1 = first(groups_of(a, HPARAMS[0]["groups"]), lr=2e-3)
+    data = batches(16)
+    train(a, o1, data[:6])
+    b.load_state_dict(a.state_dict())
+    o2 = second(groups_of(b, HPARAMS[0]["groups"]), lr=2e-3)
+    o2.load_state_dict(copy.deepcopy(o1.state_dict()))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(o1.state[p]["exp_avg"], o2.state[q]["exp_avg"])
+        assert float(o1.state[p]["step"]) == float(o2.state[q]["step"]) == 6.0
+    train_pair(a, o1, b, o2, data[6:])
+    assert rel_diff(a, b) <= 1e-6
+    # and back again into a fresh FrozenAwareAdamW
+    o3 = FrozenAwareAdamW(groups_of(b, HPARAMS[0]["groups"]), lr=2e-3)
+    o3.load_state_dict(copy.deepcopy(o2.state_dict()))
+    assert float(o3.state[next(b.parameters())]["step"]) == 16.0
+
+
+def test_freeze_mid_run_matches_torch_on_unfrozen():
+    a, b = tiny_llama(), tiny_llama()
+    oa = FrozenAwareAdamW(a.parameters(), lr=3e-3)
+    ob = torch.optim.AdamW(b.parameters(), lr=3e-3)
+    data = batches(20)
+    train_pair(a, oa, b, ob, data[:8])
+    names = [n for n, _ in a.named_parameters()]
+    by_mask = {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    by_list = {"model.layers.0.mlp.gate_proj.weight"}
+    mask = torch.tensor([n in by_mask for n in names])
+    oa.freeze_mask_(mask)
+    oa.freeze([p for n, p in a.named_parameters() if n in by_list])
+    frozen = by_mask | by_list
+    assert oa.frozen.tolist() == [n in frozen for n in names]
+    snap = {n: (p.detach().clone(), oa.state[p]["exp_avg"].clone(), oa.state[p]["exp_avg_sq"].clone(),
+                oa.state[p]["step"].clone()) for n, p in a.named_parameters() if n in frozen}
+
+    def no_grad_for_frozen(model, step):  # torch reference: frozen params get no update at all
+        for n, p in model.named_parameters():
+            if n in frozen:
+                p.grad = None
+
+    train_pair(a, oa, b, ob, data[8:], before_step_b=no_grad_for_frozen)
+    for n, p in a.named_parameters():
+        if n in frozen:
+            w, m, v, s = snap[n]
+            assert torch.equal(p, w) and torch.equal(oa.state[p]["exp_avg"], m)
+            assert torch.equal(oa.state[p]["exp_avg_sq"], v) and torch.equal(oa.state[p]["step"], s)
+            assert torch.all(oa.last_grad_stats[oa.param_index(p)] == 0)
+    assert rel_diff(a, b) <= 1e-6
+    # the frozen mask survives a state-dict round trip
+    oc = FrozenAwareAdamW(a.parameters(), lr=3e-3)
+    oc.load_state_dict(copy.deepcopy(oa.state_dict()))
+    assert torch.equal(oc.frozen, oa.frozen)
+
+
+def test_release_frozen_state_frees_moments():
+    model = tiny_llama()
+    opt = FrozenAwareAdamW(model.parameters(), release_frozen_state=True)
+    data = batches(6)
+    train(model, opt, data[:3])
+    params = dict(model.named_parameters())
+    p1, p2 = params["model.layers.0.mlp.up_proj.weight"], params["model.layers.1.self_attn.v_proj.weight"]
+    opt.freeze([p1])  # host knows at once
+    assert "exp_avg" not in opt.state[p1] and opt.released_bytes == 2 * 4 * p1.numel()
+    mask = torch.zeros(opt.num_params, dtype=torch.bool)
+    mask[opt.param_index(p2)] = True
+    opt.freeze_mask_(mask)  # device decision: the host has not learned it yet
+    assert "exp_avg" in opt.state[p2]
+    host_copy = opt.frozen.to("cpu", non_blocking=True)
+    assert opt.sync_frozen_state(host_copy) == 1
+    assert opt.released_bytes == 2 * 4 * (p1.numel() + p2.numel())
+    w1, w2 = p1.detach().clone(), p2.detach().clone()
+    train(model, opt, data[3:])
+    assert torch.equal(p1, w1) and torch.equal(p2, w2)
+    other = FrozenAwareAdamW(model.parameters())
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert bool(other.frozen[opt.param_index(p1)]) and "exp_avg" not in other.state[p1]
+    train(model, other, data[:1])
+
+
+def test_step_makes_no_host_sync(monkeypatch):
+    # The reference backend is written to run on any device without syncing, so it stands in for a
+    # GPU backend here (the native CPU backend may read CPU scalars on the host, which is no sync).
+    model = tiny_llama()
+    opt = FrozenAwareAdamW(model.parameters(), lr=torch.tensor(1e-3), nonfinite="skip", backend="reference")
+    data = batches(4)
+    train(model, opt, data[:1])  # lazy state initialisation happens outside the guarded steps
+    mask = torch.zeros(opt.num_params, dtype=torch.bool)
+    mask[3] = True
+
+    def boom(*a, **k):
+        raise AssertionError("host sync during step()")
+
+    guarded = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    for i, ids in enumerate(data[1:]):
+        opt.zero_grad()
+        loss_of(model, ids).backward()
+        if i == 1:
+            model.lm_head.weight.grad = None  # a group with a gap takes the indexed path
+        if i == 2:
+            opt.freeze_mask_(mask)
+        with monkeypatch.context() as m:
+            for name in guarded:
+                m.setattr(torch.Tensor, name, boom)
+            opt.step()
+    assert int(opt.skipped_steps) == 0
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            {k: v.clone() for p in model.parameters() for k, v in ((f"{id(p)}{k}", v) for k, v in opt.state[p].items())})
+
+
+def _assert_same(s1, s2):
+    for x, y in zip(s1[0], s2[0]):
+        assert torch.equal(x, y)
+    assert s1[1].keys() == s2[1].keys()
+    for k in s1[1]:
+        assert torch.equal(s1[1][k], s2[1][k])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_skip_leaves_state_bitwise_unchanged(bad):
+    model = tiny_llama()
+    opt = FrozenAwareAdamW(model.parameters())
+    data = batches(4)
+    train(model, opt, data[:2])
+    before = _snapshot(model, opt)
+    opt.zero_grad()
+    loss_of(model, data[2]).backward()
+    g = model.model.layers[1].self_attn.k_proj.weight.grad
+    g.view(-1)[[3, 7, 11]] = bad
+    opt.step()
+    _assert_same(before, _snapshot(model, opt))
+    assert int(opt.skipped_steps) == 1 and int(opt.nonfinite_count) == 3 and bool(opt.last_step_skipped)
+    k = opt.param_index(model.model.layers[1].self_attn.k_proj.weight)
+    assert float(opt.last_grad_stats[k, 2]) == 3
+    assert torch.isnan(opt.last_grad_stats[:, :2]).all()  # no freeze can follow from these
+    # a non-finite gradient in a frozen parameter is not read, so it does not skip the step
+    opt.freeze([model.model.layers[1].self_attn.k_proj.weight])
+    opt.step()
+    assert int(opt.skipped_steps) == 1 and int(opt.nonfinite_count) == 0 and not bool(opt.last_step_skipped)
+
+
+def test_nonfinite_raise_and_ignore():
+    model = tiny_llama()
+    opt = FrozenAwareAdamW(model.parameters(), nonfinite="raise")
+    data = batches(2)
+    train(model, opt, data[:1])
+    before = _snapshot(model, opt)
+    opt.zero_grad()
+    loss_of(model, data[1]).backward()
+    model.lm_head.weight.grad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match="1 non-finite gradient element"):
+        opt.step()
+    _assert_same(before, _snapshot(model, opt))
+    ign = FrozenAwareAdamW(model.parameters(), nonfinite="ignore")
+    ign.step()  # applied like torch would, but counted
+    assert int(ign.nonfinite_count) == 1 and int(ign.skipped_steps) == 0
+    assert torch.isnan(model.lm_head.weight[0, 0])
+
+
+def test_grad_scaler_protocol_with_injected_inf():
+    a, b = tiny_llama(), tiny_llama()
+    oa = FrozenAwareAdamW(a.parameters(), lr=2e-3)
+    ob = torch.optim.AdamW(b.parameters(), lr=2e-3)
+    sa = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    sb = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    snaps = {}
+
+    def inject(model, opt, step):
+        if step == 3:
+            for m in (a, b):
+                m.model.layers[0].mlp.up_proj.weight.grad.view(-1)[5] = float("inf")
+            snaps["before"] = _snapshot(a, oa)
+        if step == 4:  # the step after the skipped one: nothing had changed
+            _assert_same(snaps["before"], _snapshot(a, oa))
+            snaps["checked"] = True
+
+    train_pair(a, oa, b, ob, batches(8), scalers=(sa, sb), on_step=inject)
+    assert snaps.get("checked")
+    assert int(oa.skipped_steps) == 1
+    assert sa.get_scale() == sb.get_scale() == 2.0 ** 9
+    assert float(oa.state[a.lm_head.weight]["step"]) == float(ob.state[b.lm_head.weight]["step"]) == 7.0
+    assert rel_diff(a, b) <= 1e-6
+    assert not hasattr(oa, "found_inf")  # the scaler cleans up after itself
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_fp32_moments(dtype):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 32).to(dtype))
+    q = torch.nn.Parameter(p.detach().float().clone())
+    opt = FrozenAwareAdamW([p], lr=1e-2)
+    ref = torch.optim.AdamW([q], lr=1e-2)
+    for _ in range(3):
+        g = torch.randn(64, 32)
+        p.grad, q.grad = g.to(dtype), g.to(dtype).float()
+        opt.step()
+        ref.step()
+        q.data.copy_(q.data.to(dtype).float())  # the fp32 reference sees the rounded weights too
+    assert opt.state[p]["exp_avg"].dtype == torch.float32 and p.dtype == dtype
+    torch.testing.assert_close(p.float(), q.detach(), rtol=0, atol=float(torch.finfo(dtype).eps) * 4)
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+
+
+def test_add_param_group_and_zero_grad():
+    model = tiny_llama()
+    ps = list(model.parameters())
+    opt = FrozenAwareAdamW(ps[:5], lr=1e-3)
+    assert opt.num_params == 5 and opt.frozen.shape == (5,)
+    opt.freeze([ps[1]])
+    opt.add_param_group({"params": ps[5:], "lr": 5e-4})
+    assert opt.num_params == len(ps) and opt.last_grad_stats.shape == (len(ps), 3)
+    assert opt.frozen.tolist() == [i == 1 for i in range(len(ps))]
+    assert opt.param_index(ps[-1]) == len(ps) - 1 and opt.param_list == ps
+    train(model, opt, batches(1))
+    assert float(opt.state[ps[-1]]["step"]) == 1 and ps[1] not in opt.state
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in ps)
+    opt.zero_grad()
+    assert all(p.grad is None for p in ps)
+    with pytest.raises(ValueError, match="not managed"):
+        opt.param_index(torch.nn.Parameter(torch.zeros(1)))
+
+
+def test_bad_inputs():
+    p = torch.nn.Parameter(torch.zeros(3))
+    cases = [
+        (dict(lr=-1.0), ValueError, "Invalid learning rate"),
+        (dict(lr=torch.tensor([1e-3, 1e-3])), ValueError, "1-element"),
+        (dict(eps=-1e-8), ValueError, "Invalid epsilon"),
+        (dict(betas=(1.0, 0.999)), ValueError, "index 0"),
+        (dict(betas=(0.9, -0.1)), ValueError, "index 1"),
+        (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay"),
+        (dict(amsgrad=True), ValueError, "amsgrad"),
+        (dict(maximize=True), ValueError, "maximize"),
+        (dict(foreach=True), ValueError, "foreach"),
+        (dict(capturable=True), ValueError, "capturable"),
+        (dict(differentiable=True), ValueError, "differentiable"),
+        (dict(fused=True), ValueError, "fused"),
+        (dict(nonfinite="zero"), ValueError, "nonfinite"),
+    ]
+    for kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            FrozenAwareAdamW([p], **kw)
+    with pytest.raises(TypeError, match="complex"):
+        FrozenAwareAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
+        FrozenAwareAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
+    opt = FrozenAwareAdamW([p])
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "amsgrad": True})
+    assert opt.num_params == 1 and len(opt.param_groups) == 1
+    p.grad = torch.zeros(3).to_sparse()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+    with pytest.raises(TypeError, match="bool"):
+        opt.freeze_mask_(torch.zeros(1))
+    with pytest.raises(ValueError, match="shape"):
+        opt.freeze_mask_(torch.zeros(2, dtype=torch.bool))
+    amsgrad_sd = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], amsgrad=True).state_dict()
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.load_state_dict(amsgrad_sd)
