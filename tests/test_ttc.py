@@ -424,3 +424,39 @@ def test_grades_cli_dispatches_ttc(tmp_path, capsys):
     from grades.cli import main as grades_main
     assert grades_main(["ttc", str(small_jsonl(tmp_path)), "--strategies", "majority@k"]) == 0
     assert "majority@k" in capsys.readouterr().out
+
+
+def test_cli_best_of_k_with_scores(tmp_path, capsys):
+    # the scorer ranks the correct sample first: best-of-k reaches 1.0 as soon as it can be drawn
+    cks = []
+    for name, flops in (("early", 1e12), ("late", 3e12)):
+        n_ok = 1 if name == "early" else 3
+        answers = [["7"] * n_ok + [f"w{j}" for j in range(4 - n_ok)] for _ in range(3)]
+        correct = [[True] * n_ok + [False] * (4 - n_ok) for _ in range(3)]
+        scores = [[1.0] * n_ok + [0.0] * (4 - n_ok) for _ in range(3)]
+        cks.append(samples_from_completions(name, flops, ["p0", "p1", "p2"], answers, correct, scores))
+    p = tmp_path / "scored.jsonl"
+    write_samples(p, cks)
+    out = tmp_path / "r.json"
+    assert ttc_main([str(p), "--strategies", "best-of-k", "majority", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["strategies"] == ["best-of-k", "majority@k"]
+    # target = late's accuracy at k=1 (0.75); early best-of-4 = 1.0 (pass@4 of one correct of 4)
+    best = [r for r in res["table"] if r["checkpoint"] == "early" and r["strategy"] == "best-of-k"]
+    assert [r["accuracy"] for r in best] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert res["min_train"]["checkpoint"] == "early" and res["min_train"]["k"] == 3
+    assert res["min_train"]["strategy"] == "best-of-k"
+    capsys.readouterr()
+
+
+def test_empty_checkpoints_refused():
+    with pytest.raises(ValueError, match="no checkpoints"):
+        select([], k_max=1)
+    with pytest.raises(ValueError, match="has no problems"):
+        select([CheckpointSamples("empty", 1.0), hand_checkpoints()[0]], k_max=1)
+    a, b = hand_checkpoints()[:2]
+    b.problems = {"other": b.problems[0]}
+    with pytest.raises(ValueError, match="no problem is shared"):
+        select([a, b], k_max=1)
+    with pytest.raises(ValueError, match="no problems given"):
+        pass_at_k([], 1)

@@ -175,7 +175,8 @@ def best_of_k(scores: Sequence[Sequence[float]], correct: Sequence[Sequence[bool
               k: int | Iterable[int]) -> Estimate:
     """Expected correctness of the highest-scored of k random samples (without replacement).
 
-    Sort a problem's n samples by score. A group of b samples sharing one score, with a samples
+    Sort a problem's n samples by score (ratios of binomials are taken in log space, so n in
+    the thousands is fine). A group of b samples sharing one score, with a samples
     scored strictly lower, holds the subset's maximum with probability
     ``(C(a+b, k) - C(a, k)) / C(n, k)``; given that, the sample kept is uniform among the group's
     members in the subset, so its expected correctness is the group's mean correctness. Without

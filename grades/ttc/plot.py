@@ -40,13 +40,13 @@ def plot_selection(sel: Selection, path: str | os.PathLike, *, title: str | None
                                 (sel.min_total, "s", "fewest total FLOPs")):
             if cand is not None and cand.strategy == s:
                 ax.plot([cand.k], [cand.accuracy], mark, ms=14 if mark == "*" else 10, mfc="none",
-                        mec="red", mew=2, label=f"{lab}: {cand.checkpoint}, k={cand.k}")
+                        mec="red", mew=2, zorder=5, label=f"{lab}: {cand.checkpoint}, k={cand.k}")
         ax.set_xlabel("k (samples per query)")
         ax.set_ylabel(f"{s} accuracy")
         ax.set_title(s + (" (oracle verifier)" if s == "pass@k" else ""))
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=6, loc="upper left", framealpha=0.6)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
