@@ -303,7 +303,7 @@ def test_flops_hand_count_llama():
     attn = 3 * 4 * 2 * 4 * 16 * (T + 1) / 2  # fwd+bwd, QK and AV, 2 layers, 4 heads x 16, mean ctx 4.5
     assert training_flops(cfg, tokens) == 6 * n * tokens
     assert training_flops(cfg, tokens, seq_len=T) == pytest.approx((6 * n + attn) * tokens)
-    frozen = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj"]
+    frozen = ["model.layers.0.self_attn.q_proj.weight", "base_model.model.model.layers.1.mlp.down_proj"]
     assert training_flops(cfg, tokens, frozen=frozen) == (6 * n - 2 * (4096 + 8192)) * tokens
     assert inference_flops_per_token(cfg, 10) == 2 * n + 4 * 2 * 4 * 16 * 10
     with pytest.raises(ValueError, match="unknown matrix"):

@@ -83,6 +83,10 @@ def matrix_shapes(config) -> dict[str, tuple[int, int]]:
 
 
 def _norm_name(name: str) -> str:
+    """Module name as in :func:`matrix_shapes`: drops a ``.weight`` suffix and a PEFT
+    ``base_model.model.`` prefix (GradES component names of full fine-tuning match directly)."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
     return name[:-len(".weight")] if name.endswith(".weight") else name
 
 
@@ -94,7 +98,8 @@ def _frozen_params(shapes: dict[str, tuple[int, int]], frozen: Iterable[str]) ->
             raise TypeError(f"frozen matrix names must be strings, got {type(f).__name__}")
         n = _norm_name(f)
         if n not in shapes:
-            raise ValueError(f"unknown matrix {f!r}; expected names like {next(iter(shapes))!r}")
+            raise ValueError(f"unknown matrix {f!r}; expected names like {next(iter(shapes))!r} "
+                             "(LoRA adapter weights are not counted by this dense FLOP model)")
         if n not in seen:
             seen.add(n)
             o, i = shapes[n]
