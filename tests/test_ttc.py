@@ -401,6 +401,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert res["min_train"]["checkpoint"] == "early" and res["min_train"]["k"] == 2
     assert res["min_train"]["break_even"] == pytest.approx(3e12 / 1e9)
     assert res["skipped_lines"][0]["line"] == 3
+    kf = res["k_fits"]["early"]["pass@k"]
+    assert kf["model"] == "k-exp" and set(kf["params"]) == {"a_1", "a_inf", "b"}
     assert out_png.stat().st_size > 1000
     # refuse malformed lines
     assert ttc_main([str(p), "--on-bad-line", "error"]) == 2

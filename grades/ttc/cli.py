@@ -3,6 +3,7 @@
 Reads a samples file (format: :mod:`grades.ttc.samples`), prints accuracy by (checkpoint, k,
 strategy), the choice with the fewest training FLOPs meeting the target (and, with ``--queries``,
 the one with the fewest total FLOPs), the training FLOPs saved and the break-even query count Q*.
+``--json`` also holds the saturating accuracy-vs-k fit of every (checkpoint, strategy) (k_max >= 4).
 
 Exit codes: 0 a choice was found; 1 nothing meets the target; 2 bad input or arguments.
 """
@@ -14,7 +15,7 @@ import math
 import sys
 from typing import Sequence
 
-from .fits import ExtrapolationError, PoorFitError
+from .fits import ExtrapolationError, PoorFitError, fit_accuracy_vs_k
 from .samples import LoadReport, SamplesFormatError, common_problems, load_samples
 from .select import STRATEGIES, Candidate, Selection, select
 
@@ -90,6 +91,17 @@ def _describe(c: Candidate, sel: Selection, label: str, out) -> None:
               f"(reference {sel.reference_total_flops:.4g})", file=out)
 
 
+def _k_fits(sel: Selection) -> dict:
+    """Saturating accuracy-vs-k fit per (checkpoint, strategy), where k_max >= 4 allows one."""
+    out: dict = {}
+    if sel.k_max < 4:
+        return out
+    for (name, strat), est in sel.estimates.items():
+        se = None if est.n_problems < 2 else est.se
+        out.setdefault(name, {})[strat] = fit_accuracy_vs_k(est.ks, est.mean, se).to_dict()
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``grades ttc``; returns the exit code (0 choice found, 1 none meets target, 2 error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -163,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         d = sel.to_dict()
         d["skipped_lines"] = [{"line": ln, "reason": why} for ln, why in rep.bad_lines]
+        d["k_fits"] = _k_fits(sel)
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(d, fh, indent=1)
         print(f"JSON written to {args.json}", file=out)

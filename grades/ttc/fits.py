@@ -112,7 +112,8 @@ class FitResult:
         return float(y) if np.ndim(y) == 0 else y
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "params": self.params, "rmse": self.rmse,
+        return {"model": self.model, "params": self.params,
+                "rmse": None if math.isnan(self.rmse) else self.rmse,
                 "r2": None if math.isnan(self.r2) else self.r2, "n_points": self.n_points,
                 "x_min": self.x_min, "x_max": self.x_max, "ok": self.ok, "reason": self.reason}
 
