@@ -9,7 +9,8 @@ Trains a tiny Llama on the embedded addition task, then on the same test problem
   subset k in {1, 2, 4, ..., k_max} is reported from the same runs.
 
 Records samples generated and wall time (median over ``--repeats``), and how far the two sets of
-accuracies are apart. Writes ``bench/results/<device>/ttc_eval.json`` and ``.png``.
+accuracies are apart. Writes ``bench/results/<device>/ttc_eval.json`` and ``.png``
+(``ttc_eval.smoke.*`` with ``--smoke``).
 
     python bench/ttc_eval.py            # full run (about a minute on a small CPU)
     python bench/ttc_eval.py --smoke    # seconds
@@ -172,9 +173,10 @@ def main(argv=None) -> int:
     }
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", result["device"])
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "ttc_eval.json"), "w") as fh:
+    stem = os.path.join(out, "ttc_eval.smoke" if smoke else "ttc_eval")  # smoke never overwrites
+    with open(stem + ".json", "w") as fh:
         json.dump(result, fh, indent=1)
-    plot(result, os.path.join(out, "ttc_eval.png"))
+    plot(result, stem + ".png")
     print(f"one batch: {one_samples} samples, {one['wall_s']:.2f} s "
           f"(estimating all k: {one['estimation_s'] * 1e3:.1f} ms)")
     print(f"exhaustive k=1..{k_max}: {exh_all['samples']} samples, {exh_all['wall_s']:.2f} s "
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
           f"({result['ratios']['samples_pow2_k']:.1f}x samples, {result['ratios']['wall_pow2_k']:.1f}x time)")
     print(f"max |one-batch - exhaustive| accuracy: pass {result['accuracy']['max_abs_diff_pass']:.3f}, "
           f"majority {result['accuracy']['max_abs_diff_majority']:.3f}")
-    print(f"wrote {out}/ttc_eval.json and .png")
+    print(f"wrote {stem}.json and .png")
     return 0
 
 
