@@ -36,7 +36,7 @@ int64_t ptr_of(const at::Tensor& t) {
   return t.numel() ? static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr())) : 0;
 }
 
-// Host slot table [S, 6] int64 (see GcSlot): one row per gradient; params/moments may be empty lists
+// Host slot table [S, 7] int64 (see GcSlot): one row per gradient; params/moments may be empty lists
 // (statistics only) or lists of the same length.
 at::Tensor slot_table(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& params,
                       const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs) {
@@ -44,13 +44,14 @@ at::Tensor slot_table(const std::vector<at::Tensor>& grads, const std::vector<at
   const bool update = !params.empty();
   TORCH_CHECK(!update || (params.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n),
               "grades cuda: params, grads, exp_avgs and exp_avg_sqs must have the same length");
-  at::Tensor host = at::empty({static_cast<int64_t>(n), 6}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor host = at::empty({static_cast<int64_t>(n), 7}, at::TensorOptions().dtype(at::kLong));
   int64_t* row = host.data_ptr<int64_t>();
-  for (size_t i = 0; i < n; ++i, row += 6) {
+  for (size_t i = 0; i < n; ++i, row += 7) {
     const at::Tensor& g = grads[i];
     TORCH_CHECK(g.is_cuda() && g.is_contiguous(), "grades cuda: grads[", i, "] must be a contiguous CUDA tensor");
     row[0] = ptr_of(g);
     row[4] = dtype_code(g, "grad");
+    row[6] = g.numel();
     if (update) {
       const at::Tensor &p = params[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
       TORCH_CHECK(p.is_cuda() && m.is_cuda() && v.is_cuda() && p.is_contiguous() && m.is_contiguous() &&
@@ -87,8 +88,8 @@ Plan check_plan(const at::Tensor& slots, const at::Tensor& plan, int64_t num_chu
                   out.size(0) == num_matrices && out.size(1) == 3,
               "grades cuda: out must be a contiguous float64 CUDA tensor [M, 3]");
   TORCH_CHECK(slots.device() == out.device() && slots.scalar_type() == at::kLong && slots.is_contiguous() &&
-                  slots.dim() == 2 && slots.size(1) == 6,
-              "grades cuda: slot table must be an int64 [S, 6] tensor on the output's device");
+                  slots.dim() == 2 && slots.size(1) == 7,
+              "grades cuda: slot table must be an int64 [S, 7] tensor on the output's device");
   TORCH_CHECK(plan.device() == out.device() && plan.scalar_type() == at::kLong && plan.is_contiguous() &&
                   plan.numel() == num_chunks * 4 + num_matrices + 1 + num_chunks,
               "grades cuda: plan must be an int64 tensor of C*4 + M+1 + C entries on the output's device");
@@ -122,6 +123,7 @@ void check(cudaError_t err, const char* op) {
 
 at::Tensor workspace(int64_t num_chunks, const at::Tensor& out) {
   static_assert(sizeof(GcPartial) == 16, "GcPartial must be 16 bytes");
+  static_assert(sizeof(GcSlot) == 7 * sizeof(int64_t), "GcSlot must be 7 int64");
   return at::empty({std::max<int64_t>(num_chunks, 1), 4}, out.options().dtype(at::kInt));
 }
 
@@ -178,7 +180,7 @@ void masked_adamw(const at::Tensor& slots, const at::Tensor& plan, int64_t num_c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "grades CUDA kernels: chunked multi-tensor gradient statistics and masked AdamW";
   m.attr("CHUNK") = py::int_(grades_cuda::kChunkElems);
-  m.def("slot_table", &slot_table, "host int64 [S, 6] table of pointers and dtype codes", py::arg("grads"),
+  m.def("slot_table", &slot_table, "host int64 [S, 7] table of pointers, dtype codes and sizes", py::arg("grads"),
         py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"));
   m.def("grad_stats", &grad_stats, "per-matrix gradient statistics (2 kernel launches)", py::arg("slots"),
         py::arg("plan"), py::arg("num_chunks"), py::arg("num_matrices"), py::arg("frozen"), py::arg("grad_scale"),

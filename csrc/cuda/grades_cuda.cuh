@@ -29,7 +29,7 @@ namespace grades_cuda {
 //: dtype codes used in GcSlot::gdt / GcSlot::pdt
 enum GcDtype : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-//: One row of the slot table; laid out as 6 int64 so that the host can build it as a [S, 6] tensor.
+//: One row of the slot table; laid out as 7 int64 so that the host can build it as a [S, 7] tensor.
 struct GcSlot {
   int64_t g;    // gradient pointer
   int64_t p;    // parameter pointer (0 for statistics only)
@@ -37,6 +37,7 @@ struct GcSlot {
   int64_t v;    // exp_avg_sq pointer, float32 (0 for statistics only)
   int64_t gdt;  // GcDtype of the gradient
   int64_t pdt;  // GcDtype of the parameter
+  int64_t numel;  // number of elements (used by the host to key cached layouts)
 };
 
 //: One row of the chunk table; [C, 4] int64 on the host.

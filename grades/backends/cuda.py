@@ -5,7 +5,7 @@ segment of a flat buffer (flat form) is cut into chunks of ``CHUNK`` elements; t
 
 * a *plan* (int64, built once per layout and cached): the chunk rows ``(slot, start, length,
   matrix)`` followed by a CSR index of each matrix's chunks, and
-* a *slot table* (int64 ``[S, 6]``): data pointers and dtype codes, rebuilt on the host each call
+* a *slot table* (int64 ``[S, 7]``): data pointers, dtype codes and sizes, rebuilt on the host each call
   and uploaded only when the pointers changed.
 
 Uploads are non-blocking copies from pinned memory, so no op synchronises with the host. Each op is
@@ -105,17 +105,16 @@ class CudaBackend(Backend):
 
     # ------------------------------------------------------------------ layouts
 
-    def _list_layout(self, tensors: list[torch.Tensor], key_extra: tuple) -> _Layout:
-        device = tensors[0].device
-        numels = tuple(t.numel() for t in tensors)
-        key = (str(device), numels) + key_extra
+    def _list_layout(self, slots_host: torch.Tensor, device: torch.device, kind: str) -> _Layout:
+        """Plan for a list of tensors, keyed by their sizes (the slot table's last column)."""
+        numels = slots_host[:, 6].numpy()
+        key = (str(device), kind, numels.tobytes())
         lay = self._list_layouts.get(key)
         if lay is not None:
             self._list_layouts.move_to_end(key)
             return lay
-        m = len(tensors)
-        n = np.asarray(numels, np.int64)
-        rows = chunk_rows(np.zeros(m, np.int64), n, np.arange(m, dtype=np.int64), CHUNK)
+        m = len(numels)
+        rows = chunk_rows(np.zeros(m, np.int64), numels, np.arange(m, dtype=np.int64), CHUNK)
         plan = _upload(_plan_array(rows, rows[:, 2], m), device)
         lay = _Layout(plan, len(rows), m)
         self._list_layouts[key] = lay
@@ -145,8 +144,9 @@ class CudaBackend(Backend):
 
     def grad_stats_list(self, grads, frozen, out) -> None:
         mod = self._ext()
-        lay = self._list_layout(grads, ("stats",))
-        slots = lay.slots(mod.slot_table(grads, [], [], []), out.device)
+        host = mod.slot_table(grads, [], [], [])
+        lay = self._list_layout(host, out.device, "stats")
+        slots = lay.slots(host, out.device)
         mod.grad_stats(slots, lay.plan, lay.num_chunks, lay.num_matrices, frozen, None, out)
 
     def grad_stats_flat(self, buf, table, frozen, out) -> None:
@@ -166,8 +166,9 @@ class CudaBackend(Backend):
 
     def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out) -> None:
         mod = self._ext()
-        lay = self._list_layout(grads, ("adamw",))
-        slots = lay.slots(mod.slot_table(grads, params, exp_avgs, exp_avg_sqs), out.device)
+        host = mod.slot_table(grads, params, exp_avgs, exp_avg_sqs)
+        lay = self._list_layout(host, out.device, "adamw")
+        slots = lay.slots(host, out.device)
         self._adamw(mod, lay, slots, frozen, hp, out)
 
     def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out) -> None:
