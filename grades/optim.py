@@ -558,10 +558,17 @@ class FrozenAwareAdamW(Optimizer):
         """
         sd = dict(state_dict)
         extras = sd.pop("grades", None)
+        # foreach/fused/capturable/differentiable pick an implementation, not the math: a state
+        # dict of any torch AdamW variant loads. amsgrad/maximize change the update: refused.
+        groups = []
         for g in sd["param_groups"]:
+            g = dict(g)
+            for k in ("foreach", "fused", "capturable", "differentiable"):
+                g[k] = _FIXED_OPTIONS[k]
+            g["decoupled_weight_decay"] = True
             _check_options(g)
-            if "amsgrad" in g and g["amsgrad"]:
-                raise ValueError("cannot load an AMSGrad state dict")
+            groups.append(g)
+        sd["param_groups"] = groups
         src = sd["state"]
         saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
         super().load_state_dict(sd)

@@ -1,6 +1,7 @@
 """FrozenAwareAdamW against torch.optim.AdamW: trajectories, state dicts, freezing, non-finite
 gradients, GradScaler, host-sync freedom and input validation (CPU)."""
 import copy
+import functools
 import warnings
 
 import pytest
@@ -186,7 +187,8 @@ def test_tensor_lr_and_params_without_grad():
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
 def test_state_dict_round_trip_with_torch(direction):
     a, b = tiny_llama(), tiny_llama()
-    first = (torch.optim.AdamW if direction == "torch_to_ours" else FrozenAwareAdamW)
+    fused_torch = functools.partial(torch.optim.AdamW, fused=True)  # any torch variant's state loads
+    first = (fused_torch if direction == "torch_to_ours" else FrozenAwareAdamW)
     second = (FrozenAwareAdamW if direction == "torch_to_ours" else torch.optim.AdamW)
     o1 = first(groups_of(a, HPARAMS[0]["groups"]), lr=2e-3)
     data = batches(16)
