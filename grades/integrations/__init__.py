@@ -16,7 +16,9 @@ _LAZY = {
     "FlatGradSource": "megatron",
     "main_grad_segment_table": "megatron",
     "shard_segment_table": "megatron",
-    "ShardedFlatSource": "distributed",
+    "attach_main_grad_buffer": "megatron",
+    "sharded_flat_source": "distributed",
+    "decisions_agree": "distributed",
 }
 
 
