@@ -1,0 +1,96 @@
+"""Settings of ``grades demo``: one dataclass, a full and a quick preset, and their validation."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+from ..models import LLAMA_SIZES
+
+
+@dataclass
+class DemoConfig:
+    """Everything a demo run depends on (all of it goes into ``report.json``).
+
+    Task and model: ``digits``-digit addition with reversed answers (least-significant digit
+    first), a seeded Llama of ``model_size``. Training: ``steps`` optimizer steps of
+    ``batch_size`` problems, AdamW with linear warm-up over ``warmup_frac`` of the budget and
+    linear decay to zero at ``steps`` (both runs use the same schedule). GradES: the automatic
+    threshold (``rel_tau`` times each component's own level at the end of the grace period
+    ``alpha * steps``), an EMA of the statistic, and ``patience`` checks below threshold.
+    TTC: ``ttc_problems`` test problems, ``ttc_samples`` samples each at temperature
+    ``ttc_temperature`` for every saved checkpoint, k up to ``ttc_k_max``.
+    """
+
+    device: str = "cpu"
+    seed: int = 0
+    model_size: str = "tiny"
+    digits: int = 2
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05
+    n_val: int = 200
+    n_test: int = 500
+    threads: Optional[int] = None
+    # GradES
+    statistic: str = "l1"
+    rel_tau: float = 0.5
+    alpha: float = 0.4
+    patience: int = 10
+    ema: float = 0.9
+    # checkpoints and TTC
+    checkpoint_fracs: tuple = (0.25, 0.5, 0.75)
+    ttc_problems: int = 100
+    ttc_samples: int = 16
+    ttc_k_max: int = 16
+    ttc_temperature: float = 1.0
+    ttc_tolerance: float = 0.02
+    quick: bool = False
+    out: str = "grades_report"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["checkpoint_fracs"] = list(self.checkpoint_fracs)
+        return d
+
+
+def quick_config(base: DemoConfig) -> DemoConfig:
+    """The reduced configuration of ``--quick`` (CI): a short run and a small TTC evaluation.
+
+    It keeps every stage of the full demo (both trainings, GradES, checkpoints, sampling,
+    selection, plots) but is far too short to learn the task: its accuracies are near zero.
+    """
+    return replace(base, quick=True, steps=min(base.steps, 160), n_val=50, n_test=100,
+                   ttc_problems=20, ttc_samples=8, ttc_k_max=8)
+
+
+def validate(cfg: DemoConfig) -> None:
+    """Raise ``ValueError`` with a clear message for settings that cannot work together."""
+    if cfg.model_size not in LLAMA_SIZES:
+        raise ValueError(f"unknown model size {cfg.model_size!r}; choose one of {', '.join(LLAMA_SIZES)}")
+    if not 1 <= cfg.digits <= 6:
+        raise ValueError(f"--digits must be in [1, 6], got {cfg.digits}")
+    if cfg.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
+    if cfg.steps < 4:
+        raise ValueError(f"--steps must be >= 4 so that the runs have a grace period, checkpoints and "
+                         f"a decision window, got {cfg.steps}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {cfg.batch_size}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
+    total = (10 ** cfg.digits) ** 2
+    if cfg.n_val + cfg.n_test >= total:
+        # small digit counts have few distinct problems: shrink the held-out splits to fit
+        raise ValueError(f"{cfg.digits}-digit addition has only {total} distinct problems, too few for "
+                         f"{cfg.n_val} validation + {cfg.n_test} test problems and a training set; "
+                         "use --digits 2 or more")
+    train = min(20000, total - cfg.n_val - cfg.n_test)
+    if train < cfg.batch_size:
+        raise ValueError(f"only {train} training problems for a batch of {cfg.batch_size}")
+    if cfg.ttc_samples < cfg.ttc_k_max:
+        raise ValueError("ttc_samples must be >= ttc_k_max")
+    if cfg.ttc_problems < 1:
+        raise ValueError("ttc_problems must be >= 1")

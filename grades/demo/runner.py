@@ -1,0 +1,176 @@
+"""Orchestration of ``grades demo``: train both runs, evaluate, select, print, write the report."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from typing import Optional, TextIO
+
+import torch
+
+from ..tasks import greedy_accuracy
+from .config import DemoConfig
+from .plots import write_all
+from .train import RunResult, make_task, train
+from .ttc_eval import TTCResult, evaluate
+
+REPORT_FILE = "report.json"
+HISTORY_FILE = "grades_history.json"
+SAMPLES_FILE = "ttc_samples.jsonl"
+TABLE_FILE = "table.txt"
+
+
+def _finite(v):
+    """JSON-safe number: inf/nan become strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def _run_dict(r: RunResult, acc: float, n_test: int) -> dict:
+    d = {"optimizer": "torch.optim.AdamW" if r.name == "A" else "grades.FrozenAwareAdamW + grades.GradES",
+         "wall_time_s": r.wall_s, "optimizer_steps": r.steps, "train_flops": r.ledger.train_flops,
+         "dense_flops": r.ledger.dense_flops, "tokens": r.ledger.tokens, "test_accuracy": acc,
+         "test_problems": n_test, "stopped_early": r.stopped_early,
+         "final_loss": r.losses[-1] if r.losses else None,
+         "checkpoints": [{"name": c.name, "step": c.step, "train_flops": c.train_flops} for c in r.checkpoints]}
+    if r.grades is not None:
+        gs = r.grades
+        d.update(num_components=gs.num_components, frozen_components=len(gs.frozen_components),
+                 frozen_fraction=gs.frozen_fraction, stopped_at=gs.stopped_at,
+                 grace_steps=gs.grace,
+                 freeze_steps={e["component"]: e["step"] for e in gs.freeze_events})
+    return d
+
+
+def _choice_dict(sel, ref_flops: float) -> dict:
+    c = sel.min_train
+    out = {"strategy": sel.strategies[0], "target": sel.target, "tolerance": sel.tolerance,
+           "threshold": sel.threshold, "reference": sel.reference, "reference_flops": sel.reference_flops,
+           "n_problems": sel.n_problems, "k_max": sel.k_max, "choice": None}
+    if c is not None:
+        out["choice"] = {"checkpoint": c.checkpoint, "k": c.k, "accuracy": c.accuracy, "se": _finite(c.se),
+                         "train_flops": c.train_flops, "train_flops_saved": c.train_flops_saved,
+                         "train_flops_saved_frac": c.train_flops_saved / ref_flops if ref_flops else None,
+                         "break_even_queries": _finite(c.break_even) if c.break_even is not None else None}
+    return out
+
+
+def _fmt_q(q) -> str:
+    if q is None:
+        return "n/a"
+    if q == "inf" or (isinstance(q, float) and math.isinf(q)):
+        return "unbounded (no extra samples)"
+    return f"{q:,.0f} queries"
+
+
+def format_table(rep: dict) -> str:
+    """The compact text table printed at the end of a demo run."""
+    a, b, sp = rep["runs"]["A"], rep["runs"]["B"], rep["speedup"]
+    cfg = rep["config"]
+    lines = [f"grades demo: {cfg['digits']}-digit addition, Llama-{cfg['model_size']} "
+             f"({rep['model']['parameters']:,} params), {cfg['steps']} step budget, seed {cfg['seed']}, "
+             f"device {rep['environment']['device_name']}" + ("  [--quick: too short to learn]" if cfg["quick"] else ""),
+             "",
+             f"{'':<26}{'A: AdamW':>14}{'B: GradES':>14}   B vs A",
+             f"{'wall time (s)':<26}{a['wall_time_s']:>14.1f}{b['wall_time_s']:>14.1f}   {sp['wall_time']:.2f}x faster",
+             f"{'optimizer steps':<26}{a['optimizer_steps']:>14d}{b['optimizer_steps']:>14d}   "
+             f"{sp['steps']:.2f}x fewer",
+             f"{'training FLOPs':<26}{a['train_flops']:>14.3e}{b['train_flops']:>14.3e}   "
+             f"{sp['train_flops']:.2f}x fewer",
+             f"{'test accuracy (greedy)':<26}{a['test_accuracy']:>14.3f}{b['test_accuracy']:>14.3f}   "
+             f"{rep['accuracy_delta']:+.3f} ({a['test_problems']} problems)",
+             f"{'frozen matrices at end':<26}{'-':>14}{str(b['frozen_components']) + '/' + str(b['num_components']):>14}   "
+             + (f"stopped by GradES at step {b['stopped_at']}" if b["stopped_early"] else "ran to the budget"),
+             ""]
+    t = rep["ttc"]
+    lines.append(f"TTC ({t['n_problems']} test problems x {t['samples_per_problem']} samples per checkpoint, "
+                 f"checkpoints {', '.join(t['checkpoints'])}):")
+    for s, sel in t["selections"].items():
+        c = sel["choice"]
+        head = f"  {s:<11} target {sel['threshold']:.3f} (= {sel['reference']} at k=1 - {sel['tolerance']}): "
+        if c is None:
+            lines.append(head + "no checkpoint reaches it")
+        else:
+            frac = c["train_flops_saved_frac"]
+            lines.append(head + f"{c['checkpoint']} with k={c['k']} -> {c['accuracy']:.3f}, saves "
+                         f"{c['train_flops_saved']:.3e} training FLOPs ({100 * frac:.0f}%), "
+                         f"break-even Q* = {_fmt_q(c['break_even_queries'])}")
+    return "\n".join(lines)
+
+
+def run(cfg: DemoConfig, *, progress: bool = True, stream: Optional[TextIO] = None) -> dict:
+    """Run the demo (see :mod:`grades.demo`) and write the report directory ``cfg.out``."""
+    import sys
+    stream = stream or sys.stdout
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    os.makedirs(cfg.out, exist_ok=True)
+    task = make_task(cfg)
+    res_a = train(cfg, task, "A", progress=progress)
+    res_b = train(cfg, task, "B", progress=progress)
+    acc_a = greedy_accuracy(res_a.model, task, task.test)
+    acc_b = greedy_accuracy(res_b.model, task, task.test)
+    checkpoints = res_a.checkpoints + res_b.checkpoints
+    ttc: TTCResult = evaluate(cfg, task, res_a.model, checkpoints, progress=progress)
+    gs = res_b.grades
+    history_path = os.path.join(cfg.out, HISTORY_FILE)
+    gs.save_history(history_path)
+    history = gs.history_dict()
+    thresholds = gs.thresholds()
+    from ..ttc import write_samples
+    write_samples(os.path.join(cfg.out, SAMPLES_FILE), ttc.samples)
+    plots = write_all(cfg.out, history=history, thresholds=thresholds, frozen_steps=res_b.frozen_steps,
+                      num_components=gs.num_components, budget=cfg.steps, loss_a=res_a.losses,
+                      loss_b=res_b.losses, stop_b=res_b.steps, selections=ttc.selections)
+    ref_flops = res_a.ledger.train_flops
+    dev = torch.device(cfg.device)
+    rep = {
+        "config": cfg.to_dict(),
+        "model": {"family": "llama", "size": cfg.model_size,
+                  "parameters": sum(p.numel() for p in res_a.model.parameters()),
+                  "hidden_size": res_a.model.config.hidden_size,
+                  "layers": res_a.model.config.num_hidden_layers},
+        "task": {"name": "addition", "digits": cfg.digits, "reverse_answer": True,
+                 "train": len(task.train), "val": len(task.val), "test": len(task.test)},
+        "runs": {"A": _run_dict(res_a, acc_a, len(task.test)), "B": _run_dict(res_b, acc_b, len(task.test))},
+        "speedup": {"wall_time": res_a.wall_s / res_b.wall_s if res_b.wall_s > 0 else None,
+                    "steps": res_a.steps / res_b.steps,
+                    "train_flops": res_a.ledger.train_flops / res_b.ledger.train_flops},
+        "accuracy_delta": acc_b - acc_a,
+        "grades": {"thresholds": thresholds, "components": [c.name for c in gs.components],
+                   "component_types": [c.type for c in gs.components]},
+        "ttc": {"n_problems": len(ttc.problem_ids), "samples_per_problem": cfg.ttc_samples,
+                "k_max": cfg.ttc_k_max, "temperature": cfg.ttc_temperature,
+                "infer_flops_per_sample": ttc.infer_flops_per_sample,
+                "checkpoints": [c.name for c in checkpoints],
+                "checkpoint_flops": {c.name: c.train_flops for c in checkpoints},
+                "accuracy_vs_k": {s: {ck: [row.accuracy for row in sorted(
+                    (x for x in sel.table if x.checkpoint == ck), key=lambda x: x.k)]
+                    for ck in [c.name for c in checkpoints]} for s, sel in ttc.selections.items()},
+                "selections": {s: _choice_dict(sel, ref_flops) for s, sel in ttc.selections.items()}},
+        "files": {"report": REPORT_FILE, "history": HISTORY_FILE, "samples": SAMPLES_FILE,
+                  "table": TABLE_FILE, "plots": plots},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "device": cfg.device,
+                        "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                                        else f"cpu ({torch.get_num_threads()} threads)"),
+                        "threads": torch.get_num_threads()},
+    }
+    from .. import __version__
+    rep["environment"]["grades"] = __version__
+    table = format_table(rep)
+    rep["table"] = table
+    rep["total_time_s"] = time.perf_counter() - t_start
+    with open(os.path.join(cfg.out, TABLE_FILE), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(cfg.out, REPORT_FILE), "w") as f:
+        json.dump(rep, f, indent=1, default=_finite)
+    print("", file=stream)
+    print(table, file=stream)
+    print(f"\nreport: {os.path.abspath(cfg.out)} ({REPORT_FILE}, {HISTORY_FILE}, "
+          f"{', '.join(plots.values())}); total {rep['total_time_s']:.0f} s", file=stream)
+    return rep
