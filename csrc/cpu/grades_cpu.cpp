@@ -3,7 +3,7 @@
 // Work is cut into chunks of at most kChunk elements by the caller (the chunk table, built on the
 // host from the list sizes or the segment table). Chunk boundaries never depend on the number of
 // threads. Each chunk is processed by exactly one OpenMP thread, in a fixed order, into kLanes
-// independent float32 accumulators that the compiler keeps in vector registers; the lanes are then
+// independent float32 accumulators held in vector registers; the lanes are then
 // added in float64 in lane order, giving one float64 partial per chunk. Finally the partials of each
 // matrix are added in float64 in chunk-table order. The result is therefore bitwise identical for
 // any thread count and any scheduling.
@@ -20,7 +20,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__F16C__)
+#if defined(__AVX__) || defined(__F16C__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -30,8 +30,55 @@ namespace grades_cpu {
 namespace {
 
 // ------------------------------------------------------------------------------------------------
-// Element conversions on blocks of kLanes elements. All of them are written as straight loops over
-// fixed-size arrays so that they vectorise without any fast-math flag.
+// Portable SIMD through GCC/Clang vector extensions: each operation acts lane by lane with ordinary
+// IEEE float32 semantics, so the result does not depend on the instruction set the compiler picks
+// (AVX2 here, pairs of SSE registers elsewhere). A block is kLanes = 2 x 8 elements.
+// ------------------------------------------------------------------------------------------------
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+constexpr int kW = 8;                // elements per vector
+constexpr int kV = kLanes / kW;      // vectors per block
+static_assert(kLanes % kW == 0, "kLanes must be a multiple of the vector width");
+
+inline f32x8 splat(float x) { return f32x8{} + x; }
+
+// Software prefetch this many bytes ahead of the gradient stream in the statistics-only kernel
+// (measured to help a single core keep more cache-line requests in flight; it did not help the
+// AdamW kernel, which already has four streams). Prefetching past the end of a buffer is harmless.
+constexpr int64_t kPrefetchBytes = 4096;
+template <class T>
+inline void prefetch_ahead(const T* x) {
+  __builtin_prefetch(reinterpret_cast<const char*>(x) + kPrefetchBytes);
+}
+
+inline f32x8 vsqrt(f32x8 x) {
+#if defined(__AVX__)
+  return _mm256_sqrt_ps(x);
+#else
+  f32x8 r;
+  for (int i = 0; i < kW; ++i) r[i] = std::sqrt(x[i]);
+  return r;
+#endif
+}
+
+// a * b + c with a single rounding (what torch's vectorised lerp uses).
+inline f32x8 vfma(f32x8 a, f32x8 b, f32x8 c) {
+#if defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  f32x8 r;
+  for (int i = 0; i < kW; ++i) r[i] = std::fma(a[i], b[i], c[i]);
+  return r;
+#endif
+}
+
+inline f32x8 vabs(f32x8 x) { return (f32x8)((u32x8)x & 0x7fffffffu); }
+
+// ------------------------------------------------------------------------------------------------
+// Element conversions, one vector of kW elements at a time.
 // ------------------------------------------------------------------------------------------------
 
 template <int D>
@@ -40,27 +87,29 @@ struct IO;
 template <>
 struct IO<kF32> {
   using T = float;
-  static inline void load(const T* s, float* d) { std::memcpy(d, s, sizeof(float) * kLanes); }
-  static inline void store(T* d, const float* s) { std::memcpy(d, s, sizeof(float) * kLanes); }
+  static inline f32x8 load(const T* s) {
+    f32x8 r;
+    std::memcpy(&r, s, sizeof r);
+    return r;
+  }
+  static inline void store(T* d, f32x8 x) { std::memcpy(d, &x, sizeof x); }
 };
 
 template <>
 struct IO<kBF16> {
   using T = uint16_t;
-  static inline void load(const T* s, float* d) {
-    uint32_t u[kLanes];
-    for (int i = 0; i < kLanes; ++i) u[i] = static_cast<uint32_t>(s[i]) << 16;
-    std::memcpy(d, u, sizeof u);
+  static inline f32x8 load(const T* s) {
+    u16x8 h;
+    std::memcpy(&h, s, sizeof h);
+    return (f32x8)(__builtin_convertvector(h, u32x8) << 16);
   }
   // Round to nearest even, NaN -> canonical quiet NaN (what torch's float -> bfloat16 cast does).
-  static inline void store(T* d, const float* s) {
-    uint32_t u[kLanes];
-    std::memcpy(u, s, sizeof u);
-    for (int i = 0; i < kLanes; ++i) {
-      const uint32_t x = u[i];
-      const uint32_t r = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
-      d[i] = ((x & 0x7fffffffu) > 0x7f800000u) ? static_cast<uint16_t>(0x7fc0u) : static_cast<uint16_t>(r);
-    }
+  static inline void store(T* d, f32x8 f) {
+    const u32x8 x = (u32x8)f;
+    const u32x8 r = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    const u32x8 nan = (u32x8)((x & 0x7fffffffu) > 0x7f800000u);
+    const u16x8 h = __builtin_convertvector((r & ~nan) | (nan & 0x7fc0u), u16x8);
+    std::memcpy(d, &h, sizeof h);
   }
 };
 
@@ -68,87 +117,124 @@ template <>
 struct IO<kF16> {
   using T = uint16_t;
 #if defined(__F16C__)
-  static inline void load(const T* s, float* d) {
-    for (int i = 0; i < kLanes; i += 8)
-      _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+  static inline f32x8 load(const T* s) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
   }
-  static inline void store(T* d, const float* s) {
-    for (int i = 0; i < kLanes; i += 8)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
-                       _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  static inline void store(T* d, f32x8 x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 #else
-  static inline void load(const T* s, float* d) {
-    for (int i = 0; i < kLanes; ++i) d[i] = static_cast<float>(c10::Half(s[i], c10::Half::from_bits()));
+  static inline f32x8 load(const T* s) {
+    f32x8 r;
+    for (int i = 0; i < kW; ++i) r[i] = static_cast<float>(c10::Half(s[i], c10::Half::from_bits()));
+    return r;
   }
-  static inline void store(T* d, const float* s) {
-    for (int i = 0; i < kLanes; ++i) d[i] = c10::Half(s[i]).x;
+  static inline void store(T* d, f32x8 x) {
+    for (int i = 0; i < kW; ++i) d[i] = c10::Half(x[i]).x;
   }
 #endif
 };
 
-// Tail of a chunk (fewer than kLanes elements): padded with zeros, which add nothing to the sums,
-// are finite, and give a finite (discarded) AdamW result.
+// A block of kLanes elements: full, or a padded tail (zeros add nothing to the sums, are finite,
+// and give a finite AdamW result that is not stored).
 template <int D>
-inline void load_tail(const typename IO<D>::T* s, int n, float* d) {
-  typename IO<D>::T tmp[kLanes];
-  std::memset(tmp, 0, sizeof tmp);
-  std::memcpy(tmp, s, sizeof(tmp[0]) * n);
-  IO<D>::load(tmp, d);
-}
-
-template <int D>
-inline void store_tail(typename IO<D>::T* d, int n, const float* s) {
-  typename IO<D>::T tmp[kLanes];
-  IO<D>::store(tmp, s);
-  std::memcpy(d, tmp, sizeof(tmp[0]) * n);
-}
+struct Block {
+  using T = typename IO<D>::T;
+  static inline void load(const T* s, f32x8* x) {
+    for (int k = 0; k < kV; ++k) x[k] = IO<D>::load(s + k * kW);
+  }
+  static inline void store(T* d, const f32x8* x) {
+    for (int k = 0; k < kV; ++k) IO<D>::store(d + k * kW, x[k]);
+  }
+  static inline void load_tail(const T* s, int n, f32x8* x) {
+    T tmp[kLanes];
+    std::memset(tmp, 0, sizeof tmp);
+    std::memcpy(tmp, s, sizeof(T) * n);
+    load(tmp, x);
+  }
+  static inline void store_tail(T* d, int n, const f32x8* x) {
+    T tmp[kLanes];
+    store(tmp, x);
+    std::memcpy(d, tmp, sizeof(T) * n);
+  }
+};
 
 // ------------------------------------------------------------------------------------------------
-// Statistics accumulators: kLanes float32 lanes for sum g^2 and sum |g|, int32 lanes for the count
-// of non-finite values (exponent bits all ones).
+// Statistics accumulators: kLanes float32 lanes for sum g^2 and sum |g|.
+//
+// Non-finite values are not counted in the hot loop: a NaN or an infinity always makes its lane of
+// sum |g| non-finite, so only a chunk whose |g| lanes end non-finite (rare) is scanned again to count
+// exactly (see count_nonfinite). This keeps the main loop at five vector operations per vector.
 // ------------------------------------------------------------------------------------------------
 
 struct Acc {
-  float sq[kLanes];
-  float ab[kLanes];
-  int32_t nf[kLanes];
-  inline void zero() {
-    for (int i = 0; i < kLanes; ++i) {
-      sq[i] = 0.f;
-      ab[i] = 0.f;
-      nf[i] = 0;
+  f32x8 sq[kV];
+  f32x8 ab[kV];
+  inline Acc() {
+    for (int k = 0; k < kV; ++k) {
+      sq[k] = f32x8{};
+      ab[k] = f32x8{};
     }
   }
-  inline void add(const float* g) {
-    uint32_t u[kLanes];
-    std::memcpy(u, g, sizeof u);
-    for (int i = 0; i < kLanes; ++i) {
-      sq[i] += g[i] * g[i];
-      ab[i] += std::fabs(g[i]);
-      nf[i] += ((u[i] & 0x7f800000u) == 0x7f800000u) ? 1 : 0;
+  inline void add(const f32x8* g) {
+    for (int k = 0; k < kV; ++k) {
+      sq[k] += g[k] * g[k];
+      ab[k] += vabs(g[k]);
     }
+  }
+  inline bool maybe_nonfinite() const {
+    i32x8 bad = i32x8{};
+    for (int k = 0; k < kV; ++k) bad |= (i32x8)(((u32x8)ab[k] & 0x7f800000u) == 0x7f800000u);
+    for (int i = 0; i < kW; ++i)
+      if (bad[i]) return true;
+    return false;
   }
   // Lanes added in float64, in lane order: the chunk's partial.
   inline void finish(Partial& p) const {
     double s = 0.0, a = 0.0;
-    int64_t n = 0;
-    for (int i = 0; i < kLanes; ++i) {
-      s += static_cast<double>(sq[i]);
-      a += static_cast<double>(ab[i]);
-      n += nf[i];
+    for (int k = 0; k < kV; ++k) {
+      for (int i = 0; i < kW; ++i) {
+        s += static_cast<double>(sq[k][i]);
+        a += static_cast<double>(ab[k][i]);
+      }
     }
     p.sumsq = s;
     p.sumabs = a;
-    p.nonfinite = n;
+    p.nonfinite = 0;
   }
 };
 
+inline i32x8 nonfinite_mask(f32x8 x) { return (i32x8)(((u32x8)x & 0x7f800000u) == 0x7f800000u); }
+
 template <bool SCALE>
-inline void unscale(float* g, float scale) {
+inline void unscale(f32x8* g, const Hyper& h) {
   if (SCALE) {
-    for (int i = 0; i < kLanes; ++i) g[i] = g[i] / scale;  // division, as the reference does
+    const f32x8 s = splat(h.scale);
+    for (int k = 0; k < kV; ++k) g[k] = g[k] / s;  // division, as the reference does
   }
+}
+
+// Exact number of non-finite values of one (unscaled) gradient chunk. Only called for chunks whose
+// sums came out non-finite; reads the gradient chunk a second time.
+template <int GD, bool SCALE>
+int64_t count_nonfinite(const typename IO<GD>::T* g, int64_t len, const Hyper& h) {
+  i32x8 nf[kV] = {};
+  f32x8 gf[kV];
+  const int64_t full = len - len % kLanes;
+  for (int64_t i = 0; i < full; i += kLanes) {
+    Block<GD>::load(g + i, gf);
+    unscale<SCALE>(gf, h);
+    for (int k = 0; k < kV; ++k) nf[k] -= nonfinite_mask(gf[k]);
+  }
+  if (full < len) {
+    Block<GD>::load_tail(g + full, static_cast<int>(len - full), gf);
+    unscale<SCALE>(gf, h);
+    for (int k = 0; k < kV; ++k) nf[k] -= nonfinite_mask(gf[k]);
+  }
+  int64_t n = 0;
+  for (int k = 0; k < kV; ++k)
+    for (int i = 0; i < kW; ++i) n += nf[k][i];
+  return n;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -161,42 +247,46 @@ void stats_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&
   using GT = typename IO<GD>::T;
   const GT* g = static_cast<const GT*>(gv);
   Acc acc;
-  acc.zero();
-  float gf[kLanes];
+  f32x8 gf[kV];
   const int64_t full = len - len % kLanes;
   for (int64_t i = 0; i < full; i += kLanes) {
-    IO<GD>::load(g + i, gf);
-    unscale<SCALE>(gf, h.scale);
+    prefetch_ahead(g + i);
+    Block<GD>::load(g + i, gf);
+    unscale<SCALE>(gf, h);
     acc.add(gf);
   }
   if (full < len) {
-    load_tail<GD>(g + full, static_cast<int>(len - full), gf);
-    unscale<SCALE>(gf, h.scale);
+    Block<GD>::load_tail(g + full, static_cast<int>(len - full), gf);
+    unscale<SCALE>(gf, h);
     acc.add(gf);
   }
   acc.finish(out);
+  if (acc.maybe_nonfinite()) out.nonfinite = count_nonfinite<GD, SCALE>(g, len, h);
 }
 
-// One AdamW block: same operation order as the reference (torch.optim.AdamW):
+// Broadcast hyperparameters of one chunk.
+struct VHyper {
+  f32x8 lerp_w, lerp_w1, beta2, omb2, eps, decay, step_size, bc2_sqrt;
+  VHyper(const Hyper& h, const MatrixHyper& mh)
+      : lerp_w(splat(h.lerp_w)), lerp_w1(splat(h.lerp_w - 1.f)), beta2(splat(h.beta2)),
+        omb2(splat(h.one_minus_beta2)), eps(splat(h.eps)), decay(splat(h.decay)),
+        step_size(splat(mh.step_size)), bc2_sqrt(splat(mh.bc2_sqrt)) {}
+};
+
+// One AdamW block, same operation order as the reference (torch.optim.AdamW):
 //   p = p * (1 - lr*wd);  m = lerp(m, g, 1-beta1);  v = beta2*v + ((1-beta2)*g)*g;
 //   p = p - (step_size*m) / (sqrt(v)/sqrt(bc2) + eps)
+// lerp as torch computes it: m + w*(g-m) for w < 0.5, else g + (w-1)*(g-m), with one rounding.
 template <bool SMALL_W>
-inline void adamw_block(float* pf, const float* gf, float* mf, float* vf, const Hyper& h, const MatrixHyper& mh) {
-  for (int i = 0; i < kLanes; ++i) {
-    const float g = gf[i];
-    const float diff = g - mf[i];
-    float m;
-#if defined(__FMA__)
-    m = SMALL_W ? std::fma(h.lerp_w, diff, mf[i]) : std::fma(h.lerp_w - 1.f, diff, g);
-#else
-    m = SMALL_W ? mf[i] + h.lerp_w * diff : g - diff * (1.f - h.lerp_w);
-#endif
-    const float v = vf[i] * h.beta2 + (h.one_minus_beta2 * g) * g;
-    const float denom = std::sqrt(v) / mh.bc2_sqrt + h.eps;
-    const float p = pf[i] * h.decay;
-    pf[i] = p - (mh.step_size * m) / denom;
-    mf[i] = m;
-    vf[i] = v;
+inline void adamw_block(f32x8* p, const f32x8* g, f32x8* m, f32x8* v, const VHyper& h) {
+  for (int k = 0; k < kV; ++k) {
+    const f32x8 diff = g[k] - m[k];
+    const f32x8 mk = SMALL_W ? vfma(h.lerp_w, diff, m[k]) : vfma(h.lerp_w1, diff, g[k]);
+    const f32x8 vk = v[k] * h.beta2 + (h.omb2 * g[k]) * g[k];
+    const f32x8 denom = vsqrt(vk) / h.bc2_sqrt + h.eps;
+    p[k] = p[k] * h.decay - (h.step_size * mk) / denom;
+    m[k] = mk;
+    v[k] = vk;
   }
 }
 
@@ -207,36 +297,37 @@ void adamw_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&
   using PT = typename IO<PD>::T;
   const GT* g = static_cast<const GT*>(gv);
   PT* p = static_cast<PT*>(pv);
+  const VHyper vh(h, mh);
   Acc acc;
-  acc.zero();
-  float gf[kLanes], pf[kLanes], mf[kLanes], vf[kLanes];
+  f32x8 gf[kV], pf[kV], mf[kV], vf[kV];
   const int64_t full = len - len % kLanes;
   for (int64_t i = 0; i < full; i += kLanes) {
-    IO<GD>::load(g + i, gf);
-    unscale<SCALE>(gf, h.scale);
+    Block<GD>::load(g + i, gf);
+    unscale<SCALE>(gf, h);
     acc.add(gf);
-    IO<PD>::load(p + i, pf);
-    std::memcpy(mf, m + i, sizeof mf);
-    std::memcpy(vf, v + i, sizeof vf);
-    adamw_block<SMALL_W>(pf, gf, mf, vf, h, mh);
-    IO<PD>::store(p + i, pf);
-    std::memcpy(m + i, mf, sizeof mf);
-    std::memcpy(v + i, vf, sizeof vf);
+    Block<PD>::load(p + i, pf);
+    Block<kF32>::load(m + i, mf);
+    Block<kF32>::load(v + i, vf);
+    adamw_block<SMALL_W>(pf, gf, mf, vf, vh);
+    Block<PD>::store(p + i, pf);
+    Block<kF32>::store(m + i, mf);
+    Block<kF32>::store(v + i, vf);
   }
   if (full < len) {
     const int n = static_cast<int>(len - full);
-    load_tail<GD>(g + full, n, gf);
-    unscale<SCALE>(gf, h.scale);
+    Block<GD>::load_tail(g + full, n, gf);
+    unscale<SCALE>(gf, h);
     acc.add(gf);
-    load_tail<PD>(p + full, n, pf);
-    load_tail<kF32>(m + full, n, mf);
-    load_tail<kF32>(v + full, n, vf);
-    adamw_block<SMALL_W>(pf, gf, mf, vf, h, mh);
-    store_tail<PD>(p + full, n, pf);
-    store_tail<kF32>(m + full, n, mf);
-    store_tail<kF32>(v + full, n, vf);
+    Block<PD>::load_tail(p + full, n, pf);
+    Block<kF32>::load_tail(m + full, n, mf);
+    Block<kF32>::load_tail(v + full, n, vf);
+    adamw_block<SMALL_W>(pf, gf, mf, vf, vh);
+    Block<PD>::store_tail(p + full, n, pf);
+    Block<kF32>::store_tail(m + full, n, mf);
+    Block<kF32>::store_tail(v + full, n, vf);
   }
   acc.finish(out);
+  if (acc.maybe_nonfinite()) out.nonfinite = count_nonfinite<GD, SCALE>(g, len, h);
 }
 
 template <int GD>

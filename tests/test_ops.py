@@ -1,0 +1,427 @@
+"""Every backend against the reference backend and float64 torch: ``grad_stats`` and
+``masked_adamw_`` over lists and flat buffers, all dtypes, frozen masks, sharded segment tables,
+non-finite values, GradScaler arguments, determinism, and input validation through the public API.
+
+Backends are the ones usable on CPU tensors in this process (``conftest.available_backends``): the
+native ``cpu`` extension, ``triton`` under ``TRITON_INTERPRET=1``, and ``reference`` itself.
+Sizes stay small except in one test per form, so the Triton interpreter stays quick
+(``GRADES_FULL=1`` uses bigger sizes there).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grades
+from conftest import FULL, available_backends
+from grades import backends
+
+LIST_BACKENDS = available_backends("cpu", "list")
+FLAT_BACKENDS = available_backends("cpu", "flat")
+CASES = [(b, "list") for b in LIST_BACKENDS] + [(b, "flat") for b in FLAT_BACKENDS]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [0, 1, 7, 4097, 33, 130]
+BIG = 20_000_000 if FULL else 2_500_000
+
+
+def _id(v):
+    return str(v).replace("torch.", "")
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+def truth(gs, scale=None):
+    """float64 ``[M, 3]`` statistics of a list of gradients (optionally divided by ``scale`` in fp32)."""
+    rows = []
+    for g in gs:
+        g32 = g.float() if scale is None else g.float() / scale
+        g64 = g32.double()
+        rows.append([float((g64 * g64).sum()), float(g64.abs().sum()), float((~torch.isfinite(g32)).sum())])
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(gs), 3)
+
+
+def bits(t):
+    """Bit pattern of a tensor, for bitwise comparisons (NaN == NaN)."""
+    return t.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()])
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def flatten(tensors, gap=0, dtype=None):
+    """Lay tensors out in one buffer, ``gap`` unused elements before each; returns (buf, rows)."""
+    dtype = dtype or tensors[0].dtype
+    total = sum(t.numel() + gap for t in tensors)
+    buf = torch.full((total,), 7.0, dtype=dtype)  # gap filler that would spoil any sum that read it
+    rows, off = [], 0
+    for i, t in enumerate(tensors):
+        off += gap
+        buf[off:off + t.numel()] = t.flatten().to(dtype)
+        rows.append((off, t.numel(), i))
+        off += t.numel()
+    return buf, rows
+
+
+def run_stats(backend, kind, gs, frozen=None):
+    if kind == "list":
+        return grades.grad_stats(gs, frozen=frozen, backend=backend)
+    buf, rows = flatten(gs, gap=3)
+    return grades.grad_stats(buf, segments=rows, frozen=frozen, backend=backend)
+
+
+def check_stats(got, want, frozen=None, rtol=1e-5):
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    if frozen is not None:
+        want = want.clone()
+        want[frozen] = 0
+    torch.testing.assert_close(got[:, 2], want[:, 2], rtol=0, atol=0)
+    torch.testing.assert_close(got[:, :2], want[:, :2], rtol=rtol, atol=1e-12, equal_nan=True)
+
+
+class State:
+    """params/grads/moments as lists, plus the flat-buffer view of the same data when ``kind == 'flat'``."""
+
+    def __init__(self, sizes, pdtype=torch.float32, gdtype=torch.float32, seed=0, kind="list"):
+        gen = torch.Generator().manual_seed(seed)
+        self.kind = kind
+        self.p = [torch.randn(n, generator=gen).to(pdtype) for n in sizes]
+        self.g = [torch.randn(n, generator=gen).to(gdtype) for n in sizes]
+        self.m = [0.1 * torch.randn(n, generator=gen) for n in sizes]
+        self.v = [torch.rand(n, generator=gen) for n in sizes]
+
+    def clone(self):
+        c = object.__new__(State)
+        c.kind = self.kind
+        for k in "pgmv":
+            setattr(c, k, [t.clone() for t in getattr(self, k)])
+        return c
+
+    def step(self, backend, frozen=None, **hp):
+        if self.kind == "list":
+            return grades.masked_adamw_(self.p, self.g, self.m, self.v, frozen, backend=backend, **hp)
+        # a sharded layout: matrix i in two pieces, pieces in reverse order, a gap before each
+        pieces = {k: [] for k in "pgmv"}
+        owner = []
+        for i in range(len(self.p)):
+            h = self.p[i].numel() // 2
+            for sl in (slice(0, h), slice(h, None)):
+                owner.append(i)
+                for k in "pgmv":
+                    pieces[k].append(getattr(self, k)[i][sl])
+        order = list(range(len(owner)))[::-1]
+        bufs, rows = [], []
+        for k in "pgmv":
+            dtype = getattr(self, k)[0].dtype if self.p else torch.float32
+            buf, r = flatten([pieces[k][j] for j in order], gap=5, dtype=dtype)
+            bufs.append(buf)
+            rows = [(o, n, owner[j]) for (o, n, _), j in zip(r, order)]
+        outside = torch.ones(bufs[0].numel(), dtype=torch.bool)
+        for o, n, _ in rows:
+            outside[o:o + n] = False
+        out = grades.masked_adamw_(*bufs, frozen, segments=rows, num_matrices=len(self.p), backend=backend, **hp)
+        for k, buf in zip("pgmv", bufs):
+            assert (buf[outside] == 7).all(), f"{backend} wrote outside the segments of {k}"
+            for (o, n, _), j in zip(rows, order):
+                pieces[k][j].copy_(buf[o:o + n])  # back into the list tensors (views)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# grad_stats
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_grad_stats_sizes_and_dtypes(backend, kind, dtype):
+    gen = torch.Generator().manual_seed(1)
+    gs = [(3 * torch.randn(n, generator=gen)).to(dtype) for n in SIZES]
+    got = run_stats(backend, kind, gs)
+    check_stats(got, truth(gs))
+    check_stats(got, run_stats("reference", kind, gs))
+
+
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_grad_stats_many_mixed_tensors_frozen(backend, kind):
+    gen = torch.Generator().manual_seed(2)
+    sizes = torch.randint(0, 3000, (40,), generator=gen).tolist()
+    gs = [torch.randn(n, generator=gen).to(DTYPES[i % 3]) if kind == "list" else torch.randn(n, generator=gen)
+          for i, n in enumerate(sizes)]
+    frozen = torch.rand(len(gs), generator=gen) < 0.4
+    got = run_stats(backend, kind, gs, frozen)
+    check_stats(got, truth(gs), frozen)
+    assert (got[frozen] == 0).all()
+
+
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_grad_stats_large(backend, kind):
+    gen = torch.Generator().manual_seed(3)
+    gs = [torch.randn(BIG, generator=gen), torch.randn(4097, generator=gen).bfloat16()]
+    if kind == "flat":
+        gs[1] = gs[1].float()
+    check_stats(run_stats(backend, kind, gs), truth(gs))
+
+
+@pytest.mark.parametrize("backend", FLAT_BACKENDS)
+def test_grad_stats_sharded_segments(backend):
+    """Several segments per matrix, unsorted, gaps between them, an unused matrix id."""
+    gen = torch.Generator().manual_seed(4)
+    buf = torch.randn(20000, generator=gen)
+    rows = [(15000, 4000, 2), (0, 10, 0), (300, 5000, 1), (12000, 2500, 0), (100, 7, 2), (9000, 1, 1)]
+    want = torch.zeros(4, 3, dtype=torch.float64)
+    for o, n, i in rows:
+        want[i] += truth([buf[o:o + n]])[0]
+    table = grades.SegmentTable(rows, num_matrices=4)
+    got = grades.grad_stats(buf, segments=table, backend=backend)
+    check_stats(got, want)
+    assert (got[3] == 0).all()
+    frozen = torch.tensor([False, True, False, False])
+    check_stats(grades.grad_stats(buf, segments=table, frozen=frozen, backend=backend), want, frozen)
+
+
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_nonfinite_counted_exactly(backend, kind):
+    gen = torch.Generator().manual_seed(5)
+    sizes = [5000, 70, 9000, 1, 4096]
+    gs = [torch.randn(n, generator=gen) for n in sizes]
+    plants = {0: [float("nan")] * 3 + [float("inf")], 2: [-float("inf")] * 2, 3: [float("nan")],
+              4: [float("inf"), -float("inf")]}
+    for i, vals in plants.items():
+        idx = torch.randperm(sizes[i], generator=gen)[:len(vals)]
+        gs[i][idx] = torch.tensor(vals)
+    for dtype in ([torch.float32, torch.bfloat16, torch.float16] if kind == "list" else [torch.float32]):
+        g = [t.to(dtype) for t in gs]
+        got = run_stats(backend, kind, g)
+        assert got[:, 2].tolist() == [4.0, 0.0, 2.0, 1.0, 2.0]
+        assert got[0, :2].isnan().all() and got[3, :2].isnan().all()
+        assert got[2, :2].isinf().all() and got[4, :2].isinf().all()
+        check_stats(got, truth(g))
+
+
+def test_nonfinite_from_grad_scale_division():
+    """A finite fp32 gradient divided by a small grad_scale overflows: counted after unscaling."""
+    for b in LIST_BACKENDS:
+        s = State([64], kind="list")
+        s.g[0][3] = 3e38
+        out = s.step(b, step=1, grad_scale=torch.tensor(0.5), found_inf=torch.tensor(1.0))
+        assert out[0, 2].item() == 1.0, b
+
+
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_stats_deterministic(backend, kind):
+    gen = torch.Generator().manual_seed(6)
+    gs = [torch.randn(n, generator=gen) for n in (300_000, 5, 70_001)]
+    first = run_stats(backend, kind, gs)
+    for _ in range(3):
+        assert same_bits(run_stats(backend, kind, gs), first)
+
+
+@pytest.mark.skipif("cpu" not in LIST_BACKENDS, reason="native CPU backend not available")
+@pytest.mark.parametrize("kind", ["list", "flat"])
+def test_cpu_bitwise_across_thread_counts(kind):
+    gen = torch.Generator().manual_seed(7)
+    gs = [torch.randn(n, generator=gen) for n in (400_000, 17, 123_457)]
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for nt in (1, 2, 1):
+            torch.set_num_threads(nt)
+            st = State([400_000, 17, 123_457], seed=8, kind=kind)
+            adam = st.step("cpu", step=3, lr=1e-2)
+            results.append((run_stats("cpu", kind, gs), adam, [p.clone() for p in st.p], [m.clone() for m in st.m]))
+    finally:
+        torch.set_num_threads(old)
+    for r in results[1:]:
+        assert same_bits(r[0], results[0][0]) and same_bits(r[1], results[0][1])
+        assert all(same_bits(a, b) for a, b in zip(r[2] + r[3], results[0][2] + results[0][3]))
+
+
+# ------------------------------------------------------------------------------------------------
+# masked_adamw_
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_adamw_matches_torch_adamw_50_steps(backend, kind):
+    sizes = [4097, 7, 1, 0, 640]
+    hp = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    st = State(sizes, seed=9, kind=kind)
+    ref = [p.clone().requires_grad_(True) for p in st.p]
+    opt = torch.optim.AdamW(ref, foreach=False, **hp)
+    for i in range(len(sizes)):  # start torch from the same moments
+        opt.state[ref[i]] = dict(step=torch.tensor(0.0), exp_avg=st.m[i].clone(), exp_avg_sq=st.v[i].clone())
+    gen = torch.Generator().manual_seed(10)
+    for step in range(1, 51):
+        gs = [torch.randn(n, generator=gen) for n in sizes]
+        for i, g in enumerate(gs):
+            st.g[i].copy_(g)
+            ref[i].grad = g.clone()
+        out = st.step(backend, step=step, lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
+                      weight_decay=hp["weight_decay"])
+        opt.step()
+        check_stats(out, truth(gs))
+    for i in range(len(sizes)):
+        for got, want in ((st.p[i], ref[i].detach()), (st.m[i], opt.state[ref[i]]["exp_avg"]),
+                          (st.v[i], opt.state[ref[i]]["exp_avg_sq"])):
+            scale = want.abs().max().item() if want.numel() else 1.0
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * scale)
+
+
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+@pytest.mark.parametrize("gdtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("pdtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_adamw_dtypes_and_frozen(backend, kind, pdtype, gdtype):
+    sizes = [4097, 7, 1, 0, 300, 2049]
+    frozen = torch.tensor([False, True, False, True, False, True])
+    st = State(sizes, pdtype, gdtype, seed=11, kind=kind)
+    ref = st.clone()
+    before = st.clone()
+    hp = dict(step=4, lr=1e-2, weight_decay=0.05)
+    for _ in range(3):
+        out = st.step(backend, frozen, **hp)
+        want = ref.step("reference", frozen, **hp)
+        check_stats(out, want, frozen)
+    for i in range(len(sizes)):
+        if frozen[i]:
+            for k in "pmv":  # frozen: bitwise untouched
+                assert same_bits(getattr(st, k)[i], getattr(before, k)[i]), (k, i)
+            continue
+        tol = TOL[pdtype]
+        torch.testing.assert_close(st.p[i].float(), ref.p[i].float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(st.m[i], ref.m[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st.v[i], ref.v[i], rtol=1e-5, atol=1e-7)
+        if st.p[i].numel() > 100:
+            assert not torch.equal(st.p[i], before.p[i])  # the update did happen
+    for k in "g":
+        assert all(same_bits(a, b) for a, b in zip(getattr(st, k), getattr(before, k)))  # grads read only
+
+
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_adamw_grad_scale_and_found_inf(backend, kind):
+    sizes = [4097, 33]
+    st = State(sizes, seed=12, kind=kind)
+    ref = st.clone()
+    scale = torch.tensor(1024.0)
+    for t in st.g + ref.g:
+        t.mul_(1024.0)
+    out = st.step(backend, step=2, grad_scale=scale)
+    want = ref.step("reference", step=2, grad_scale=scale)
+    check_stats(out, want)
+    check_stats(out, truth(st.g, scale))
+    for k in "pmv":
+        for a, b in zip(getattr(st, k), getattr(ref, k)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # found_inf: statistics written, nothing else changes
+    before = st.clone()
+    out = st.step(backend, step=3, grad_scale=scale, found_inf=torch.tensor(1.0))
+    check_stats(out, truth(st.g, scale))
+    for k in "pmv":
+        assert all(same_bits(a, b) for a, b in zip(getattr(st, k), getattr(before, k)))
+    # found_inf == 0 updates as usual
+    st.step(backend, step=3, grad_scale=scale, found_inf=torch.tensor(0.0))
+    assert not torch.equal(st.p[0], before.p[0])
+
+
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_adamw_hyperparameter_forms(backend, kind):
+    """lr as a tensor, step as a 0-dim or per-matrix tensor, and beta1 < 0.5 (the other lerp branch)."""
+    sizes = [513, 2000, 9]
+    forms = [dict(lr=torch.tensor(2e-3), step=torch.tensor(5.0)),
+             dict(lr=1e-3, step=torch.tensor([1.0, 7.0, 300.0])),
+             dict(lr=1e-2, step=2, beta1=0.3, beta2=0.5, eps=1e-6, weight_decay=0.0)]
+    for hp in forms:
+        st = State(sizes, seed=13, kind=kind)
+        ref = st.clone()
+        check_stats(st.step(backend, **hp), ref.step("reference", **hp))
+        for k in "pmv":
+            for a, b in zip(getattr(st, k), getattr(ref, k)):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_adamw_deterministic(backend, kind):
+    outs = []
+    for _ in range(2):
+        st = State([70_000, 3, 4097], seed=14, kind=kind)
+        out = st.step(backend, step=3)
+        outs.append((out, st.p + st.m + st.v))
+    assert same_bits(outs[0][0], outs[1][0])
+    assert all(same_bits(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs through the public API: an error naming the problem, and nothing written
+# ------------------------------------------------------------------------------------------------
+
+def _lists(n=3, size=10):
+    return [[torch.randn(size) for _ in range(n)] for _ in range(4)]
+
+
+def _flat(size=30):
+    return [torch.randn(size) for _ in range(4)]
+
+
+ROWS = [(0, 10, 0), (10, 10, 1), (20, 10, 2)]
+
+BAD = {
+    # name: (builder returning (fn, tensors-to-watch), exception, message regex)
+    "length mismatch": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p, g[:2], m, v, step=1), _lists()),
+                        ValueError, "same length"),
+    "moment dtype": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p, g, m[:2] + [m[2].bfloat16()], v, step=1),
+                              _lists()), TypeError, r"exp_avgs\[2\] has dtype bfloat16"),
+    "float64 grad": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p, g[:2] + [g[2].double()], m, v, step=1),
+                              _lists()), TypeError, r"grads\[2\] has dtype float64"),
+    "complex grad": (lambda: (lambda p, g, m, v: grades.grad_stats(g[:2] + [torch.randn(10, dtype=torch.cfloat)]),
+                              _lists()), TypeError, "complex"),
+    "sparse grad": (lambda: (lambda p, g, m, v: grades.grad_stats(g[:2] + [g[2].to_sparse()]), _lists()),
+                    TypeError, "dense"),
+    "non-contiguous": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p[:2] + [torch.randn(10, 2)[:, 0]], g, m, v, step=1), _lists()), ValueError, "not contiguous"),
+    "device mismatch": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g[:2] + [torch.empty(10, device="meta")], m, v, step=1), _lists()), ValueError, r"grads\[2\] is on meta"),
+    "shape mismatch": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p, g[:2] + [torch.randn(11)], m, v, step=1),
+                                _lists()), ValueError, r"grads\[2\] has shape"),
+    "frozen shape": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, torch.zeros(2, dtype=torch.bool), step=1), _lists()), ValueError, "frozen must have shape"),
+    "frozen dtype": (lambda: (lambda p, g, m, v: grades.grad_stats(g, frozen=torch.zeros(3)), _lists()),
+                     TypeError, "frozen must have dtype bool"),
+    "bad lr": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p, g, m, v, step=1, lr=-1.0), _lists()),
+               ValueError, "lr"),
+    "segment overrun": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, segments=ROWS[:2] + [(20, 11, 2)]), _flat()), ValueError, "overruns"),
+    "segment overlap": (lambda: (lambda p, g, m, v: grades.grad_stats(
+        g, segments=[(0, 10, 0), (5, 10, 1)]), _flat()), ValueError, "overlap"),
+    "flat length": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g[:29].clone(), m, v, step=1, segments=ROWS[:2]), _flat()), ValueError, "equal length"),
+    "flat 2-D": (lambda: (lambda p, g, m, v: grades.grad_stats(g.view(3, 10), segments=ROWS), _flat()),
+                 ValueError, "1-D"),
+    "flat device": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, torch.empty(30, device="meta"), step=1, segments=ROWS), _flat()), ValueError, "meta"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_raise_and_write_nothing(case):
+    build, exc, msg = BAD[case]
+    fn, tensors = build()
+    flat = [t for group in tensors for t in (group if isinstance(group, list) else [group])]
+    snapshot = [t.clone() for t in flat]
+    with pytest.raises(exc, match=msg):
+        fn(*tensors)
+    assert all(same_bits(a, b) for a, b in zip(flat, snapshot))
+
+
+def test_strict_selects_native_cpu(monkeypatch):
+    ok, why = backends.get("cpu").available()
+    if not ok:
+        pytest.skip(f"native CPU backend not available: {why}")
+    monkeypatch.setenv("GRADES_STRICT", "1")
+    monkeypatch.delenv("GRADES_BACKEND", raising=False)
+    for kind in ("list", "flat"):
+        assert backends.select(torch.device("cpu"), kind).name == "cpu"
+    out = grades.grad_stats([torch.ones(5)])  # and the public op runs through it
+    assert out.tolist() == [[5.0, 5.0, 0.0]]
