@@ -1,0 +1,162 @@
+"""End to end: the demo's two trainings (AdamW vs FrozenAwareAdamW + GradES) over several seeds.
+
+For each seed both runs train the same seeded tiny Llama on the embedded addition task with the
+same step budget; run B stops when GradES has frozen every tracked matrix. Reported per run:
+time to finish (training loop only), optimizer steps, training FLOPs (frozen-aware ledger) and
+greedy test accuracy, with mean and standard deviation over seeds, and the speedup B vs A per
+seed. Writes ``bench/results/<device>/e2e.json`` and ``e2e.png`` (``--out`` overrides the folder).
+
+    python bench/e2e.py --device cpu --model-size tiny --steps 1500 --seeds 0 1 2
+    python bench/e2e.py --smoke --out /tmp/e2e
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+
+def device_slug(device: torch.device) -> str:
+    """``cuda-<gpu name>`` or ``cpu-<cpu model>-<threads>t`` (the bench results folder name)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return "cuda-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu")
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1]
+                    break
+    except OSError:
+        pass
+    return f"cpu-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-') or 'cpu'}-{torch.get_num_threads()}t"
+
+
+def _mean_sd(xs):
+    xs = [float(x) for x in xs]
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs)}
+
+
+def run_seed(cfg, progress: bool) -> dict:
+    from grades.demo.train import make_task, train
+    from grades.tasks import greedy_accuracy
+    task = make_task(cfg)
+    out = {"seed": cfg.seed}
+    for name in ("A", "B"):
+        r = train(cfg, task, name, progress=progress)
+        acc = greedy_accuracy(r.model, task, task.test)
+        d = {"wall_time_s": r.wall_s, "steps": r.steps, "train_flops": r.ledger.train_flops,
+             "test_accuracy": acc, "stopped_early": r.stopped_early}
+        if r.grades is not None:
+            d["frozen"] = len(r.grades.frozen_components)
+            d["num_components"] = r.grades.num_components
+        out[name] = d
+    out["speedup_wall"] = out["A"]["wall_time_s"] / out["B"]["wall_time_s"]
+    out["speedup_flops"] = out["A"]["train_flops"] / out["B"]["train_flops"]
+    out["accuracy_delta"] = out["B"]["test_accuracy"] - out["A"]["test_accuracy"]
+    return out
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    seeds = [r["seed"] for r in res["per_seed"]]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, key, lab in ((axes[0], "wall_time_s", "time to finish (s)"),
+                         (axes[1], "train_flops", "training FLOPs"),
+                         (axes[2], "test_accuracy", "test accuracy (greedy)")):
+        for i, (run, col) in enumerate((("A", "tab:gray"), ("B", "tab:red"))):
+            vals = [r[run][key] for r in res["per_seed"]]
+            s = res["summary"][run][key]
+            ax.bar(i, s["mean"], yerr=s["sd"], color=col, alpha=0.6, capsize=4)
+            ax.plot([i] * len(vals), vals, "k.", ms=5)
+        ax.set_xticks([0, 1], ["A: AdamW", "B: GradES"])
+        ax.set_title(lab, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    c = res["config"]
+    fig.suptitle(f"e2e: Llama-{c['model_size']}, {c['digits']}-digit addition, {c['steps']} step budget, "
+                 f"seeds {seeds}, {res['device']}  (speedup {res['summary']['speedup_wall']['mean']:.2f}x "
+                 f"+- {res['summary']['speedup_wall']['sd']:.2f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from grades.demo.config import DemoConfig, validate
+    d = DemoConfig()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--model-size", default=d.model_size, choices=("tiny", "small", "base"))
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--digits", type=int, default=d.digits)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rel-tau", type=float, default=d.rel_tau)
+    ap.add_argument("--alpha", type=float, default=d.alpha)
+    ap.add_argument("--patience", type=int, default=d.patience)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--smoke", action="store_true", help="a few steps, one seed (seconds)")
+    ap.add_argument("--progress", action="store_true", help="show progress bars")
+    ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("e2e: --device cuda requested but CUDA is not available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = DemoConfig(device=args.device, model_size=args.model_size, steps=args.steps, digits=args.digits,
+                     rel_tau=args.rel_tau, alpha=args.alpha, patience=args.patience)
+    seeds = args.seeds
+    if args.smoke:
+        cfg.steps, cfg.n_val, cfg.n_test = 24, 20, 40
+        seeds = seeds[:1]
+    try:
+        validate(cfg)
+    except ValueError as e:
+        print(f"e2e: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    per_seed = []
+    t0 = time.perf_counter()
+    for s in seeds:
+        cfg.seed = s
+        r = run_seed(cfg, args.progress)
+        per_seed.append(r)
+        print(f"seed {s}: A {r['A']['wall_time_s']:.1f}s {r['A']['steps']} steps acc {r['A']['test_accuracy']:.3f} | "
+              f"B {r['B']['wall_time_s']:.1f}s {r['B']['steps']} steps acc {r['B']['test_accuracy']:.3f} "
+              f"frozen {r['B']['frozen']}/{r['B']['num_components']} | speedup {r['speedup_wall']:.2f}x", flush=True)
+    summary = {run: {k: _mean_sd([r[run][k] for r in per_seed])
+                     for k in ("wall_time_s", "steps", "train_flops", "test_accuracy")} for run in ("A", "B")}
+    for k in ("speedup_wall", "speedup_flops", "accuracy_delta"):
+        summary[k] = _mean_sd([r[k] for r in per_seed])
+    cfgd = cfg.to_dict()
+    cfgd.pop("seed")
+    res = {"benchmark": "e2e", "device": device_slug(device), "torch": torch.__version__,
+           "smoke": args.smoke, "seeds": seeds, "config": cfgd, "per_seed": per_seed, "summary": summary,
+           "total_time_s": time.perf_counter() - t0}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", res["device"])
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "e2e.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plot(res, os.path.join(out, "e2e.png"))
+    sm = summary
+    print(f"A: {sm['A']['wall_time_s']['mean']:.1f}+-{sm['A']['wall_time_s']['sd']:.1f}s acc "
+          f"{sm['A']['test_accuracy']['mean']:.3f}+-{sm['A']['test_accuracy']['sd']:.3f} | "
+          f"B: {sm['B']['wall_time_s']['mean']:.1f}+-{sm['B']['wall_time_s']['sd']:.1f}s acc "
+          f"{sm['B']['test_accuracy']['mean']:.3f}+-{sm['B']['test_accuracy']['sd']:.3f} | speedup "
+          f"{sm['speedup_wall']['mean']:.2f}x+-{sm['speedup_wall']['sd']:.2f} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
