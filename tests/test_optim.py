@@ -18,6 +18,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:grades. native backend:RuntimeWa
 VOCAB, SEQ, BATCH = 64, 8, 2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's many small ops run far faster on one thread than on a busy pool."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llama(seed=0, hidden=32, dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
