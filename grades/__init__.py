@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ._validate import SegmentTable, STATS_DTYPE, SUMSQ, SUMABS, NONFINITE
 from .ops import grad_stats, masked_adamw_
+from .policy import GradES, GradESConfig
 from .optim import FrozenAwareAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["grad_stats", "masked_adamw_", "FrozenAwareAdamW", "SegmentTable", "STATS_DTYPE", "SUMSQ", "SUMABS", "NONFINITE",
+__all__ = ["grad_stats", "masked_adamw_", "GradES", "GradESConfig", "FrozenAwareAdamW", "SegmentTable", "STATS_DTYPE", "SUMSQ", "SUMABS", "NONFINITE",
            "__version__"]
