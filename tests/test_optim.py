@@ -2,7 +2,6 @@
 gradients, GradScaler, host-sync freedom and input validation (CPU)."""
 import copy
 import functools
-import warnings
 
 import pytest
 import torch
