@@ -371,6 +371,9 @@ class GradES:
                                              DEFAULT_REL_TAU if config.auto else None)
         self._thresh = torch.tensor(self._tau_vals, dtype=torch.float64, device=dev)
         self._numel = torch.tensor([max(1, c.numel) for c in comps], dtype=torch.float64, device=dev)
+        self._numel_np = self._numel.cpu().numpy()
+        #: decide with NumPy on views of the state tensors when they live in host memory
+        self.host_math = dev.type == "cpu"
         self._max_frozen = int(math.floor(config.max_frozen_ratio * C + 1e-9))
         # device state
         self.frozen = torch.zeros(C, dtype=torch.bool, device=dev)
@@ -382,6 +385,10 @@ class GradES:
         self._freeze_step = torch.full((C,), -1, dtype=torch.int64, device=dev)
         self._last_stat = torch.zeros(C, dtype=torch.float64, device=dev)
         self._invalid_steps = torch.zeros((), dtype=torch.int64, device=dev)
+        self._views = ({k: getattr(self, n).numpy() for k, n in (
+            ("frozen", "frozen"), ("counter", "_counter"), ("ema", "_ema"), ("ema_w", "_ema_w"), ("ref", "_ref"),
+            ("ref_w", "_ref_w"), ("thresh", "_thresh"), ("freeze_step", "_freeze_step"),
+            ("last_stat", "_last_stat"))} if self.host_math else {})
         # host state
         self.step_count = 0
         self.should_stop = False
@@ -454,6 +461,9 @@ class GradES:
             import torch.distributed as dist
             stats = stats.contiguous()
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.process_group)
+        if self.host_math:
+            self._step_host(t, stats)
+            return
         live = ~self.frozen
         valid = stats[:, 2].sum() == 0
         if self.frozen_aware:
@@ -461,7 +471,7 @@ class GradES:
             if isinstance(skipped, torch.Tensor):
                 valid = valid & ~skipped.to(valid.device)
         val = torch.where(live, self._statistic(stats), torch.zeros((), dtype=torch.float64, device=self.device))
-        val = torch.nan_to_num(val, nan=math.inf)
+        val = torch.where(torch.isnan(val), math.inf, val)
         if cfg.ema:
             d = float(cfg.ema)
             self._ema.copy_(torch.where(valid, d * self._ema + (1 - d) * val, self._ema))
@@ -494,6 +504,66 @@ class GradES:
                 self._freeze_in_optimizer(cand)
         self._publish(t)
         self.poll()
+
+    def _step_host(self, t: int, stats: torch.Tensor) -> None:
+        """The same decision rule as the device path, for CPU runs, on NumPy views of the very
+        same state tensors (no device to wait for, and a fraction of the per-op cost)."""
+        cfg = self.config
+        v = self._views
+        s = stats.numpy()
+        frozen = v["frozen"]
+        live = ~frozen
+        valid = bool(s[:, 2].sum() == 0)
+        if self.frozen_aware:
+            skipped = getattr(self.optimizer, "last_step_skipped", None)
+            if isinstance(skipped, torch.Tensor) and bool(skipped):
+                valid = False
+        raw = self._statistic(stats).numpy()  # the same kernels as the device path: bitwise equal
+        val = np.where(live, raw, 0.0)
+        if np.isnan(val).any():
+            val = np.where(np.isnan(val), math.inf, val)
+        if cfg.ema:
+            d = float(cfg.ema)
+            ema, ema_w = v["ema"], v["ema_w"]
+            if valid:
+                ema[:] = d * ema + (1 - d) * val
+                ema_w[...] = d * ema_w + (1 - d)
+            cur = ema / max(float(ema_w), 1e-300)
+        else:
+            cur = val
+        if valid:
+            v["last_stat"][:] = cur
+        else:
+            self._invalid_steps.add_(1)
+        if t <= self.grace:
+            if cfg.auto:
+                ref, ref_w = v["ref"], v["ref_w"]
+                if valid:
+                    ref[:] = REF_DECAY * ref + (1 - REF_DECAY) * cur
+                    ref_w[...] = REF_DECAY * ref_w + (1 - REF_DECAY)
+                if t == self.grace:
+                    w = float(ref_w)
+                    level = ref / max(w, 1e-300) if w > 0 else np.full_like(ref, -1.0)
+                    th = v["thresh"]
+                    th[:] = th * level
+        elif (t - self.grace) % cfg.check_interval == 0 and valid:
+            counter = v["counter"]
+            below = (cur < v["thresh"]) & live
+            counter[:] = np.where(below, counter + 1, 0)
+            cand = (counter > cfg.patience) & live
+            if self._max_frozen < len(self.components) and cand.any():
+                room = self._max_frozen - int(frozen.sum())
+                cand &= np.cumsum(cand) <= room
+            if cand.any():
+                frozen |= cand
+                v["freeze_step"][cand] = t
+                if self.frozen_aware:
+                    ct = torch.from_numpy(cand)
+                    if isinstance(self.source, OptimizerSource):
+                        self.optimizer.freeze_mask_(self.source.param_mask(ct))
+                    else:
+                        self._freeze_in_optimizer(ct)
+        self._learn_arrays(t, v["last_stat"].copy(), frozen.copy(), v["freeze_step"])
 
     def _freeze_in_optimizer(self, cand: torch.Tensor) -> None:
         mask = getattr(self, "_opt_map", None)
@@ -533,9 +603,10 @@ class GradES:
         self.poll()
 
     def _learn(self, slot: "_Slot") -> None:
-        t = slot.step
-        stat, frozen, fstep = slot.read()
-        self.last_stats = stat.copy()
+        self._learn_arrays(slot.step, *slot.read())
+
+    def _learn_arrays(self, t: int, stat: np.ndarray, frozen: np.ndarray, fstep: np.ndarray) -> None:
+        self.last_stats = stat
         self.last_stats_step = t
         new = np.nonzero(frozen & ~self._host_frozen)[0]
         if len(new):
@@ -569,8 +640,7 @@ class GradES:
         every = self.config.history_every * self._hist_stride
         if t % every != 0 and not force:
             return
-        self.history.append({"step": t, "frozen": int(self._host_frozen.sum()),
-                             "stat": [float(x) for x in stat]})
+        self.history.append({"step": t, "frozen": int(self._host_frozen.sum()), "stat": stat.tolist()})
         if len(self.history) > self.config.history_max:
             # thin out: keep every other regular sample (freeze-time samples are always kept)
             self._hist_stride *= 2

@@ -307,3 +307,27 @@ def test_explicit_components_and_public_exports():
     with pytest.raises(ValueError, match="not a parameter"):
         GradES(m, None, GradESConfig(tau=1.0, grace_steps=0),
                components=[Component("x", "mlp", ("x",), [nn.Parameter(torch.zeros(2, 2))])])
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(rel_tau=0.5, ema=0.8, grace_steps=5, patience=1, stop_ratio=None),
+    dict(tau={"attention": 3.0, "mlp": 1.0}, statistic="l2", grace_steps=3, check_interval=2,
+         max_frozen_ratio=0.5, stop_ratio=None),
+    dict(rel_tau=0.6, statistic="rms", grace_steps=4, patience=2, max_frozen_ratio=0.75, stop_ratio=0.5),
+])
+def test_host_and_device_decision_paths_agree(cfg):
+    """On CPU the rule runs in NumPy on views of the state; the tensor path (used on GPUs) must
+    give bitwise the same state, history and freezes."""
+    out = []
+    for host in (True, False):
+        m = Toy(seed=5)
+        opt = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)  # skips the poisoned step
+        gs = GradES(m, opt, GradESConfig(**cfg))
+        gs.host_math = host
+        poison = lambda s: m.layers[0].mlp.up_proj.weight.grad.__setitem__((0, 0), float("inf")) if s == 7 else None
+        train(m, opt, gs, 25, hook=poison)
+        gs.wait()
+        out.append((gs.state_dict(), gs.history_dict()))
+    (a, ha), (b, hb) = out
+    assert a == b and ha == hb
+    assert a["invalid_steps"] == 1 and any(f >= 0 for f in a["freeze_step"])
