@@ -1,0 +1,52 @@
+"""Every benchmark script that exists runs in --smoke mode and writes valid JSON.
+
+Convention: each ``bench/<name>.py`` accepts ``--smoke`` (seconds) and ``--out DIR`` (overrides
+``bench/results/<device>``), and ``--device`` where it has a device choice. Here they run on the
+CPU into a temporary folder.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+SCRIPTS = ("kernels", "optim", "overhead", "ttc_eval", "e2e")
+
+
+def _help(script: Path) -> str:
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode == 0, f"{script.name} --help failed:\n{r.stderr[-2000:]}"
+    return r.stdout
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bench_script_smoke(name, tmp_path):
+    script = BENCH / f"{name}.py"
+    if not script.exists():
+        pytest.skip(f"bench/{name}.py does not exist")
+    usage = _help(script)
+    if "--out" not in usage:
+        pytest.skip(f"bench/{name}.py takes no --out flag; it would write into bench/results")
+    assert "--smoke" in usage, f"bench/{name}.py takes no --smoke flag"
+    cmd = [sys.executable, str(script), "--smoke", "--out", str(tmp_path)]
+    if "--device" in usage:
+        cmd += ["--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, f"{' '.join(cmd[1:])} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    written = sorted(tmp_path.rglob("*.json"))
+    assert written, f"bench/{name}.py --smoke wrote no JSON into --out"
+    for f in written:
+        with open(f) as fh:
+            data = json.load(fh)
+        assert isinstance(data, (dict, list)) and data, f"{f} is empty"
+
+
+def test_run_all_rejects_bad_device():
+    r = subprocess.run(["bash", str(BENCH / "run_all.sh"), "tpu"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "usage" in r.stderr
