@@ -8,6 +8,9 @@
 // matrix are added in float64 in chunk-table order. The result is therefore bitwise identical for
 // any thread count and any scheduling.
 //
+// Squares are accumulated in float32, so a chunk holding finite values above ~1.8e19 reports an
+// infinite sum of squares (with a non-finite count of 0, which stays exact).
+//
 // Frozen matrices are skipped before any memory is touched: their chunks are never scheduled.
 // The AdamW path reads each gradient element once and produces its statistics in the same pass.
 #include <cmath>
@@ -384,6 +387,8 @@ void run_chunks(const Source* sources, bool per_tensor_sources, const int64_t* r
   const int64_t A = static_cast<int64_t>(active.size());
   const MatrixHyper unit{};
 
+  // Threads take kChunksPerGrab chunks at a time, so a thread slowed down by other processes does
+  // not hold up the others; which thread runs a chunk never affects the result.
   auto body = [&](int64_t k) {
     const int64_t c = active[k];
     const int64_t start = rows[3 * c], len = rows[3 * c + 1], id = rows[3 * c + 2];
@@ -397,7 +402,7 @@ void run_chunks(const Source* sources, bool per_tensor_sources, const int64_t* r
 
 #ifdef _OPENMP
   if (nthreads > 1 && work >= kMinParallelWork && A > 1) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, kChunksPerGrab)
     for (int64_t k = 0; k < A; ++k) body(k);
   } else {
     for (int64_t k = 0; k < A; ++k) body(k);
