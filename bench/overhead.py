@@ -149,19 +149,22 @@ def run_variant(variant: str, opts: argparse.Namespace, workdir: str) -> list[fl
 
 
 def worker(opts: argparse.Namespace) -> None:
+    print("RESULT " + json.dumps(worker_result(opts)))
+
+
+def worker_result(opts: argparse.Namespace) -> dict:
     import tempfile
     variants = opts.variants.split(",")
-    res: dict[str, list[float]] = {v: [] for v in variants}
+    res: dict[str, list[list[float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as d:
         for r in range(opts.rounds):
             for v in (variants if r % 2 == 0 else variants[::-1]):
-                res[v].extend(run_variant(v, opts, d))
+                res[v].append(run_variant(v, opts, d))
     extra = {}
     if "grades_stats" in variants or "grades_fused" in variants:
         extra = memory_report(opts)
     mod = sys.modules.get("grades")
-    print("RESULT " + json.dumps({"times": res, "memory": extra,
-                                  "grades_version": getattr(mod, "__version__", None)}))
+    return {"times": res, "memory": extra, "grades_version": getattr(mod, "__version__", None)}
 
 
 def memory_report(opts: argparse.Namespace) -> dict:
@@ -184,6 +187,8 @@ def memory_report(opts: argparse.Namespace) -> dict:
 
 
 def spawn(variants: list[str], opts: argparse.Namespace, pythonpath_first: str | None = None) -> dict:
+    if opts.smoke and not pythonpath_first:  # in this process: seconds, not minutes
+        return worker_result(argparse.Namespace(**{**vars(opts), "variants": ",".join(variants)}))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variants", ",".join(variants)]
     for k in ("device", "model", "layers", "vocab", "steps", "warmup", "rounds", "batch", "seq", "lr"):
         cmd += [f"--{k}", str(getattr(opts, k))]
@@ -198,10 +203,17 @@ def spawn(variants: list[str], opts: argparse.Namespace, pythonpath_first: str |
     return json.loads(line[-1][7:])
 
 
-def summarize(times: dict[str, list[float]], base: str = "none") -> dict:
-    med = {v: statistics.median(t) for v, t in times.items() if t}
-    return {v: {"median_step_s": m, "steps": len(times[v]), "ratio_vs_none": m / med[base]}
-            for v, m in med.items()}
+def summarize(times: dict[str, list[list[float]]], base: str = "none") -> dict:
+    """Per variant: median step time over all rounds, and the median over rounds of the ratio to
+    the baseline's median *in the same round* (paired, so load changes between rounds on a
+    shared machine cancel out)."""
+    out = {}
+    for v, rounds in times.items():
+        ratios = [statistics.median(r) / statistics.median(b) for r, b in zip(rounds, times[base]) if r and b]
+        flat = [x for r in rounds for x in r]
+        out[v] = {"median_step_s": statistics.median(flat), "steps": len(flat),
+                  "ratio_vs_none": statistics.median(ratios), "round_ratios": ratios}
+    return out
 
 
 def device_slug(device: str) -> str:
@@ -242,13 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--public-path", default=None,
                     help="directory containing the public grades 1.0.6 package (pip install --no-deps --target DIR grades==1.0.6)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of everything, for CI")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device-slug>)")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default bench/results/<device-slug>; a temporary folder with --smoke)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variants", default=",".join(OURS), help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     big = opts.model != "tiny-llama"
-    defaults = dict(layers=4 if big else 2, vocab=151936 if big else 256, steps=4 if opts.smoke else (30 if big else 40),
-                    warmup=1 if opts.smoke else 5, rounds=1 if opts.smoke else 3, batch=4 if big else 8,
+    defaults = dict(layers=4 if big else 2, vocab=151936 if big else 256, steps=4 if opts.smoke else (20 if big else 24),
+                    warmup=1 if opts.smoke else 4, rounds=1 if opts.smoke else 7, batch=4 if big else 8,
                     seq=256 if big else 32)
     for k, v in defaults.items():
         if getattr(opts, k) is None:
@@ -281,7 +294,13 @@ def main(argv: list[str] | None = None) -> None:
     o = result["ours"]
     if "grades_fused" in o and "faw_none" in o:
         result["fused_vs_faw_none"] = o["grades_fused"]["median_step_s"] / o["faw_none"]["median_step_s"]
-    out = opts.out or os.path.join(HERE, "results", device_slug(opts.device))
+    if opts.out:
+        out = opts.out
+    elif opts.smoke:
+        import tempfile
+        out = tempfile.mkdtemp(prefix="grades-overhead-smoke-")
+    else:
+        out = os.path.join(HERE, "results", device_slug(opts.device))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "overhead.json"), "w") as f:
         json.dump(result, f, indent=1)

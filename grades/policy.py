@@ -245,18 +245,21 @@ class GradListSource:
         self.param_comp = torch.tensor([ci for ci, c in enumerate(components) for _ in c.params],
                                        dtype=torch.long, device=device)
         self.single = all(len(c.params) == 1 for c in components)
+        self.dtensor = any(callable(getattr(p, "to_local", None)) for p in self.params)
         self.device = device
         self._empty = torch.empty(0, device=device)
         self._out = torch.empty((len(self.params), 3), dtype=STATS_DTYPE, device=device)
 
     def compute(self, frozen: torch.Tensor) -> torch.Tensor:
         grads = []
+        empty, dtensor = self._empty, self.dtensor
         for p in self.params:
             g = p.grad
             if g is None:
-                grads.append(self._empty)
+                grads.append(empty)
             else:
-                g = _local(g)
+                if dtensor:
+                    g = _local(g)
                 grads.append(g if g.is_contiguous() else g.contiguous())
         pf = frozen if self.single else frozen.index_select(0, self.param_comp)
         rows = grad_stats(grads, frozen=pf, out=self._out)
