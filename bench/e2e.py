@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rel-tau", type=float, default=d.rel_tau)
     ap.add_argument("--alpha", type=float, default=d.alpha)
     ap.add_argument("--patience", type=int, default=d.patience)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1, as the demo; 0 keeps torch's setting)")
     ap.add_argument("--smoke", action="store_true", help="a few steps, one seed (seconds)")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
@@ -112,10 +113,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("e2e: --device cuda requested but CUDA is not available", file=sys.stderr)
         return 2
-    if args.threads:
+    if args.threads and args.device == "cpu":
         torch.set_num_threads(args.threads)
     cfg = DemoConfig(device=args.device, model_size=args.model_size, steps=args.steps, digits=args.digits,
-                     rel_tau=args.rel_tau, alpha=args.alpha, patience=args.patience)
+                     rel_tau=args.rel_tau, alpha=args.alpha, patience=args.patience, threads=None)
     seeds = args.seeds
     if args.smoke:
         cfg.steps, cfg.n_val, cfg.n_test = 24, 20, 40

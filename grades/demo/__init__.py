@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"grace period (default: {d.rel_tau})")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"GradES grace period, fraction of --steps (default: {d.alpha})")
     p.add_argument("--patience", type=int, default=d.patience, help=f"GradES patience in checks (default: {d.patience})")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help=f"torch CPU threads (default: {d.threads}; 0 keeps torch's own setting)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = DemoConfig(device=args.device, seed=args.seed, model_size=args.model_size, digits=args.digits,
                      out=args.out, batch_size=args.batch_size, lr=args.lr, rel_tau=args.rel_tau,
-                     alpha=args.alpha, patience=args.patience, threads=args.threads)
+                     alpha=args.alpha, patience=args.patience,
+                     threads=None if args.threads == 0 else args.threads)
     if args.steps is not None:
         cfg.steps = args.steps
     if args.quick:

@@ -18,7 +18,10 @@ class DemoConfig:
     threshold (``rel_tau`` times each component's own level at the end of the grace period
     ``alpha * steps``), an EMA of the statistic, and ``patience`` checks below threshold.
     TTC: ``ttc_problems`` test problems, ``ttc_samples`` samples each at temperature
-    ``ttc_temperature`` for every saved checkpoint, k up to ``ttc_k_max``.
+    ``ttc_temperature`` for every saved checkpoint, k up to ``ttc_k_max``. ``threads``: torch
+    CPU threads (default 1: the tiny model's operations are too small to gain from intra-op
+    threads, and several threads slow down badly when the cores are shared with other work;
+    ``None`` keeps torch's own setting).
     """
 
     device: str = "cpu"
@@ -32,7 +35,7 @@ class DemoConfig:
     warmup_frac: float = 0.05
     n_val: int = 200
     n_test: int = 500
-    threads: Optional[int] = None
+    threads: Optional[int] = 1
     # GradES
     statistic: str = "l1"
     rel_tau: float = 0.5

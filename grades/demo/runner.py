@@ -102,11 +102,21 @@ def format_table(rep: dict) -> str:
 
 
 def run(cfg: DemoConfig, *, progress: bool = True, stream: Optional[TextIO] = None) -> dict:
-    """Run the demo (see :mod:`grades.demo`) and write the report directory ``cfg.out``."""
-    import sys
-    stream = stream or sys.stdout
+    """Run the demo (see :mod:`grades.demo`) and write the report directory ``cfg.out``.
+
+    ``cfg.threads`` applies for the duration of the run; torch's thread count is restored after."""
+    before = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, progress=progress, stream=stream)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: DemoConfig, *, progress: bool, stream: Optional[TextIO]) -> dict:
+    import sys
+    stream = stream or sys.stdout
     t_start = time.perf_counter()
     os.makedirs(cfg.out, exist_ok=True)
     task = make_task(cfg)
