@@ -16,6 +16,10 @@ pytest.importorskip("triton")
 from grades import ops  # noqa: E402
 from grades._validate import SegmentTable  # noqa: E402
 from grades.backends import triton_backend as tb  # noqa: E402
+from grades.backends._triton_kernels import _bf16_rne  # noqa: E402
+
+triton = pytest.importorskip("triton")
+tl = triton.language
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -249,6 +253,41 @@ def test_adamw_matches_reference(dev, pdtype, gdtype, step_kind):
             touched[o:o + ln] = True
     for x, y in zip(a, before):
         assert torch.equal(x.cpu()[~touched], y.cpu()[~touched])
+
+
+@triton.jit
+def _bf16_cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(y_ptr + offs, _bf16_rne(x), mask=offs < n)
+
+
+def test_bf16_rounding_helper_matches_torch(dev):
+    """The integer float32 -> bfloat16 rounding equals torch's cast bitwise: ties to even, values
+    that round up into the next binade or to infinity, subnormals, +-0, +-Inf and NaN."""
+    specials = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F807FFF, 0x7F7FFFFF, 0x7F7F8000,
+                             0x00000001, 0x00018000, 0x80008000, 0x00000000, 0x80000000, 0x7F800000,
+                             0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0x3FFFFFFF],
+                            dtype=torch.int64).to(torch.int32).view(torch.float32)
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([specials, torch.randn(2000, generator=g) * 10.0 ** torch.randint(-30, 30, (2000,), generator=g)])
+    y = torch.empty(x.numel(), dtype=torch.bfloat16, device=dev)
+    _bf16_cast_kernel[(1,)](x.to(dev), y, x.numel(), BLOCK=4096)
+    want = x.to(torch.bfloat16)
+    nan = torch.isnan(want)
+    assert torch.isnan(y.cpu()[nan]).all()
+    assert torch.equal(y.cpu()[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def test_adamw_bf16_params_bitwise_equal_reference(dev):
+    """bfloat16 params are rounded exactly as torch rounds them: five steps stay bitwise equal."""
+    n = 3 * _kern().BLOCK + 17
+    a = adamw_state(n, torch.bfloat16, torch.bfloat16, dev, seed=12)
+    b = [t.clone() for t in a]
+    for step in range(1, 6):
+        run_adamw(a, [(0, n, 0)], "triton", step=step, lr=1e-2, weight_decay=0.05)
+        run_adamw(b, [(0, n, 0)], "reference", step=step, lr=1e-2, weight_decay=0.05)
+    assert torch.equal(a[0].view(torch.int16), b[0].view(torch.int16))
 
 
 def test_adamw_small_beta1_lerp_branch(dev):

@@ -44,6 +44,20 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _bf16_rne(x):
+    """float32 -> bfloat16 rounded to nearest even, NaN -> 0x7FC0, in integer arithmetic.
+
+    What ``cvt.rn.bf16.f32`` does on the GPU and what torch's cast does. Used only under the
+    interpreter, whose own float32 -> bfloat16 conversion truncates (and whose ``rtne`` mode
+    does not carry into the exponent)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rounded = (bits + 0x7FFF + lsb) >> 16
+    out = tl.where(x != x, 0x7FC0, rounded)
+    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _grad_block(grad_ptr, offs, mask, acc_sq, acc_abs, acc_bad):
     """Load one block of gradient as float32 and fold it into the per-lane accumulators."""
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -107,7 +121,8 @@ def grad_stats_chunks_kernel(
 def _adamw_block(param_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, scale,
                  decay, step_size, bc2_sqrt, w1, beta2, one_minus_beta2, eps,
                  acc_sq, acc_abs, acc_bad,
-                 HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LERP_HI: tl.constexpr):
+                 HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LERP_HI: tl.constexpr,
+                 BF16_RNE: tl.constexpr):
     """Statistics plus one AdamW update of one block; parameter and moments written only where
     ``mask & upd``. Same operation order as the reference ``adamw_update``."""
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -133,7 +148,11 @@ def _adamw_block(param_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, scale,
     v = v * beta2 + (one_minus_beta2 * g) * g
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)
-    tl.store(param_ptr + offs, p.to(p_raw.dtype), mask=wmask)
+    if BF16_RNE:
+        p_new = _bf16_rne(p)
+    else:
+        p_new = p.to(p_raw.dtype)
+    tl.store(param_ptr + offs, p_new, mask=wmask)
     tl.store(m_ptr + offs, m, mask=wmask)
     tl.store(v_ptr + offs, v, mask=wmask)
     return acc_sq, acc_abs, acc_bad
@@ -159,6 +178,7 @@ def adamw_chunks_kernel(
     HAS_FOUND_INF: tl.constexpr,
     COEF_FROM_PTR: tl.constexpr,
     LERP_HI: tl.constexpr,
+    BF16_RNE: tl.constexpr,   # round bfloat16 params in integer arithmetic (interpreter only)
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -192,13 +212,13 @@ def adamw_chunks_kernel(
         acc_sq, acc_abs, acc_bad = _adamw_block(
             param_ptr, grad_ptr, m_ptr, v_ptr, offs, full, upd, scale,
             decay, step_size, bc2_sqrt, w1, beta2, one_minus_beta2, eps,
-            acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI)
+            acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI, BF16_RNE)
     tail = n_full * BLOCK
     offs = start + tail + lane
     acc_sq, acc_abs, acc_bad = _adamw_block(
         param_ptr, grad_ptr, m_ptr, v_ptr, offs, tail + lane < n, upd, scale,
         decay, step_size, bc2_sqrt, w1, beta2, one_minus_beta2, eps,
-        acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI)
+        acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI, BF16_RNE)
     _store_partial(part_ptr, pid, acc_sq, acc_abs, acc_bad)
 
 

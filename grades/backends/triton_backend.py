@@ -212,5 +212,6 @@ class TritonBackend(Backend):
             float(w1), float(hp.beta2), float(1.0 - hp.beta2), float(hp.eps),
             HAS_FROZEN=has_frozen, HAS_SCALE=hp.grad_scale is not None,
             HAS_FOUND_INF=hp.found_inf is not None, COEF_FROM_PTR=coef is not None,
-            LERP_HI=abs(w1) >= 0.5, ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
+            LERP_HI=abs(w1) >= 0.5,
+            BF16_RNE=bool(K.INTERPRETED) and param.dtype == torch.bfloat16, ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
         _finish(part, ptr, out)

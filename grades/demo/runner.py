@@ -66,6 +66,12 @@ def _fmt_q(q) -> str:
     return f"{q:,.0f} queries"
 
 
+def _ratio(r, better: str, worse: str) -> str:
+    if r is None or not r > 0:
+        return "n/a"
+    return f"{r:.2f}x {better}" if r >= 1 else f"{1 / r:.2f}x {worse}"
+
+
 def format_table(rep: dict) -> str:
     """The compact text table printed at the end of a demo run."""
     a, b, sp = rep["runs"]["A"], rep["runs"]["B"], rep["speedup"]
@@ -75,11 +81,11 @@ def format_table(rep: dict) -> str:
              f"device {rep['environment']['device_name']}" + ("  [--quick: too short to learn]" if cfg["quick"] else ""),
              "",
              f"{'':<26}{'A: AdamW':>14}{'B: GradES':>14}   B vs A",
-             f"{'wall time (s)':<26}{a['wall_time_s']:>14.1f}{b['wall_time_s']:>14.1f}   {sp['wall_time']:.2f}x faster",
+             f"{'wall time (s)':<26}{a['wall_time_s']:>14.1f}{b['wall_time_s']:>14.1f}   {_ratio(sp['wall_time'], 'faster', 'slower')}",
              f"{'optimizer steps':<26}{a['optimizer_steps']:>14d}{b['optimizer_steps']:>14d}   "
-             f"{sp['steps']:.2f}x fewer",
+             f"{_ratio(sp['steps'], 'fewer', 'more')}",
              f"{'training FLOPs':<26}{a['train_flops']:>14.3e}{b['train_flops']:>14.3e}   "
-             f"{sp['train_flops']:.2f}x fewer",
+             f"{_ratio(sp['train_flops'], 'fewer', 'more')}",
              f"{'test accuracy (greedy)':<26}{a['test_accuracy']:>14.3f}{b['test_accuracy']:>14.3f}   "
              f"{rep['accuracy_delta']:+.3f} ({a['test_problems']} problems)",
              f"{'frozen matrices at end':<26}{'-':>14}{str(b['frozen_components']) + '/' + str(b['num_components']):>14}   "
@@ -167,7 +173,7 @@ def _run(cfg: DemoConfig, *, progress: bool, stream: Optional[TextIO]) -> dict:
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": cfg.device,
                         "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                                        else f"cpu ({torch.get_num_threads()} threads)"),
+                                        else f"cpu ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"),
                         "threads": torch.get_num_threads()},
     }
     from .. import __version__
