@@ -14,30 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
 
 import torch
 
-
-def device_slug(device: torch.device) -> str:
-    """``cuda-<gpu name>`` or ``cpu-<cpu model>-<threads>t`` (the bench results folder name)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return "cuda-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu")
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1]
-                    break
-    except OSError:
-        pass
-    return f"cpu-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-') or 'cpu'}-{torch.get_num_threads()}t"
+from _common import device_slug, results_dir
 
 
 def _mean_sd(xs):
@@ -145,8 +128,7 @@ def main(argv=None) -> int:
     res = {"benchmark": "e2e", "device": device_slug(device), "torch": torch.__version__,
            "smoke": args.smoke, "seeds": seeds, "config": cfgd, "per_seed": per_seed, "summary": summary,
            "total_time_s": time.perf_counter() - t0}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", res["device"])
-    os.makedirs(out, exist_ok=True)
+    out = results_dir(device, args.out)
     with open(os.path.join(out, "e2e.json"), "w") as f:
         json.dump(res, f, indent=1)
     plot(res, os.path.join(out, "e2e.png"))

@@ -28,13 +28,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _common import device_name, results_dir
 
 import grades
 from grades import backends
@@ -47,23 +48,6 @@ FROZEN_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
 # ------------------------------------------------------------------------------------------------
 # device description
 # ------------------------------------------------------------------------------------------------
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
-
 
 # ------------------------------------------------------------------------------------------------
 # timing
@@ -325,8 +309,7 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.smoke else 7)
     shapes = make_shapes(layers, embedding, shrink)
     name = device_name(device)
-    out_dir = args.out or Path(__file__).resolve().parent / "results" / slug(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(results_dir(device, args.out))
     stem = "kernels-smoke" if args.smoke else "kernels"
 
     gen = torch.Generator().manual_seed(1)

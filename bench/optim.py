@@ -32,13 +32,14 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 import warnings
 
 import torch
+
+from _common import device_slug, results_dir
 
 import grades
 from grades import FrozenAwareAdamW, backends
@@ -61,22 +62,6 @@ def qwen3_shapes(layers: int, embedding: bool) -> list[tuple[str, tuple[int, ...
                 (p + "down_proj", (HIDDEN, INTER))]
     out.append(("norm", (HIDDEN,)))
     return out
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return "cuda-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu")
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1]
-                    break
-    except OSError:
-        pass
-    return f"cpu-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-') or 'cpu'}-{torch.get_num_threads()}t"
 
 
 def sync(device: torch.device) -> None:
@@ -273,8 +258,7 @@ def main(argv=None) -> int:
         args.layers, args.no_embedding, args.fractions, args.warmup, args.iters = 1, True, [0.0, 0.5], 1, 2
     result = run(args)
     print(table(result))
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", result["device"])
-    os.makedirs(out, exist_ok=True)
+    out = results_dir(args.device, args.out)
     with open(os.path.join(out, "optim.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     plot(result, os.path.join(out, "optim.png"))

@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any
+
+from _common import device_name, results_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OURS = ("none", "naive_item", "foreach_norm", "grades_stats", "faw_none", "grades_fused")
@@ -216,13 +217,6 @@ def summarize(times: dict[str, list[list[float]]], base: str = "none") -> dict:
     return out
 
 
-def device_slug(device: str) -> str:
-    if device == "cuda":
-        import torch
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
-    return "cpu-" + re.sub(r"[^a-z0-9]+", "-", (platform.machine() or "unknown").lower())
-
-
 def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -279,8 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         public = spawn(["none", "public_grades"], opts, pythonpath_first=opts.public_path)
     import torch
     result = {
-        "device": opts.device, "device_name": (torch.cuda.get_device_name(0) if opts.device == "cuda"
-                                               else f"CPU {platform.machine()} ({os.cpu_count()} logical cores, shared)"),
+        "device": opts.device, "device_name": device_name(opts.device),
+        "threads": torch.get_num_threads() if opts.device == "cpu" else None,
         "model": f"{opts.model} ({opts.layers} layers)", "torch": torch.__version__,
         "settings": {k: getattr(opts, k) for k in ("steps", "warmup", "rounds", "batch", "seq", "vocab", "lr", "smoke")},
         "ours": summarize(ours["times"]),
@@ -295,13 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     if "grades_fused" in o and "faw_none" in o:
         result["fused_vs_faw_none"] = o["grades_fused"]["median_step_s"] / o["faw_none"]["median_step_s"]
     if opts.out:
-        out = opts.out
+        out = results_dir(opts.device, opts.out)
     elif opts.smoke:
         import tempfile
         out = tempfile.mkdtemp(prefix="grades-overhead-smoke-")
     else:
-        out = os.path.join(HERE, "results", device_slug(opts.device))
-    os.makedirs(out, exist_ok=True)
+        out = results_dir(opts.device)
     with open(os.path.join(out, "overhead.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.join(out, "overhead.png"))

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -30,23 +28,11 @@ import time
 import numpy as np
 import torch
 
+from _common import device_slug, results_dir
+
 from grades.models import tiny_llama
 from grades.tasks import AdditionTask, generate_answers
 from grades.ttc import majority_at_k, pass_at_k, training_flops
-
-
-def device_slug() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1]
-                    break
-    except OSError:
-        pass
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu"
-    return f"cpu-{slug}-{torch.get_num_threads()}t"
 
 
 def train(task: AdditionTask, size: str, steps: int, batch: int, lr: float, seed: int):
@@ -148,7 +134,7 @@ def main(argv=None) -> int:
            "estimation_s": float(statistics.median(one_est_times))}
 
     result = {
-        "benchmark": "ttc_eval", "device": device_slug(), "torch": torch.__version__,
+        "benchmark": "ttc_eval", "device": device_slug("cpu"), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": sys.version.split()[0], "smoke": smoke, "repeats": repeats,
         "setup": {"task": f"addition, {digits} digit(s)", "model": f"tiny_llama size={size}",
                   "train_steps": steps, "batch": batch, "train_flops": flops, "train_s": train_s,
@@ -171,8 +157,7 @@ def main(argv=None) -> int:
             "max_abs_diff_majority": float(np.abs(m_one.mean - m_exh).max()),
         },
     }
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", result["device"])
-    os.makedirs(out, exist_ok=True)
+    out = results_dir("cpu", args.out)
     stem = os.path.join(out, "ttc_eval.smoke" if smoke else "ttc_eval")  # smoke never overwrites
     with open(stem + ".json", "w") as fh:
         json.dump(result, fh, indent=1)
