@@ -4,8 +4,10 @@ A plain ``pip install .`` installs the Python package and ships the C++/CUDA sou
 (``grades/_csrc``); the native backends are compiled with ninja on first use and cached (see
 ``grades/_build.py``), so no ``--no-build-isolation`` is needed. ``GRADES_BUILD_EXT=1`` with
 ``pip install --no-build-isolation .`` compiles them ahead of time instead (``grades._C_cpu``, and
-``grades._C_cuda`` when torch has CUDA and nvcc is found).
+``grades._C_cuda`` when torch has CUDA and nvcc is found), with the flags of the just-in-time build:
+the CPU module is compiled with ``-march=native`` for the machine that builds it.
 """
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -33,14 +35,18 @@ if os.environ.get("GRADES_BUILD_EXT", "0") == "1":
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+    # the same flags as the just-in-time build (grades/_build.py), read without importing the package
+    spec = importlib.util.spec_from_file_location("_grades_build", ROOT / "grades" / "_build.py")
+    flags = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flags)
     ext_modules.append(CppExtension("grades._C_cpu", sorted(str(p) for p in (ROOT / "csrc/cpu").glob("*.cpp")),
-                                    extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]))
+                                    extra_compile_args={"cxx": flags.CXX_FLAGS["cpu"]},
+                                    extra_link_args=flags.LD_FLAGS["cpu"]))
     if torch.version.cuda is not None and CUDA_HOME is not None:
         cu = sorted(str(p) for p in (ROOT / "csrc/cuda").glob("*.c*"))
         ext_modules.append(CUDAExtension("grades._C_cuda", cu, include_dirs=[str(ROOT / "csrc/cuda")],
-                                         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                                             "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]}))
+                                         extra_compile_args={"cxx": flags.CXX_FLAGS["cuda"],
+                                                             "nvcc": flags.NVCC_FLAGS}))
     cmdclass["build_ext"] = BuildExtension
 
 setup(cmdclass=cmdclass, ext_modules=ext_modules)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import platform
 import sys
 import threading
 from pathlib import Path
@@ -52,6 +53,21 @@ def sources(kind: str) -> list[Path]:
     raise ValueError(f"unknown extension kind {kind!r}")
 
 
+def _host_id() -> str:
+    """The CPU model and its feature flags: ``-march=native`` code must not move to another CPU."""
+    keep = []
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    keep.append(line.strip())
+                elif not line.strip() and keep:
+                    break  # the first processor describes them all
+    except OSError:
+        pass
+    return platform.machine() + "|" + platform.processor() + "|" + "|".join(keep)
+
+
 def _digest(kind: str, files: list[Path]) -> str:
     import torch
     h = hashlib.sha256()
@@ -59,7 +75,7 @@ def _digest(kind: str, files: list[Path]) -> str:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     h.update(repr((CXX_FLAGS.get(kind), NVCC_FLAGS, LD_FLAGS.get(kind), torch.__version__,
-                   sys.version_info[:2])).encode())
+                   sys.version_info[:2], _host_id() if kind == "cpu" else None)).encode())
     return h.hexdigest()[:12]
 
 

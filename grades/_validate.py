@@ -49,6 +49,16 @@ def check_same_device(tensors: Iterable[torch.Tensor], what: str, device: torch.
             raise ValueError(f"{what}[{i}] is on {t.device}, expected {device} (all tensors must share one device)")
 
 
+def check_no_overlap(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """No two of the (contiguous) tensors share a byte of memory: an in-place update must never
+    write what another argument reads. Empty tensors own no memory."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+                   for name, t in named if t.numel())
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{a} and {b} share memory; every tensor must occupy its own memory")
+
+
 def as_tensor_list(x: object, what: str) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a list of tensors (for a flat buffer pass segments=...)")
@@ -129,6 +139,10 @@ class SegmentTable:
             raise ValueError(f"segment {int(np.argmax(length < 0))} has a negative length")
         if (mid < 0).any():
             raise ValueError(f"segment {int(np.argmax(mid < 0))} has a negative matrix id")
+        too_far = off > np.iinfo(np.int64).max - length  # offset + length would not fit in int64
+        if too_far.any():
+            i = int(np.argmax(too_far))
+            raise ValueError(f"segment {i} (offset {off[i]}, length {length[i]}) ends beyond 2**63 elements")
         inferred = int(mid.max()) + 1 if len(mid) else 0
         if num_matrices is None:
             num_matrices = inferred

@@ -14,8 +14,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import backends
-from ._validate import (STATS_DTYPE, SegmentTable, SegmentsLike, as_tensor_list, check_frozen, check_out,
-                        check_same_device, check_tensor, resolve_segments)
+from ._validate import (STATS_DTYPE, SegmentTable, SegmentsLike, as_tensor_list, check_frozen, check_no_overlap,
+                        check_out, check_same_device, check_tensor, resolve_segments)
 from .backends.base import AdamWArgs
 
 TensorList = Sequence[torch.Tensor]
@@ -49,13 +49,21 @@ def grad_stats(
         values, and the exact count of non-finite elements of each matrix's gradient. Within a
         backend the result is bitwise reproducible (fixed-order reductions, no float atomics):
         each chunk of the input is reduced in float32 in a fixed order and chunk partials are
-        added in float64 in table order.
+        added in float64 in table order. On CUDA the split of a chunk across threads also depends
+        on the 16-byte alignment of its start, so bitwise equality across processes or ranks holds
+        for identically laid-out (equally aligned) buffers, which is what DDP replicas and
+        Megatron-style buffers have. Float32 chunk sums overflow to ``inf`` for gradients beyond
+        about 1e19 in magnitude (squares beyond float32's range) while the count stays 0;
+        gradients that large are not meaningful training signals.
     """
     if segments is None:
         if isinstance(grads, torch.Tensor):
             raise TypeError("grad_stats got a single tensor: pass a list of tensors, or a flat buffer "
                             "together with segments=...")
         glist = as_tensor_list(grads, "grads")
+        if num_matrices is not None and num_matrices != len(glist):
+            raise ValueError(f"num_matrices={num_matrices} but {len(glist)} gradients were given; with a "
+                             "list every tensor is one matrix (num_matrices is for flat buffers)")
         for i, g in enumerate(glist):
             check_tensor(g, f"grads[{i}]")
         device = glist[0].device if glist else torch.device("cpu")
@@ -64,7 +72,9 @@ def grad_stats(
         frozen = check_frozen(frozen, m, device)
         out = check_out(out, m, device)
         if m:
-            backends.select(device, "list", backend).grad_stats_list(glist, frozen, out)
+            b = backends.select(device, "list", backend)
+            with torch.no_grad():
+                b.grad_stats_list(glist, frozen, out)
         return out
     buf = check_tensor(grads, "grads (flat buffer)")
     if buf.dim() != 1:
@@ -77,7 +87,8 @@ def grad_stats(
         if len(table) == 0:
             out.zero_()
         else:
-            b.grad_stats_flat(buf, table, frozen, out)
+            with torch.no_grad():
+                b.grad_stats_flat(buf, table, frozen, out)
     return out
 
 
@@ -190,18 +201,14 @@ def masked_adamw_(
             for n, lst in zip(names[1:], lists[1:]):
                 if lst[i].shape != shape:
                     raise ValueError(f"{n}[{i}] has shape {tuple(lst[i].shape)} but params[{i}] has {tuple(shape)}")
-        seen = set()
-        for n, lst in zip(names, lists):
-            for i, t in enumerate(lst):
-                if t.numel() and t.data_ptr() in seen:
-                    raise ValueError(f"{n}[{i}] shares memory with another input; every tensor must be distinct")
-                if t.numel():
-                    seen.add(t.data_ptr())
+        check_no_overlap([(f"{n}[{i}]", t) for n, lst in zip(names, lists) for i, t in enumerate(lst)])
         frozen = check_frozen(frozen, m, device)
         hp = _adamw_args(device, m, lr, beta1, beta2, eps, weight_decay, step, grad_scale, found_inf)
         out = check_out(out, m, device)
         if m:
-            backends.select(device, "list", backend).adamw_list(*lists, frozen, hp, out)
+            b = backends.select(device, "list", backend)
+            with torch.no_grad():  # params may be leaves that require grad
+                b.adamw_list(*lists, frozen, hp, out)
         return out
     bufs = []
     for x, n in zip((params, grads, exp_avgs, exp_avg_sqs), names):
@@ -215,9 +222,7 @@ def masked_adamw_(
             raise ValueError(f"flat buffers must have equal length: params has {numel}, {n} has {t.numel()}")
         if t.device != device:
             raise ValueError(f"{n} is on {t.device}, expected {device}")
-    ptrs = [t.data_ptr() for t in bufs if t.numel()]
-    if len(set(ptrs)) != len(ptrs):
-        raise ValueError("params, grads, exp_avgs and exp_avg_sqs buffers must be distinct tensors")
+    check_no_overlap([(f"{n} (flat buffer)", t) for n, t in zip(names, bufs)])
     table = resolve_segments(segments, numel, num_matrices)
     frozen = check_frozen(frozen, table.num_matrices, device)
     hp = _adamw_args(device, table.num_matrices, lr, beta1, beta2, eps, weight_decay, step, grad_scale, found_inf)
@@ -226,7 +231,9 @@ def masked_adamw_(
         if len(table) == 0:
             out.zero_()
         else:
-            backends.select(device, "flat", backend).adamw_flat(*bufs, table, frozen, hp, out)
+            b = backends.select(device, "flat", backend)
+            with torch.no_grad():
+                b.adamw_flat(*bufs, table, frozen, hp, out)
     return out
 
 

@@ -22,21 +22,29 @@ import numpy as np
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from . import backends
 from ._validate import STATS_DTYPE, SUPPORTED_DTYPES
-from .ops import grad_stats, masked_adamw_
+from .ops import _adamw_args
 
 __all__ = ["FrozenAwareAdamW", "NonFiniteGradientError"]
 
 _NONFINITE_POLICIES = ("skip", "raise", "ignore")
 # Options torch.optim.AdamW accepts that this optimizer only accepts at their default value.
-_FIXED_OPTIONS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
-                  "differentiable": False, "fused": None}
+_FIXED_OPTIONS = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
 _WHY = {"amsgrad": "the AMSGrad variant is not implemented",
         "maximize": "negate the loss instead",
-        "foreach": "the update is always one fused call per parameter group",
         "capturable": "step() never synchronises with the host, but CUDA-graph capture is not supported",
-        "differentiable": "the fused update is not differentiable",
-        "fused": "the update is always fused"}
+        "differentiable": "the fused update is not differentiable"}
+# torch.optim.AdamW's implementation switches: accepted (None or a bool) and without effect here,
+# since the update is always one fused call per parameter group.
+_IMPL_SWITCHES = ("foreach", "fused")
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without making the host wait (pinned, non-blocking)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -82,10 +90,13 @@ def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> tuple[An
 
 
 def _check_options(group: dict) -> None:
+    for name in _IMPL_SWITCHES:
+        v = group.get(name)
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"{name} must be None or a bool, got {v!r}")
     for name, default in _FIXED_OPTIONS.items():
         v = group.get(name, default)
-        bad = (v is not None) if default is None else (not isinstance(v, (bool, int)) or bool(v) != default)
-        if bad:
+        if not isinstance(v, (bool, int)) or bool(v) != default:
             raise ValueError(f"FrozenAwareAdamW does not support {name}={v!r} ({_WHY[name]}); "
                              f"leave {name} at its default ({default!r}) or use torch.optim.AdamW")
     if group.get("decoupled_weight_decay", True) is not True:
@@ -97,11 +108,11 @@ class _Plan:
     """What one group's update looks like for one set of participating parameters (cached)."""
 
     __slots__ = ("local", "full", "params", "exp_avgs", "exp_avg_sqs", "idx_local", "idx_global",
-                 "scratch", "discard")
+                 "scratch", "discard", "backend")
 
     def __init__(self, local: tuple, full: bool, params, exp_avgs, exp_avg_sqs, idx_local, idx_global,
-                 scratch):
-        self.local, self.full = local, full
+                 scratch, backend):
+        self.local, self.full, self.backend = local, full, backend
         self.params, self.exp_avgs, self.exp_avg_sqs = params, exp_avgs, exp_avg_sqs
         self.idx_local, self.idx_global, self.scratch = idx_local, idx_global, scratch
         # the fused update's own statistics when a detection pass has already produced them
@@ -121,8 +132,10 @@ class FrozenAwareAdamW(Optimizer):
         betas: ``(beta1, beta2)`` (default ``(0.9, 0.999)``).
         eps: added to the denominator (default ``1e-8``).
         weight_decay: decoupled weight decay coefficient (default ``1e-2``).
-        amsgrad, maximize, foreach, capturable, differentiable, fused: accepted for signature
-            compatibility at torch's default values only; any other value raises ``ValueError``.
+        foreach, fused: accepted (``None`` or a bool) for signature compatibility and without
+            effect: the update is always one fused call per parameter group.
+        amsgrad, maximize, capturable, differentiable: accepted at torch's default values only;
+            any other value raises ``ValueError`` naming the option.
         backend: the :mod:`grades` backend for the fused update (``"auto"`` or a backend name).
         nonfinite: what to do with NaN/Inf gradients when no ``GradScaler`` drives the step:
 
@@ -149,6 +162,9 @@ class FrozenAwareAdamW(Optimizer):
         nonfinite_count: int64 0-dim, non-finite gradient elements seen in the last step.
         skipped_steps: int64 0-dim, number of steps skipped because of non-finite gradients.
         last_step_skipped: bool 0-dim, whether the last step was skipped.
+        last_participation: bool ``[num_params]``, which parameters took part in the last step
+            (had a gradient and were not frozen on the host); a statistics row of a parameter that
+            did not take part is zero and says nothing about its gradient.
     """
 
     def __init__(
@@ -237,6 +253,7 @@ class FrozenAwareAdamW(Optimizer):
                                           torch.zeros(n, 3, dtype=STATS_DTYPE, device=dev)])
         self._host_frozen = np.concatenate([self._host_frozen, np.zeros(n, dtype=bool)])
         self._clear_plans()
+        self.last_participation = torch.zeros(end, dtype=torch.bool, device=dev)  # no step yet
 
     def _check_params(self, params: list) -> None:
         for p in params:
@@ -283,7 +300,7 @@ class FrozenAwareAdamW(Optimizer):
         idx = sorted({self.param_index(p) for p in params})
         if not idx:
             return
-        self.frozen.index_fill_(0, torch.tensor(idx, dtype=torch.long).to(self.frozen.device), True)
+        self.frozen.index_fill_(0, _upload(torch.tensor(idx, dtype=torch.long), self.frozen.device), True)
         self._learn_frozen(np.asarray(idx, dtype=np.int64))
 
     def freeze_mask_(self, mask: torch.Tensor) -> None:
@@ -328,7 +345,7 @@ class FrozenAwareAdamW(Optimizer):
                 raise ValueError(f"mask must have shape [{self.num_params}], got {list(host.shape)}")
         new = np.nonzero(host & ~self._host_frozen)[0]
         if len(new) and mask is not None:
-            self.frozen.index_fill_(0, torch.from_numpy(new).to(self.frozen.device), True)
+            self.frozen.index_fill_(0, _upload(torch.from_numpy(new), self.frozen.device), True)
         self._learn_frozen(new)
         return int(len(new))
 
@@ -371,11 +388,17 @@ class FrozenAwareAdamW(Optimizer):
             g = p.grad
             if g is None or host_frozen[start + i]:
                 continue
-            if g.is_sparse or g.layout != torch.strided:
+            # the checks grades.masked_adamw_ would make of a gradient (parameters and moments
+            # were checked when they joined, and the native backends check sizes again)
+            if g.layout != torch.strided:
                 raise TypeError("FrozenAwareAdamW does not support sparse gradients, please consider "
                                 "SparseAdam instead")
-            if g.is_complex():
-                raise TypeError("FrozenAwareAdamW supports real gradients only")
+            if g.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"gradient of parameter {start + i} has dtype {str(g.dtype)[6:]}; supported: "
+                                "float32, bfloat16, float16")
+            if g.shape != p.shape or g.device != p.device:
+                raise ValueError(f"gradient of parameter {start + i} has shape {tuple(g.shape)} on {g.device}, "
+                                 f"but the parameter has shape {tuple(p.shape)} on {p.device}")
             if not g.is_contiguous():
                 g = g.contiguous()
             local.append(i)
@@ -391,11 +414,12 @@ class FrozenAwareAdamW(Optimizer):
             dev = self.frozen.device
             idx_local = idx_global = None
             if not full:
-                idx_local = torch.tensor(local, dtype=torch.long).to(dev)
+                idx_local = _upload(torch.tensor(local, dtype=torch.long), dev)
                 idx_global = idx_local + start
             scratch = torch.zeros(len(local), 3, dtype=STATS_DTYPE, device=dev)
             plan = _Plan(key[1], full, params, [s["exp_avg"] for s in states],
-                         [s["exp_avg_sq"] for s in states], idx_local, idx_global, scratch)
+                         [s["exp_avg_sq"] for s in states], idx_local, idx_global, scratch,
+                         backends.select(dev, "list", self.backend))
             self._plans[key] = plan
         return plan, grads
 
@@ -434,6 +458,7 @@ class FrozenAwareAdamW(Optimizer):
         all_full = len(work) == len(self.param_groups) and all(w[2].full for w in work)
         if not all_full:
             stats_all.zero_()  # rows of parameters without a gradient (or host-frozen) read zero
+        self.last_participation = self._all_true if all_full else self._participation(work)
 
         frozens = []
         for gi, _, plan, _ in work:
@@ -456,7 +481,7 @@ class FrozenAwareAdamW(Optimizer):
             detect = True
             for (gi, group, plan, grads), fz in zip(work, frozens):
                 rows = rows_of(gi, plan)
-                grad_stats(grads, frozen=fz, out=rows, backend=self.backend)
+                plan.backend.grad_stats_list(grads, fz, rows)
                 if not plan.full:
                     stats_all.index_copy_(0, plan.idx_global, rows)
             count = stats_all[:, 2].sum(dtype=torch.int64)
@@ -488,10 +513,10 @@ class FrozenAwareAdamW(Optimizer):
                 step_t = steps.index_select(0, plan.idx_local)
             beta1, beta2 = group["betas"]
             out = plan.discard if detect else rows_of(gi, plan)
-            masked_adamw_(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, step=step_t,
-                          lr=self._lr_of(group), beta1=beta1, beta2=beta2, eps=group["eps"],
-                          weight_decay=group["weight_decay"], grad_scale=grad_scale,
-                          found_inf=found, out=out, backend=self.backend)
+            # grades.masked_adamw_ without its per-tensor argument checks, done once per plan
+            hp = _adamw_args(dev, len(plan.params), self._lr_of(group), beta1, beta2, group["eps"],
+                             group["weight_decay"], step_t, grad_scale, found)
+            plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out)
             if not detect and not plan.full:
                 stats_all.index_copy_(0, plan.idx_global, out)
 
@@ -505,7 +530,7 @@ class FrozenAwareAdamW(Optimizer):
             # with any threshold. Only rows that took part (had a gradient, not frozen) get NaN.
             live = self.frozen.logical_not().logical_and_(skipped)
             if not all_full:
-                live.logical_and_(self._participation(work))
+                live.logical_and_(self.last_participation)
             stats_all[:, :2].masked_fill_(live[:, None], math.nan)
         else:
             self.last_step_skipped = self._false
@@ -519,13 +544,14 @@ class FrozenAwareAdamW(Optimizer):
             for gi, _, plan, _ in work:
                 s, _e = self._ranges[gi]
                 host[[s + i for i in plan.local]] = True
-            part = host.to(self.frozen.device)
+            part = _upload(host, self.frozen.device)
             self._part_cache[key] = part
         return part
 
     def _clear_plans(self) -> None:
         self._plans.clear()
         self._part_cache.clear()
+        self._all_true = torch.ones(self.num_params, dtype=torch.bool, device=self.frozen.device)
 
     def _names(self, idx: list[int]) -> str:
         names = []
@@ -563,8 +589,10 @@ class FrozenAwareAdamW(Optimizer):
         groups = []
         for g in sd["param_groups"]:
             g = dict(g)
-            for k in ("foreach", "fused", "capturable", "differentiable"):
+            for k in ("capturable", "differentiable"):
                 g[k] = _FIXED_OPTIONS[k]
+            for k in _IMPL_SWITCHES:
+                g[k] = g.get(k) if isinstance(g.get(k), bool) else None
             g["decoupled_weight_decay"] = True
             _check_options(g)
             groups.append(g)

@@ -399,3 +399,38 @@ def test_two_kernel_launches_per_op():
     assert sum("stats_kernel" in n for n in ours) == 1, names
     assert sum("adamw_kernel" in n for n in ours) == 1, names
     assert sum("finish_kernel" in n for n in ours) == 2, names
+
+
+def test_optimizer_step_no_sync_across_freezes():
+    """FrozenAwareAdamW.step() stays sync-free on the steps right after freezes the host learns of
+    (plans are rebuilt then: index and participation tensors go up through pinned memory)."""
+    gen = _gen(7)
+    params = [torch.nn.Parameter(_randn(n, gen=gen)) for n in (4097, 33, 100_001, 5, 777)]
+    opt = grades.FrozenAwareAdamW(params, lr=1e-3)
+
+    def fill_grads(skip=()):
+        for i, p in enumerate(params):
+            p.grad = None if i in skip else _randn(p.numel(), gen=gen)
+
+    fill_grads()
+    opt.step()  # lazy state and the first plan are built outside the guarded region
+    torch.cuda.synchronize()
+    mask = torch.zeros(len(params), dtype=torch.bool, device=DEV)
+    mask[3] = True
+    host_mask = [False, False, False, True, False]  # what a completed non-blocking copy would hold
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.freeze(params[1])  # host-known freeze: the next step rebuilds its plan
+        fill_grads()
+        opt.step()
+        opt.freeze_mask_(mask)  # device decision, then the host learns it from its own copy
+        opt.sync_frozen_state(host_mask)
+        fill_grads(skip=(4,))  # and a parameter without a gradient this step
+        opt.step()
+        fill_grads()
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert opt.frozen.tolist() == [False, True, False, True, False]
+    assert opt.last_participation.tolist() == [True, False, True, False, True]

@@ -401,6 +401,32 @@ BAD = {
                  ValueError, "1-D"),
     "flat device": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
         p, g, m, torch.empty(30, device="meta"), step=1, segments=ROWS), _flat()), ValueError, "meta"),
+    "segment end past int64": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, segments=[(2 ** 63 - 8, 8, 0)]), _flat()), ValueError, r"beyond 2\*\*63"),
+    "negative segment length": (lambda: (lambda p, g, m, v: grades.grad_stats(g, segments=[(0, -1, 0)]), _flat()),
+                                ValueError, "negative length"),
+    "num_matrices too small": (lambda: (lambda p, g, m, v: grades.grad_stats(g, segments=ROWS, num_matrices=2),
+                                        _flat()), ValueError, "out of range"),
+    "num_matrices with a list": (lambda: (lambda p, g, m, v: grades.grad_stats(g, num_matrices=7), _lists()),
+                                 ValueError, "num_matrices=7"),
+    "step below 1": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p, g, m, v, step=0), _lists()),
+                     ValueError, "step"),
+    "step tensor shape": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p, g, m, v, step=torch.ones(2)),
+                                   _lists()), ValueError, "step must have shape"),
+    "integer grad_scale": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, grad_scale=torch.tensor(2)), _lists()), TypeError, "grad_scale"),
+    "out shape": (lambda: (lambda p, g, m, v: grades.grad_stats(g, out=torch.zeros(2, 3, dtype=torch.float64)),
+                           _lists()), ValueError, "out must be"),
+    "complex param": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p[:2] + [torch.randn(10, dtype=torch.cfloat)], g, m, v, step=1), _lists()), TypeError, "complex"),
+    "sparse param": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p[:2] + [p[2].to_sparse()], g, m, v, step=1),
+                              _lists()), TypeError, "dense"),
+    "overlapping views (list)": (lambda: (lambda base: grades.masked_adamw_(
+        [base[0:10]], [base[5:15]], [torch.zeros(10)], [torch.zeros(10)], step=1), [torch.randn(20)]),
+        ValueError, "share memory"),
+    "overlapping views (flat)": (lambda: (lambda base, p, g: grades.masked_adamw_(
+        p, g, base[0:30], base[10:40], step=1, segments=ROWS), [torch.rand(40), torch.randn(30), torch.randn(30)]),
+        ValueError, "share memory"),
 }
 
 
@@ -415,9 +441,53 @@ def test_bad_inputs_raise_and_write_nothing(case):
     assert all(same_bits(a, b) for a, b in zip(flat, snapshot))
 
 
+def test_cpu_extension_rejects_rows_past_its_tensor():
+    """The extension's own bounds check survives int64 overflow of start + length."""
+    ok, why = backends.get("cpu").available()
+    if not ok:
+        pytest.skip(f"native CPU backend not available: {why}")
+    ext, buf = backends.get("cpu")._ext(), torch.zeros(100)
+    out = torch.zeros(1, 3, dtype=torch.float64)
+    for row in ((2 ** 63 - 8, 8, 0), (96, 8, 0), (-1, 2, 0)):
+        with pytest.raises(RuntimeError, match="outside its tensor"):
+            ext.grad_stats_flat(buf, torch.tensor([row]), None, out)
+    assert not out.any()
+
+
+@pytest.mark.parametrize("backend", LIST_BACKENDS)
+def test_adamw_on_leaf_parameters(backend):
+    """Leaf parameters that require grad are updated in place (no autograd error, no partial write)."""
+    params = [torch.nn.Parameter(torch.randn(17)), torch.nn.Parameter(torch.randn(4, 5))]
+    want = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    ms, vs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    grades.masked_adamw_(params, grads, ms, vs, step=1, lr=0.1, backend=backend)
+    grades.masked_adamw_(want, grads, [torch.zeros_like(p) for p in want], [torch.zeros_like(p) for p in want],
+                         step=1, lr=0.1, backend="reference")
+    for p, w in zip(params, want):
+        assert p.requires_grad
+        torch.testing.assert_close(p.detach(), w, rtol=1e-6, atol=1e-7)
+
+
+def test_grades_backend_switch_applies_where_supported(monkeypatch):
+    """GRADES_BACKEND=triton steers flat inputs; list inputs (no Triton path) keep the auto choice."""
+    monkeypatch.setenv("GRADES_BACKEND", "triton")
+    cpu = torch.device("cpu")
+    assert backends.select(cpu, "list").name == backends.select(cpu, "list", "auto").name != "triton"
+    if backends.get("triton").available()[0]:
+        assert backends.select(cpu, "flat").name == "triton"
+    with pytest.raises(ValueError, match="does not support list"):
+        backends.select(cpu, "list", "triton")  # asked for by name: an error, not a silent switch
+    monkeypatch.setenv("GRADES_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.select(cpu, "list")
+
+
 def test_strict_selects_native_cpu(monkeypatch):
     ok, why = backends.get("cpu").available()
     if not ok:
+        if backends.strict():
+            pytest.fail(f"GRADES_STRICT=1 but the native CPU backend is not available: {why}")
         pytest.skip(f"native CPU backend not available: {why}")
     monkeypatch.setenv("GRADES_STRICT", "1")
     monkeypatch.delenv("GRADES_BACKEND", raising=False)

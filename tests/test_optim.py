@@ -297,11 +297,27 @@ def test_step_makes_no_host_sync(monkeypatch):
             model.lm_head.weight.grad = None  # a group with a gap takes the indexed path
         if i == 2:
             opt.freeze_mask_(mask)
+            opt.sync_frozen_state(mask.numpy())  # the host learns it: plans are rebuilt in step()
         with monkeypatch.context() as m:
             for name in guarded:
                 m.setattr(torch.Tensor, name, boom)
             opt.step()
     assert int(opt.skipped_steps) == 0
+
+
+def test_last_participation():
+    ps = [torch.nn.Parameter(torch.randn(5)) for _ in range(4)]
+    opt = FrozenAwareAdamW([{"params": ps[:2]}, {"params": ps[2:]}])
+    assert opt.last_participation.tolist() == [False] * 4  # no step yet
+    for p in ps:
+        p.grad = torch.ones(5)
+    opt.step()
+    assert opt.last_participation.tolist() == [True] * 4
+    ps[1].grad = None
+    opt.freeze(ps[3])
+    opt.step()
+    assert opt.last_participation.tolist() == [True, False, True, False]
+    assert opt.last_grad_stats[[1, 3]].eq(0).all() and opt.last_grad_stats[[0, 2], 0].eq(5).all()
 
 
 def _snapshot(model, opt):
@@ -385,6 +401,39 @@ def test_grad_scaler_protocol_with_injected_inf():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grad_scaler_with_low_precision_params(dtype):
+    """Scaling by a power of two is exact in bfloat16, so a scaled run equals an unscaled one
+    bitwise; the step with an injected Inf is skipped and leaves params and state untouched."""
+    a, b = tiny_llama(dtype=dtype), tiny_llama(dtype=dtype)
+    oa, ob = FrozenAwareAdamW(a.parameters(), lr=2e-3), FrozenAwareAdamW(b.parameters(), lr=2e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
+    for step, ids in enumerate(batches(5)):
+        for model, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            loss = loss_of(model, ids)
+            (scaler.scale(loss) if model is a else loss).backward()
+        if step == 2:
+            a.model.layers[1].self_attn.q_proj.weight.grad.view(-1)[0] = float("inf")
+            before = _snapshot(a, oa)
+            scaler.step(oa)
+            scaler.update()
+            _assert_same(before, _snapshot(a, oa))
+            for model, opt in ((a, oa), (b, ob)):  # b skips the same step so both stay in line
+                opt.zero_grad()
+            continue
+        scaler.step(oa)
+        scaler.update()
+        ob.step()
+        for x, y in zip(a.parameters(), b.parameters()):
+            if dtype == torch.bfloat16:  # float32's exponent range: scaling loses nothing
+                assert torch.equal(x, y)
+            else:  # float16: unscaled gradients lose small values to subnormals (why scalers exist)
+                torch.testing.assert_close(x, y, rtol=1e-2, atol=5e-3)
+    assert int(oa.skipped_steps) == 1 and scaler.get_scale() == 2.0 ** 7
+    assert all(oa.state[p]["exp_avg"].dtype == torch.float32 for p in a.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_fp32_moments(dtype):
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(64, 32).to(dtype))
@@ -433,15 +482,17 @@ def test_bad_inputs():
         (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay"),
         (dict(amsgrad=True), ValueError, "amsgrad"),
         (dict(maximize=True), ValueError, "maximize"),
-        (dict(foreach=True), ValueError, "foreach"),
+        (dict(foreach="yes"), TypeError, "foreach"),
         (dict(capturable=True), ValueError, "capturable"),
         (dict(differentiable=True), ValueError, "differentiable"),
-        (dict(fused=True), ValueError, "fused"),
+        (dict(fused=1), TypeError, "fused"),
         (dict(nonfinite="zero"), ValueError, "nonfinite"),
     ]
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             FrozenAwareAdamW([p], **kw)
+    for kw in (dict(fused=True), dict(fused=False), dict(foreach=True), dict(foreach=False)):
+        FrozenAwareAdamW([p], **kw)  # implementation switches of torch's AdamW: accepted, no effect
     with pytest.raises(TypeError, match="complex"):
         FrozenAwareAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
     with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
@@ -453,6 +504,16 @@ def test_bad_inputs():
     p.grad = torch.zeros(3).to_sparse()
     with pytest.raises(TypeError, match="sparse"):
         opt.step()
+    before = p.detach().clone()
+    p.grad_dtype = None  # lets torch accept a gradient of another dtype
+    p.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype float64"):
+        opt.step()
+    p.grad = torch.ones(3)
+    p.grad.set_(torch.ones(4))  # a gradient whose shape no longer matches
+    with pytest.raises(ValueError, match="shape"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state[p]  # nothing happened
     with pytest.raises(TypeError, match="bool"):
         opt.freeze_mask_(torch.zeros(1))
     with pytest.raises(ValueError, match="shape"):

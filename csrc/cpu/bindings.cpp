@@ -59,8 +59,9 @@ void check_rows(const at::Tensor& chunks, const std::vector<int64_t>& numels, bo
     const int64_t start = r[3 * c], len = r[3 * c + 1], id = r[3 * c + 2];
     TORCH_CHECK(id >= 0 && id < M, "chunk ", c, " has matrix id ", id, " outside [0, ", M, ")");
     const int64_t n = numels[per_tensor ? id : 0];
-    TORCH_CHECK(start >= 0 && len >= 0 && len <= kChunk && start + len <= n, "chunk ", c, " [", start, ", ",
-                start + len, ") is outside its tensor of ", n, " elements (or longer than CHUNK=", kChunk, ")");
+    // len <= n - start, not start + len <= n: the sum may overflow int64
+    TORCH_CHECK(start >= 0 && len >= 0 && len <= kChunk && start <= n && len <= n - start, "chunk ", c,
+                " (start ", start, ", length ", len, ") is outside its tensor of ", n, " elements (or longer than CHUNK=", kChunk, ")");
   }
 }
 

@@ -8,7 +8,8 @@
 ``triton`` also runs on CPU tensors under ``TRITON_INTERPRET=1`` when asked for by name (that is
 how CI tests it). Environment switches:
 
-* ``GRADES_BACKEND=<name>`` forces a backend wherever it supports the input.
+* ``GRADES_BACKEND=<name>`` forces a backend wherever it supports the input (device and list or
+  flat form); other inputs keep the automatic choice. An unknown name is an error.
 * ``GRADES_STRICT=1`` turns the fall-back from a native backend (``cpu`` on CPU, ``cuda`` on CUDA)
   into an error, so a run can prove the native code was built and used.
 """
@@ -76,7 +77,10 @@ def select(device: torch.device, kind: str, requested: str = "auto") -> Backend:
     """The backend that will run an op on ``device`` for input form ``kind`` ("list"/"flat")."""
     _lazy_register()
     if requested == "auto":
-        requested = os.environ.get("GRADES_BACKEND", "auto") or "auto"
+        forced = os.environ.get("GRADES_BACKEND", "auto") or "auto"
+        # the switch applies where the named backend handles the input; elsewhere auto decides
+        if forced != "auto" and get(forced).supports(device, kind):
+            requested = forced
     if requested != "auto":
         b = get(requested)
         if not b.supports(device, kind):
