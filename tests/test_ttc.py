@@ -4,15 +4,17 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
+from scipy.special import gammaln as sp_gammaln
 
 from grades.ttc import (CheckpointSamples, ExtrapolationError, FlopLedger, PoorFitError, Sample,
                         SamplesFormatError, best_of_k, break_even_queries, fit_accuracy_vs_flops,
-                        fit_accuracy_vs_k, inference_flops_per_token, load_samples, majority_at_k,
-                        matrix_shapes, pass_at_k, samples_from_completions, select, training_flops,
-                        write_samples)
+                        fit_accuracy_vs_k, inference_flops_per_sample, inference_flops_per_token,
+                        load_samples, majority_at_k, matrix_shapes, pass_at_k, samples_from_completions,
+                        select, training_flops, write_samples)
 from grades.ttc.cli import main as ttc_main
 
 
@@ -61,22 +63,74 @@ def random_problem(rng, n):
 def test_estimators_match_brute_force(seed):
     rng = np.random.default_rng(seed)
     probs = [random_problem(rng, int(rng.integers(1, 10))) for _ in range(4)]
-    nmin = min(len(p[0]) for p in probs)
-    ks = list(range(1, nmin + 1))
-    ans = [p[0] for p in probs]
-    cor = [p[1] for p in probs]
-    sc = [p[2] for p in probs]
-    ep, em, eb = pass_at_k(cor, ks), majority_at_k(ans, cor, ks), best_of_k(sc, cor, ks)
-    assert em.method == "exact"
-    for p in range(len(probs)):
+    for ans, cor, sc in probs:  # every k = 1..n_p of each problem
+        ks = list(range(1, len(ans) + 1))
+        ep, em, eb = pass_at_k([cor], ks), majority_at_k([ans], [cor], ks), best_of_k([sc], [cor], ks)
+        assert em.method == "exact"
         for i, k in enumerate(ks):
-            assert abs(ep.per_problem[p, i] - brute_pass(cor[p], k)) < 1e-12
-            assert abs(em.per_problem[p, i] - brute_majority(ans[p], cor[p], k)) < 1e-12
-            assert abs(eb.per_problem[p, i] - brute_best(sc[p], cor[p], k)) < 1e-12
+            assert abs(ep.per_problem[0, i] - brute_pass(cor, k)) < 1e-12
+            assert abs(em.per_problem[0, i] - brute_majority(ans, cor, k)) < 1e-12
+            assert abs(eb.per_problem[0, i] - brute_best(sc, cor, k)) < 1e-12
     # standard error over problems
-    for e in (ep, em, eb):
+    ks = list(range(1, min(len(p[0]) for p in probs) + 1))
+    ans, cor, sc = ([p[i] for p in probs] for i in range(3))
+    for e in (pass_at_k(cor, ks), majority_at_k(ans, cor, ks), best_of_k(sc, cor, ks)):
         np.testing.assert_allclose(e.mean, e.per_problem.mean(0))
         np.testing.assert_allclose(e.se, e.per_problem.std(0, ddof=1) / 2.0)
+
+
+def exact_majority_3(sizes, good, k):
+    """majority@k of three answer groups of ``sizes`` (``good``: indices of correct ones), with
+    integers: sum over draws (x1, x2, x3) of C(m1,x1) C(m2,x2) C(m3,x3) x P(a good group wins)."""
+    m1, m2, m3 = sizes
+    num = 0  # in sixths: a w-of-t tie among the top counts pays 6 w / t
+    for x1 in range(min(m1, k) + 1):
+        for x2 in range(max(0, k - x1 - m3), min(m2, k - x1) + 1):
+            xs = (x1, x2, k - x1 - x2)
+            top = [i for i in range(3) if xs[i] == max(xs)]
+            w = sum(i in good for i in top)
+            num += math.comb(m1, x1) * math.comb(m2, x2) * math.comb(m3, xs[2]) * (6 * w // len(top))
+    return Fraction(num, 6 * math.comb(sum(sizes), k))
+
+
+def test_majority_large_n_three_groups_vs_exact_integers():
+    groups = [((2100, 1900, 1000), {0}), ((1700, 1800, 1500), {0}), ((1500, 1500, 2000), {0, 1})]
+    ans = [[g for g, m in enumerate(sz) for _ in range(m)] for sz, _ in groups]
+    cor = [[g in good for g, m in enumerate(sz) for _ in range(m)] for sz, good in groups]
+    ks = [1, 2, 3, 10, 51, 200]
+    e = majority_at_k(ans, cor, ks)
+    assert e.method == "exact"
+    # binomials go through log-gamma: gammaln(5001) ~ 3.8e4 carries ~1e-11 relative rounding
+    for p, (sz, good) in enumerate(groups):
+        for i, k in enumerate(ks):
+            assert abs(e.per_problem[p, i] - float(exact_majority_3(sz, good, k))) < 1e-10, (p, k)
+
+
+def test_out_of_range_probabilities_raise_instead_of_being_clipped(monkeypatch):
+    from grades.ttc import estimators
+    log_comb = estimators._log_comb
+    # a wrong coefficient (every binomial e^0.5 too large) gives majority@k = e^0.5 > 1
+    monkeypatch.setattr(estimators, "_log_comb", lambda n, k: log_comb(n, k) + 0.5)
+    with pytest.raises(FloatingPointError, match="outside"):
+        majority_at_k([["x"] * 6], [[True] * 6], [1, 3])
+    # a wrong C(m, k)/C(n, k) that is not monotone in m: the top-scored (correct) sample gets < 0
+    monkeypatch.setattr(estimators, "gammaln", lambda x: sp_gammaln(x) - 0.5 * np.square(x))
+    with pytest.raises(FloatingPointError, match="outside"):
+        best_of_k([list(range(8))], [[False] * 7 + [True]], [2, 5])
+
+
+def test_k_must_be_whole():
+    cor = [[True, False, False]]
+    with pytest.raises(ValueError, match="whole"):
+        pass_at_k(cor, [2.9])
+    with pytest.raises(ValueError, match="whole"):
+        majority_at_k([["a", "b", "c"]], cor, 1.5)
+    with pytest.raises(TypeError):
+        best_of_k([[0.0, 1.0, 2.0]], cor, "2")
+    with pytest.raises(TypeError):
+        pass_at_k(cor, [1, None])
+    assert pass_at_k(cor, [2.0]).ks.tolist() == [2]
+    assert pass_at_k(cor, np.array(3)).mean[0] == 1.0
 
 
 def test_majority_all_k_for_larger_n_vs_brute_force():
@@ -143,14 +197,15 @@ def test_large_n_no_overflow():
         exact = 1 - math.comb(n - c, k) / math.comb(n, k)
         assert abs(e.per_problem[0, i] - exact) < 1e-10
     assert e.per_problem[1].max() == 0.0 and e.per_problem[2, -1] == 1.0
-    # majority (exact path) and best-of-k at n = 5000 stay finite and within [0, 1]
-    ans = [[str(x) for x in rng.integers(0, 30, size=n)]]
-    mcor = [[a == "7" for a in ans[0]]]
-    m = majority_at_k(ans, mcor, [1, 16, 32])
-    assert m.method == "exact" and np.isfinite(m.mean).all()
-    assert m.at(1)[0] == pytest.approx(np.mean(mcor[0]))
-    b = best_of_k([rng.random(n).tolist()], mcor, [1, 2, 100, 5000])
-    assert np.isfinite(b.mean).all() and 0 <= b.mean.min() <= b.mean.max() <= 1
+    # best-of-k at n = 5000 against the rank formula in integers: sum_r y_r C(r-1, k-1) / C(n, k)
+    scores = rng.random(n)
+    bcor = rng.random(n) < 0.1
+    y = bcor[np.argsort(scores)]
+    ks = [1, 2, 100, 4000, 5000]
+    b = best_of_k([scores.tolist()], [bcor.tolist()], ks)
+    for i, k in enumerate(ks):
+        exact = Fraction(sum(math.comb(r - 1, k - 1) for r in range(1, n + 1) if y[r - 1]), math.comb(n, k))
+        assert abs(b.per_problem[0, i] - float(exact)) < 1e-10, k
 
 
 def test_majority_monte_carlo_within_stated_bound():
@@ -162,8 +217,23 @@ def test_majority_monte_carlo_within_stated_bound():
         cor.append([x == 0 for x in lab])
     exact = majority_at_k(ans, cor, range(1, 15))
     mc = majority_at_k(ans, cor, range(1, 15), method="monte-carlo", mc_draws=1500, mc_delta=0.001, seed=1)
-    assert mc.method == "monte-carlo" and mc.mc_error_bound > 0
+    assert mc.method == "monte-carlo"
+    # Hoeffding at each of the 14 k with a union bound: simultaneous over k with prob. 1 - delta
+    assert mc.mc_error_bound == pytest.approx(math.sqrt(math.log(2 * 14 / 0.001) / (2 * 1500 * 8)))
     assert np.abs(mc.mean - exact.mean).max() <= mc.mc_error_bound
+
+
+def test_majority_switches_to_monte_carlo_where_exact_would_overflow():
+    sizes, ks = (400, 350, 250), [1, 3, 25, 990]  # k_max = 990 of n = 1000 overflows the recursion
+    ans = [[g for g, m in enumerate(sizes) for _ in range(m)]]
+    cor = [[g == 0 for g, m in enumerate(sizes) for _ in range(m)]]
+    with pytest.raises(ValueError, match="overflow"):
+        majority_at_k(ans, cor, ks, method="exact")
+    mc = majority_at_k(ans, cor, ks, mc_draws=60, seed=0)
+    assert mc.method == "monte-carlo"
+    exact = np.array([float(exact_majority_3(sizes, {0}, k)) for k in ks])
+    assert np.abs(mc.mean - exact).max() <= mc.mc_error_bound
+    assert mc.mean[-1] == exact[-1] == 1.0  # 990 of 1000 drawn: the 400 always win
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +243,12 @@ def test_fit_vs_k_recovers_parameters():
     rng = np.random.default_rng(0)
     ks = np.arange(1, 33)
     truth = 0.8 - (0.8 - 0.3) * np.exp(-0.25 * (ks - 1))
-    fit = fit_accuracy_vs_k(ks, np.clip(truth + rng.normal(0, 0.005, ks.size), 0, 1))
+    acc = np.clip(truth + rng.normal(0, 0.005, ks.size), 0, 1)
+    fit = fit_accuracy_vs_k(ks, acc)
     assert fit.ok, fit.reason
+    d = json.loads(json.dumps(fit.to_dict()))  # residuals reported, JSON-ready
+    np.testing.assert_allclose(d["residuals"], acc - fit.predict(ks), atol=1e-15)
+    assert math.sqrt(np.mean(np.square(d["residuals"]))) == pytest.approx(d["rmse"])
     assert fit.params["a_1"] == pytest.approx(0.3, abs=0.02)
     assert fit.params["a_inf"] == pytest.approx(0.8, abs=0.02)
     assert fit.params["b"] == pytest.approx(0.25, rel=0.15)
@@ -256,6 +330,10 @@ def test_select_majority_tolerance_and_target():
         select(cks, k_max=5)
     with pytest.raises(ValueError, match="infer_flops_per_sample"):
         select(cks, k_max=2, queries=10)
+    # the full run cannot cost less than its last checkpoint (C: 4e12): negative savings refused
+    with pytest.raises(ValueError, match="below the training FLOPs"):
+        select(cks, k_max=2, final_train_flops=3e12)
+    assert select(cks, k_max=2, final_train_flops=4e12).reference_flops == 4e12
 
 
 def test_break_even_queries():
@@ -310,6 +388,43 @@ def test_flops_hand_count_llama():
         training_flops(cfg, 1, frozen=["model.layers.9.mlp.up_proj"])
     with pytest.raises(ValueError):
         training_flops(cfg, -1)
+
+
+def test_inference_flops_per_sample_hand_count():
+    from grades.models import llama_config
+    cfg = llama_config(vocab_size=15, size="tiny")
+    body, head, att = 73728, 15 * 64, 4 * 2 * 4 * 16  # matrices without the LM head; QK+AV per ctx
+    # 5 prompt tokens, 3 new: the prefill's last position gives token 1 (LM head there only),
+    # then 2 decoding steps feed tokens 1 and 2 with 6 and 7 positions in the KV cache
+    want = 2 * body * (5 + 2) + 2 * head * 3 + att * (5 * 6 / 2 + 6 + 7)
+    assert inference_flops_per_sample(cfg, 5, 3) == want == 1052288
+    assert inference_flops_per_sample(cfg, 5, 1) == 2 * body * 5 + 2 * head + att * 15
+    with pytest.raises(ValueError, match="new_tokens"):
+        inference_flops_per_sample(cfg, 5, 0)
+    with pytest.raises(TypeError, match="prompt_len"):
+        inference_flops_per_sample(cfg, 5.5, 2)
+
+
+def test_inference_flops_per_sample_matches_generate():
+    """FLOPs that torch counts while ``generate()`` samples, minus what the eager attention spends
+    on the masked half of the prefill's square (the count is causal), equal the formula."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from grades.models import tiny_llama
+    from grades.tasks import AdditionTask
+    task = AdditionTask(digits=1, seed=0, n_val=4, n_test=4)
+    model = tiny_llama(task.vocab_size, "tiny", seed=0).eval()
+    batch = task.prompt_batch(task.val[:2])
+    p, att = batch["input_ids"].shape[1], 4 * 2 * 4 * 16
+    assert model.config._attn_implementation == "eager"  # bmm's over the full (masked) square
+    for new in (1, 4):
+        fc = FlopCounterMode(display=False)
+        with fc, torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                                 num_return_sequences=3, pad_token_id=task.pad_id, eos_token_id=task.eos_id)
+        assert out.shape == (6, p + new)
+        masked = att * (p * p - p * (p + 1) / 2)
+        assert fc.get_total_flops() / 6 - masked == inference_flops_per_sample(model.config, p, new)
 
 
 def test_flop_ledger_adds_up():
@@ -386,6 +501,63 @@ def test_load_bad_lines_skip_or_error(tmp_path):
         load_samples(only_bad)
 
 
+def test_load_reports_undecodable_huge_and_nested_lines(tmp_path):
+    from grades.ttc.samples import LoadReport
+    good = small_jsonl(tmp_path).read_bytes().splitlines()
+    huge_score = _line("early", 1e12, 20, [("7", True)]).replace('true', 'true, "score": 1' + "0" * 400)
+    lines = [good[0], b'{"checkpoint": "early", "train_flops": 1e12, "problem": "\xff\xfe", "samples": []}',
+             huge_score.encode(), b"[" * 100000, *good[1:]]
+    p = tmp_path / "odd.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # with a byte-order mark
+    rep = LoadReport()
+    cks = load_samples(p, report=rep)
+    assert [ln for ln, _ in rep.bad_lines] == [2, 3, 4]
+    assert "not valid UTF-8 (byte 0xff" in rep.bad_lines[0][1]
+    assert "score must be a finite number" in rep.bad_lines[1][1]
+    assert "invalid JSON" in rep.bad_lines[2][1]
+    assert [c.name for c in cks] == ["early", "late"] and len(cks[0].problems) == 5
+    with pytest.raises(SamplesFormatError, match="line 2: not valid UTF-8"):
+        load_samples(p, on_bad_line="error")
+    # a train_flops integer too large for a float is not finite: refused like inf
+    big = small_jsonl(tmp_path, [_line("early", 1e12, 9, [("1", True)]).replace("1000000000000.0", "1" + "0" * 400)])
+    with pytest.raises(SamplesFormatError, match="line 3: train_flops must be finite"):
+        load_samples(big)
+    with pytest.raises(ValueError, match="finite"):
+        CheckpointSamples("x", 10 ** 400)
+
+
+def test_load_refuses_one_answer_with_two_verdicts(tmp_path):
+    from grades.ttc.samples import LoadReport
+    p = small_jsonl(tmp_path, [_line("early", 1e12, 7, [("7", True), ("8", False), ("7", False)])])
+    rep = LoadReport()
+    cks = load_samples(p, report=rep)
+    assert rep.bad_lines == [(3, "answer '7' is marked both correct and incorrect (samples[2]); "
+                                 "one answer needs one verdict")]
+    assert 7 not in cks[0].problems
+    with pytest.raises(SamplesFormatError, match="line 3: answer '7' is marked both"):
+        load_samples(p, on_bad_line="error")
+    with pytest.raises(ValueError, match="checkpoint 'c', problem 'q': answer 'x'"):
+        samples_from_completions("c", 1.0, ["q"], [["x", "x"]], [[True, False]])
+
+
+def test_load_refuses_to_drop_a_whole_checkpoint(tmp_path):
+    from grades.ttc.samples import LoadReport
+    # every line of "final" is malformed: skipping them would silently make "late" the reference
+    bad = [json.dumps({"checkpoint": "final", "train_flops": 9e12, "problem": p, "samples": "none"})
+           for p in range(3)]
+    p = small_jsonl(tmp_path, bad)
+    rep = LoadReport()
+    with pytest.raises(SamplesFormatError, match=r"checkpoint 'final' appears only on malformed lines "
+                                                 r"\(lines 3, 4, 5; line 3: 'samples' must be"):
+        load_samples(p, report=rep)
+    assert rep.bad_checkpoints == {"final": [3, 4, 5]}
+    # one bad line of a checkpoint that has good ones is only skipped (that problem is dropped)
+    rep = LoadReport()
+    assert len(load_samples(small_jsonl(tmp_path, bad[:1] + [_line("final", 9e12, 0, [("7", True)])]),
+                            report=rep)) == 3
+    assert rep.bad_checkpoints == {"final": [3]}
+
+
 def test_cli_end_to_end(tmp_path, capsys):
     p = small_jsonl(tmp_path, ["{oops"])
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
@@ -403,6 +575,13 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert res["skipped_lines"][0]["line"] == 3
     kf = res["k_fits"]["early"]["pass@k"]
     assert kf["model"] == "k-exp" and set(kf["params"]) == {"a_1", "a_inf", "b"}
+    assert len(kf["residuals"]) == 4
+    # early pass@k = k/4 is a line: the saturating fit fails its checks and extrapolates nothing;
+    # late (1/2, 5/6, 1, 1) fits and extrapolates to k = 5 (k_max + half the fitted range) only
+    assert not kf["ok"] and kf["extrapolated"] == []
+    late = res["k_fits"]["late"]["pass@k"]
+    assert late["ok"] and [e["k"] for e in late["extrapolated"]] == [5]
+    assert late["extrapolated"][0]["accuracy"] == pytest.approx(1.0, abs=0.01)
     assert out_png.stat().st_size > 1000
     # refuse malformed lines
     assert ttc_main([str(p), "--on-bad-line", "error"]) == 2
@@ -420,6 +599,51 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert ttc_main([str(small_jsonl(tmp_path)), "--target", "0.99", "--k-max", "2",
                      "--strategies", "majority"]) == 1
     assert ttc_main([str(small_jsonl(tmp_path)), "--target", "high"]) == 2
+    capsys.readouterr()
+    # a directory, a non-UTF-8 line, a 400-digit train_flops, an output that cannot be written
+    assert ttc_main([str(tmp_path)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    bad = small_jsonl(tmp_path)
+    bad.write_bytes(bad.read_bytes() + b'{"checkpoint": "\xe9arly"}\n')
+    assert ttc_main([str(bad)]) == 0
+    assert "line 11: not valid UTF-8 (byte 0xe9" in capsys.readouterr().err
+    huge = _line("x", 1, 0, [("1", True)]).replace('"train_flops": 1', '"train_flops": 1' + "0" * 400)
+    big = small_jsonl(tmp_path, [huge])
+    assert ttc_main([str(big)]) == 2
+    assert "line 3: train_flops must be finite and >= 0, got 100000" in capsys.readouterr().err
+    assert ttc_main([str(small_jsonl(tmp_path)), "--json", str(tmp_path / "no" / "r.json")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    # the full run below the last checkpoint's FLOPs
+    assert ttc_main([str(small_jsonl(tmp_path)), "--final-flops", "1e12"]) == 2
+    assert "below the training FLOPs" in capsys.readouterr().err
+    # a checkpoint that appears only on malformed lines is not dropped silently
+    lost = small_jsonl(tmp_path, ['{"checkpoint": "final", "train_flops": 9e12, "problem": 0}'])
+    assert ttc_main([str(lost)]) == 2
+    err = capsys.readouterr().err
+    assert "line 3: missing field 'samples'" in err and "checkpoint 'final' appears only on malformed" in err
+
+
+def test_cli_projection_target(tmp_path, capsys):
+    f = np.linspace(0, 1e15, 6)
+    acc = 0.8 - 0.7 * np.exp(-f / 3e14)
+    cks = [samples_from_completions(f"c{i}", x, list(range(200)), [["7", "7"]] * 200,
+                                    [[j < round(a * 200)] * 2 for j in range(200)])
+           for i, (x, a) in enumerate(zip(f, acc))]
+    p = tmp_path / "curve.jsonl"
+    write_samples(p, cks)
+    out = tmp_path / "r.json"
+    code = ttc_main([str(p), "--target", "projection", "--final-flops", "1.4e15", "--tolerance", "0.06",
+                     "--strategies", "pass", "--json", str(out)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert "projection fit (flops-exp)" in cap.out and "(projection)" in cap.out
+    res = json.loads(out.read_text())
+    assert res["target_source"] == "projection" and res["reference_flops"] == 1.4e15
+    assert res["target"] == pytest.approx(0.8 - 0.7 * math.exp(-1.4e15 / 3e14), abs=0.01)
+    assert res["projection"]["ok"] and len(res["projection"]["residuals"]) == 6
+    # target ~0.793 - 0.06: c4 (150 of 200 correct at 8e14 FLOPs) is the first to meet it
+    assert res["min_train"]["checkpoint"] == "c4" and res["min_train"]["accuracy"] == 0.75
+    assert res["min_train"]["train_flops_saved"] == pytest.approx(1.4e15 - 8e14)
 
 
 def test_grades_cli_dispatches_ttc(tmp_path, capsys):
@@ -448,7 +672,12 @@ def test_cli_best_of_k_with_scores(tmp_path, capsys):
     assert [r["accuracy"] for r in best] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert res["min_train"]["checkpoint"] == "early" and res["min_train"]["k"] == 3
     assert res["min_train"]["strategy"] == "best-of-k"
-    capsys.readouterr()
+    assert "best-of-k left out" not in capsys.readouterr().err
+    # default strategies: best-of-k is left out when a sample has no score, and the CLI says so
+    cks[1].problems["p2"][3] = Sample("w0", False, None)
+    write_samples(p, cks)
+    assert ttc_main([str(p)]) == 0
+    assert "best-of-k left out: checkpoint 'late' has samples without a 'score'" in capsys.readouterr().err
 
 
 def test_empty_checkpoints_refused():

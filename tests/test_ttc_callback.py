@@ -61,6 +61,47 @@ def test_monitor_break_even_volume_blocks_stopping():
     assert 1e3 <= d.choice.break_even < 1e9
 
 
+def test_monitor_stops_only_on_the_checkpoint_in_hand():
+    """An earlier checkpoint that met the target (while the projection waited) has no weights left:
+    it is reported, but only the current checkpoint can stop training."""
+    def sample_fn(model, problems, n):  # model = (accuracy, all wrong samples give one answer)
+        q, one_wrong = model
+        good = int(round(q * n))
+        return [["ok"] * good + ["w" if one_wrong else f"w{j}" for j in range(n - good)] for _ in problems]
+
+    mon = TTCMonitor([0, 1], sample_fn=sample_fn, verifier=stub_verifier, n_samples=100, k_max=10,
+                     strategies=["majority"], target="projection", planned_train_flops=1.4e14)
+    for i, f in enumerate([2e13, 4e13, 6e13, 8e13]):
+        d = mon.evaluate((curve(f), i == 3), step=i + 1, train_flops=f)
+    # step-4 is more accurate at k=1 (0.26) but its wrong answers agree: its majority vote fails
+    assert d.target == pytest.approx(0.335, abs=0.01) and max(d.accuracy["majority@k"]) < d.target
+    assert not d.stop and d.choice is None
+    assert (d.earliest.checkpoint, d.earliest.k) == ("step-1", 7)
+    assert "the earlier step-1 met it with majority@k k=7 (its weights are not kept" in d.reason
+    d = mon.evaluate((curve(1e14), False), step=5, train_flops=1e14)
+    assert d.stop and d.choice.checkpoint == "step-5" and d.earliest.checkpoint == "step-1"
+
+
+def test_monitor_reason_texts():
+    kw = dict(sample_fn=stub_sample_fn, verifier=stub_verifier, n_samples=10, strategies=["majority"])
+    # k > 1 needed: Q* is unknown without inference FLOPs, not infinite
+    d = TTCMonitor([0], target=0.75, planned_train_flops=1e15, **kw).evaluate(0.6, 1, 3e14)
+    assert d.stop and d.choice.k > 1 and d.choice.break_even is None
+    assert d.reason.endswith("Q* unknown (give infer_flops_per_sample)")
+    d = TTCMonitor([0], target=0.75, **kw).evaluate(0.6, 1, 3e14)
+    assert d.reason.endswith("Q* unknown (give planned_train_flops)")
+    d = TTCMonitor([0], target=0.5, planned_train_flops=1e15, **kw).evaluate(0.6, 1, 3e14)
+    assert d.choice.k == 1 and d.reason.endswith("Q*=inf (no extra inference per query)")
+    d = TTCMonitor([0], target=0.75, planned_train_flops=1e15, infer_flops_per_sample=1e9,
+                   **kw).evaluate(0.6, 1, 3e14)
+    assert d.reason.endswith(f"Q*={7e14 / ((d.choice.k - 1) * 1e9):.3g} queries")
+    assert d.eval_flops == 10 * 1e9
+    # no query volume declared: nothing about break-even when the target is out of reach
+    d = TTCMonitor([0], target=0.99, k_max=3, **kw).evaluate(0.3, 1, 3e14)
+    assert not d.stop and "break-even" not in d.reason
+    assert d.reason.startswith("no k<=3 at step-1 reaches 0.9900")
+
+
 def test_monitor_bad_inputs(tmp_path):
     with pytest.raises(TypeError):
         TTCMonitor([0], n_samples=4)
@@ -70,6 +111,16 @@ def test_monitor_bad_inputs(tmp_path):
         TTCMonitor([0], sample_fn=stub_sample_fn, verifier=stub_verifier, target="projection")
     with pytest.raises(ValueError, match="infer_flops_per_sample"):
         TTCMonitor([0], sample_fn=stub_sample_fn, verifier=stub_verifier, target=0.5, expected_queries=10)
+    # without planned_train_flops nothing is saved against any reference: it could never stop
+    with pytest.raises(ValueError, match="planned_train_flops"):
+        TTCMonitor([0], sample_fn=stub_sample_fn, verifier=stub_verifier, target=0.5, expected_queries=10,
+                   infer_flops_per_sample=1e9)
+    # refused at construction, not at the first evaluation
+    for bad in (dict(tolerance=-0.1), dict(tolerance="0.1"), dict(fit_model="cubic"), dict(min_checkpoints=0),
+                dict(k_max=2.5), dict(max_extrapolation=-1.0), dict(infer_flops_per_sample=0.0),
+                dict(problem_ids=["a", "a"]), dict(n_samples=4.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TTCMonitor([0, 1], sample_fn=stub_sample_fn, verifier=stub_verifier, target=0.5, **bad)
     mon = TTCMonitor([0], sample_fn=lambda m, p, n: [["ok"] * (n - 1)], verifier=stub_verifier,
                      n_samples=4, target=0.5)
     with pytest.raises(ValueError, match="expected 4"):
@@ -80,6 +131,46 @@ def test_monitor_bad_inputs(tmp_path):
         mon.evaluate(0.5, 2, 5.0)
     with pytest.raises(ValueError):
         mon.evaluate(0.5, 3, -1.0)
+    # an evaluation that fails leaves nothing recorded; the next one works
+    scores = iter([float("nan")] * 4 + [0.5] * 4)
+    mon = TTCMonitor([0], sample_fn=stub_sample_fn, verifier=stub_verifier, score_fn=lambda p, c: next(scores),
+                     n_samples=4, strategies=["best-of-k"], target=0.5)
+    with pytest.raises(ValueError, match="finite"):
+        mon.evaluate(0.5, 1, 10.0)
+    assert mon.checkpoints == [] and mon.decisions == []
+    assert mon.evaluate(0.5, 2, 20.0).stop and [c.name for c in mon.checkpoints] == ["step-2"]
+    # an answer_fn and a verifier that disagree (one answer, two verdicts) are named
+    mon = TTCMonitor([0], sample_fn=stub_sample_fn, verifier=stub_verifier, answer_fn=lambda c: "same",
+                     n_samples=4, target=0.5)
+    with pytest.raises(ValueError, match="problem 0: answer 'same' is marked both correct and incorrect"):
+        mon.evaluate(0.5, 1, 10.0)
+
+
+def test_callback_flop_sources_and_ledger():
+    from types import SimpleNamespace
+    from transformers import TrainerControl
+    from grades.models import llama_config
+    from grades.ttc import FlopLedger
+    kw = dict(sample_fn=stub_sample_fn, verifier=stub_verifier, n_samples=10, strategies=["majority"],
+              target=0.99, infer_flops_per_sample=1e6)
+    led = FlopLedger(llama_config(vocab_size=15, size="tiny"), seq_len=8)
+    mon = TTCMonitor([0, 1], **kw)
+    cb = TTCEarlyStopping(mon, eval_steps=2, ledger=led, flops_per_step=1.0)
+    for step in range(1, 5):
+        led.add_step(64)
+        cb.on_step_end(None, SimpleNamespace(global_step=step), TrainerControl(), model=0.5)
+    # the ledger's training FLOPs feed the monitor; its sampling (2 x 2 problems x 10) goes to eval_flops
+    assert [d.train_flops for d in mon.decisions] == pytest.approx([2 * led.train_flops / 4, led.train_flops])
+    assert led.eval_flops == 2 * 20 * 1e6 and led.summary()["eval_flops"] == led.eval_flops
+    cb = TTCEarlyStopping(TTCMonitor([0], **kw), eval_steps=3, train_flops_fn=lambda st: 7.0 * st.global_step)
+    control = cb.on_step_end(None, SimpleNamespace(global_step=3), TrainerControl(), model=0.5)
+    assert cb.monitor.decisions[0].train_flops == 21.0
+    assert control.should_training_stop and cb.stopped_at == 3  # 5 of 10 agree, the wrong 5 differ
+    with pytest.raises(ValueError, match="infer_flops_per_sample"):
+        TTCEarlyStopping(TTCMonitor([0], sample_fn=stub_sample_fn, verifier=stub_verifier, target=0.5),
+                         eval_steps=1, ledger=led)
+    with pytest.raises(TypeError, match="FlopLedger"):
+        TTCEarlyStopping(mon, eval_steps=1, ledger=object())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +230,21 @@ def test_monitor_in_plain_loop_samples_verifies_records_stops(addition, tmp_path
     back = load_samples(path)
     assert [c.name for c in back] == [f"step-{d.step}" for d in mon.decisions]
     assert back[-1].train_flops == pytest.approx(flops)
+
+
+def test_sampling_leaves_training_rng_alone(addition):
+    from grades.models import tiny_llama
+    model = tiny_llama(addition.vocab_size, "tiny", seed=0)
+    mon = TTCMonitor(addition.val[:4], task=addition, n_samples=4, target=0.5, seed=3)
+    torch.manual_seed(11)
+    want = torch.rand(5)
+    torch.manual_seed(11)
+    mon.evaluate(model, 1, 0.0)
+    assert torch.equal(torch.rand(5), want)  # the default sampler seeds torch inside a fork
+    # and is still reproducible: the same seed + step gives the same samples
+    again = TTCMonitor(addition.val[:4], task=addition, n_samples=4, target=0.5, seed=3)
+    again.evaluate(model, 1, 0.0)
+    assert again.checkpoints[0].answers() == mon.checkpoints[0].answers()
 
 
 def test_callback_stops_trainer(addition, tmp_path):

@@ -4,10 +4,12 @@
 ``monitor.evaluate(model, step, train_flops)`` at each evaluation. It draws ``n_samples``
 completions per evaluation problem (once: every k up to ``k_max`` is estimated from that batch),
 verifies them, records the checkpoint, fits accuracy (k = 1) against training FLOPs, and returns a
-:class:`TTCDecision`. Training should stop when some recorded checkpoint with some k <= k_max and an
-allowed strategy reaches ``target - tolerance`` and, if a query volume is declared, that volume is
-at most the candidate's break-even count Q* (so the early checkpoint with k samples costs fewer
-total FLOPs than finishing the run and answering with one sample).
+:class:`TTCDecision`. Training should stop when the checkpoint just evaluated reaches
+``target - tolerance`` with some k <= k_max and an allowed strategy and, if a query volume is
+declared, that volume is at most the candidate's break-even count Q* (so this checkpoint with k
+samples costs fewer total FLOPs than finishing the run and answering with one sample). Only the
+current checkpoint can stop training, because only its weights are at hand; an earlier one that
+met the target is reported (``TTCDecision.earliest``).
 
 :class:`TTCEarlyStopping` wraps a monitor as a ``transformers.TrainerCallback``.
 
@@ -19,6 +21,7 @@ checkpoint; until then the monitor does not stop (the decision's ``reason`` says
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
@@ -40,9 +43,14 @@ class TTCDecision:
         stop: whether training should stop now.
         reason: a sentence on why (not).
         target: the target accuracy used (None when none could be set yet).
-        choice: the (checkpoint, k, strategy) that met it, when ``stop``.
+        choice: when ``stop``, the (k, strategy) of *this* checkpoint that meets the target (the
+            weights in hand); None otherwise.
         accuracy: ``{strategy: [accuracy at k=1..k_max]}`` of this checkpoint.
         samples_drawn: completions generated at this evaluation.
+        eval_flops: inference FLOPs of those completions (None without ``infer_flops_per_sample``).
+        earliest: for information, the recorded checkpoint with the fewest training FLOPs that
+            meets the target (and pays off); it may be an earlier one, usable only if its weights
+            were saved.
     """
 
     step: int
@@ -53,8 +61,28 @@ class TTCDecision:
     choice: Candidate | None
     accuracy: dict[str, list[float]]
     samples_drawn: int
+    eval_flops: float | None = None
+    earliest: Candidate | None = None
     selection: Selection | None = field(default=None, repr=False)
     projection: FitResult | None = field(default=None, repr=False)
+
+
+def _number(v, name: str, *, lo: float = 0.0, strict: bool = False, none: bool = True) -> float | None:
+    """``v`` as a finite float ``>= lo`` (``> lo`` when ``strict``), or None where allowed."""
+    if v is None and none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
+            or (v <= lo if strict else v < lo):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, got {v!r}")
+    return float(v)
+
+
+def _rng_fork(model):
+    """Fork torch's CPU RNG (and that of the CUDA devices holding ``model``) around sampling."""
+    import torch
+    params = getattr(model, "parameters", None)
+    devices = sorted({p.get_device() for p in params() if p.is_cuda}) if callable(params) else []
+    return torch.random.fork_rng(devices=devices)
 
 
 class TTCMonitor:
@@ -65,6 +93,7 @@ class TTCMonitor:
         task: an :class:`~grades.tasks.AdditionTask`; supplies the default ``sample_fn``
             (:func:`~grades.tasks.generate_answers` with ``do_sample=True``) and ``verifier``.
         sample_fn: ``sample_fn(model, problems, n) -> [len(problems)][n]`` completion strings.
+            It runs inside :func:`torch.random.fork_rng`: seeding there leaves training's RNG as is.
         verifier: ``verifier(problem, completion) -> bool``.
         answer_fn: completion -> answer compared by majority vote (default: ``str.strip``).
         score_fn: ``score_fn(problem, completion) -> float`` for best-of-k (optional).
@@ -73,14 +102,14 @@ class TTCMonitor:
         strategies: allowed strategies (default ``("majority@k",)``: deployable without an oracle;
             add ``"pass@k"`` only if an exact verifier is available at test time).
         target: accuracy in [0, 1] or ``"projection"``.
-        tolerance: accuracy slack.
-        planned_train_flops: FLOPs of the full planned run (needed for ``"projection"``; also the
-            reference for the training FLOPs saved).
+        tolerance: accuracy slack (>= 0).
+        planned_train_flops: FLOPs of the full planned run (needed for ``"projection"`` and with
+            ``expected_queries``; the reference for the training FLOPs saved).
         expected_queries: declared query volume Q; stop only if Q <= Q* of the candidate.
         infer_flops_per_sample: inference FLOPs of one completion (needed with ``expected_queries``).
-        min_checkpoints: checkpoints needed before a projection is attempted.
+        min_checkpoints: checkpoints needed before a projection is attempted (>= 1).
         fit_model, max_extrapolation: passed to :func:`~grades.ttc.fits.fit_accuracy_vs_flops`.
-        problem_ids: identifiers for the recorded table (default ``0..P-1``).
+        problem_ids: distinct identifiers for the recorded table (default ``0..P-1``).
         seed: base seed; evaluation at step s samples with seed ``seed + s``.
     """
 
@@ -109,10 +138,12 @@ class TTCMonitor:
             raise TypeError("give a task, or both sample_fn(model, problems, n) and verifier(problem, completion)")
         if not callable(sample_fn) or not callable(verifier):
             raise TypeError("sample_fn and verifier must be callable")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
-        self.k_max = n_samples if k_max is None else int(k_max)
-        if not 1 <= self.k_max <= n_samples:
+        for name, v in (("n_samples", n_samples), ("min_checkpoints", min_checkpoints), ("seed", seed),
+                        ("k_max", n_samples if k_max is None else k_max)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (v < 1 and name != "seed"):
+                raise ValueError(f"{name} must be an integer{'' if name == 'seed' else ' >= 1'}, got {v!r}")
+        self.k_max = int(n_samples if k_max is None else k_max)
+        if self.k_max > n_samples:
             raise ValueError(f"k_max must be in [1, n_samples={n_samples}], got {k_max}")
         if isinstance(target, str):
             if target != "projection":
@@ -121,24 +152,30 @@ class TTCMonitor:
                 raise ValueError("target='projection' needs planned_train_flops")
         elif isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
             raise ValueError(f"target must be in [0, 1], got {target!r}")
-        if expected_queries is not None and infer_flops_per_sample is None:
-            raise ValueError("expected_queries needs infer_flops_per_sample")
-        if planned_train_flops is not None and not (planned_train_flops >= 0 and math.isfinite(planned_train_flops)):
-            raise ValueError(f"planned_train_flops must be finite and >= 0, got {planned_train_flops!r}")
+        if expected_queries is not None and (infer_flops_per_sample is None or planned_train_flops is None):
+            raise ValueError("expected_queries needs infer_flops_per_sample and planned_train_flops "
+                             "(the break-even volume compares the training FLOPs saved against the full "
+                             "run with the extra inference FLOPs)")
+        self.tolerance = _number(tolerance, "tolerance", none=False)
+        self.planned_train_flops = _number(planned_train_flops, "planned_train_flops")
+        self.expected_queries = _number(expected_queries, "expected_queries")
+        self.infer_flops_per_sample = _number(infer_flops_per_sample, "infer_flops_per_sample", strict=True)
+        self.max_extrapolation = _number(max_extrapolation, "max_extrapolation", none=False)
+        if fit_model not in ("exp", "power"):
+            raise ValueError(f"fit_model must be 'exp' or 'power', got {fit_model!r}")
         self.sample_fn, self.verifier, self.score_fn = sample_fn, verifier, score_fn
         self.answer_fn = answer_fn or (lambda c: c.strip())
-        self.n_samples = n_samples
+        self.n_samples = int(n_samples)
         self.strategies = normalise_strategies(strategies)
         if "best-of-k" in self.strategies and score_fn is None:
             raise ValueError("best-of-k needs a score_fn")
-        self.target, self.tolerance = target, float(tolerance)
-        self.planned_train_flops = planned_train_flops
-        self.expected_queries, self.infer_flops_per_sample = expected_queries, infer_flops_per_sample
+        self.target = target
         self.min_checkpoints, self.fit_model = int(min_checkpoints), fit_model
-        self.max_extrapolation = float(max_extrapolation)
         self.problem_ids = list(range(len(self.problems))) if problem_ids is None else list(problem_ids)
         if len(self.problem_ids) != len(self.problems):
             raise ValueError("problem_ids must have one id per problem")
+        if len(set(self.problem_ids)) != len(self.problem_ids):
+            raise ValueError("problem_ids must be distinct")
         self.seed = int(seed)
         self._seed = self.seed
         self.checkpoints: list[CheckpointSamples] = []
@@ -148,7 +185,8 @@ class TTCMonitor:
     # -- evaluation ------------------------------------------------------------------------------
     def _sample(self, model, step: int) -> CheckpointSamples:
         self._seed = self.seed + int(step)
-        comps = self.sample_fn(model, self.problems, self.n_samples)
+        with _rng_fork(model):
+            comps = self.sample_fn(model, self.problems, self.n_samples)
         if len(comps) != len(self.problems):
             raise ValueError(f"sample_fn returned {len(comps)} rows for {len(self.problems)} problems")
         answers, correct, scores = [], [], []
@@ -166,6 +204,10 @@ class TTCMonitor:
     def evaluate(self, model, step: int, train_flops: float) -> TTCDecision:
         """Sample, verify, record this checkpoint and decide whether to stop.
 
+        Only this checkpoint's (k, strategy) candidates can stop training: the monitor keeps no
+        weights, so an earlier checkpoint that met the target is only reported
+        (``TTCDecision.earliest``). A checkpoint whose evaluation raises is not recorded.
+
         Args:
             model: anything ``sample_fn`` accepts (a transformers causal LM for the task default).
             step: the training step (names the checkpoint ``step-<step>``).
@@ -176,65 +218,77 @@ class TTCMonitor:
             raise ValueError(f"train_flops must be finite and >= 0, got {train_flops!r}")
         if self.checkpoints and train_flops < self.checkpoints[-1].train_flops:
             raise ValueError("train_flops must not decrease between evaluations")
+        if any(c.name == f"step-{step}" for c in self.checkpoints):
+            raise ValueError(f"step {step} was already evaluated")
         ck = self._sample(model, step)
         ck.train_flops = float(train_flops)
-        if any(c.name == ck.name for c in self.checkpoints):
-            raise ValueError(f"step {step} was already evaluated")
-        self.checkpoints.append(ck)
-        drawn = len(self.problems) * self.n_samples
-        target, projection, why_not = self._target()
-        sel = None
-        acc: dict[str, list[float]] = {}
-        choice = None
-        if target is None:
-            sel_target: float | str = 0.0
-        else:
-            sel_target = target
-        sel = select(self.checkpoints, k_max=self.k_max, target=sel_target, tolerance=self.tolerance,
-                     strategies=self.strategies, queries=self.expected_queries,
+        cks = self.checkpoints + [ck]
+        target, projection, why_not = self._target(cks)
+        sel = select(cks, k_max=self.k_max, target=0.0 if target is None else target,
+                     tolerance=self.tolerance, strategies=self.strategies, queries=self.expected_queries,
                      infer_flops_per_sample=self.infer_flops_per_sample,
-                     final_train_flops=self._reference_flops())
-        for s in sel.strategies:
-            acc[s] = [float(v) for v in sel.estimates[(ck.name, s)].mean]
+                     final_train_flops=self._reference_flops(cks))
+        self.checkpoints.append(ck)
+        acc = {s: [float(v) for v in sel.estimates[(ck.name, s)].mean] for s in sel.strategies}
+        choice = earliest = None
         if target is None:
             reason = why_not
         else:
-            ok = [c for c in sel.table if c.meets and self._pays_off(c)]
             order = {s: i for i, s in enumerate(sel.strategies)}
-            choice = min(ok, key=lambda c: (c.train_flops, c.k, order[c.strategy]), default=None)
+            ok = sorted((c for c in sel.table if c.meets and self._pays_off(c)),
+                        key=lambda c: (c.train_flops, c.k, order[c.strategy]))
+            earliest = ok[0] if ok else None
+            choice = next((c for c in ok if c.checkpoint == ck.name), None)
+            thr = target - self.tolerance
             if choice is None:
-                best = max(sel.table, key=lambda c: c.accuracy)
-                reason = (f"no (checkpoint, k<= {self.k_max}) reaches {target - self.tolerance:.4f}"
-                          f" within the break-even volume (best: {best.strategy} k={best.k} at "
-                          f"{best.checkpoint}: {best.accuracy:.4f})")
+                here = [c for c in sel.table if c.checkpoint == ck.name]
+                best = max(here, key=lambda c: c.accuracy)
+                pays = ("" if self.expected_queries is None else
+                        f" with a break-even Q* >= the declared {self.expected_queries:.4g} queries")
+                reason = (f"no k<={self.k_max} at {ck.name} reaches {thr:.4f}{pays} (best: {best.strategy} "
+                          f"k={best.k}: {best.accuracy:.4f})")
             else:
-                be = "inf" if choice.break_even is None or math.isinf(choice.break_even) else f"{choice.break_even:.3g}"
-                reason = (f"{choice.checkpoint} with {choice.strategy} k={choice.k} reaches "
-                          f"{choice.accuracy:.4f} >= {target - self.tolerance:.4f}; Q*={be}")
+                reason = (f"{ck.name} with {choice.strategy} k={choice.k} reaches {choice.accuracy:.4f} "
+                          f">= {thr:.4f}; {self._q_text(choice)}")
+            if earliest is not None and earliest.checkpoint != ck.name:
+                reason += (f"; the earlier {earliest.checkpoint} met it with {earliest.strategy} "
+                           f"k={earliest.k} (its weights are not kept by this monitor)")
+        f = self.infer_flops_per_sample
         d = TTCDecision(int(step), float(train_flops), choice is not None, reason, target, choice, acc,
-                        drawn, sel, projection)
+                        len(self.problems) * self.n_samples,
+                        None if f is None else f * len(self.problems) * self.n_samples, earliest, sel,
+                        projection)
         self.decisions.append(d)
         return d
 
-    def _reference_flops(self) -> float | None:
+    def _reference_flops(self, cks: list[CheckpointSamples]) -> float | None:
         if self.planned_train_flops is None:
             return None
-        return max(float(self.planned_train_flops), max(c.train_flops for c in self.checkpoints))
+        return max(self.planned_train_flops, max(c.train_flops for c in cks))
 
     def _pays_off(self, c: Candidate) -> bool:
         if self.expected_queries is None:
             return True
         return c.break_even is not None and self.expected_queries <= c.break_even
 
-    def _target(self) -> tuple[float | None, FitResult | None, str]:
+    def _q_text(self, c: Candidate) -> str:
+        if self.planned_train_flops is None:
+            return "Q* unknown (give planned_train_flops)"
+        if c.break_even is None:
+            return "Q* unknown (give infer_flops_per_sample)"
+        if math.isinf(c.break_even):
+            return "Q*=inf (no extra inference per query)"
+        return f"Q*={c.break_even:.3g} queries"
+
+    def _target(self, cks: list[CheckpointSamples]) -> tuple[float | None, FitResult | None, str]:
         if not isinstance(self.target, str):
             return float(self.target), None, ""
-        if len(self.checkpoints) < self.min_checkpoints:
+        if len(cks) < self.min_checkpoints:
             return None, None, (f"projection waits for {self.min_checkpoints} checkpoints "
-                                f"(have {len(self.checkpoints)})")
+                                f"(have {len(cks)})")
         from .estimators import pass_at_k
         xs, ys, se = [], [], []
-        for c in self.checkpoints:
+        for c in cks:
             e = pass_at_k(c.correct(), 1)
             xs.append(c.train_flops)
             ys.append(float(e.mean[0]))
@@ -261,22 +315,32 @@ class TTCEarlyStopping(_trainer_callback_base()):
 
     Training FLOPs come from, in order of preference: ``ledger`` (a
     :class:`~grades.ttc.flops.FlopLedger` that something else fills each step), ``train_flops_fn``
-    (``state -> float``), or ``flops_per_step * state.global_step``. When the monitor decides to
-    stop, ``control.should_training_stop`` is set. Decisions are in ``monitor.decisions``.
+    (``state -> float``), or ``flops_per_step * state.global_step``. With a ledger, the inference
+    FLOPs of each evaluation's sampling go into its ``eval_flops`` (:meth:`FlopLedger.add_eval`), so
+    the monitor needs ``infer_flops_per_sample``. When the monitor decides to stop,
+    ``control.should_training_stop`` is set; the model's weights at that step are the chosen
+    checkpoint. Decisions are in ``monitor.decisions``.
     """
 
     def __init__(self, monitor: TTCMonitor, *, eval_steps: int, flops_per_step: float | None = None,
                  ledger=None, train_flops_fn: Callable[[Any], float] | None = None):
+        from .flops import FlopLedger
         if not isinstance(monitor, TTCMonitor):
             raise TypeError("monitor must be a TTCMonitor")
         if isinstance(eval_steps, bool) or not isinstance(eval_steps, int) or eval_steps < 1:
             raise ValueError(f"eval_steps must be an integer >= 1, got {eval_steps!r}")
         if ledger is None and train_flops_fn is None and flops_per_step is None:
             raise ValueError("give ledger, train_flops_fn or flops_per_step to count training FLOPs")
-        if flops_per_step is not None and not flops_per_step >= 0:
-            raise ValueError("flops_per_step must be >= 0")
+        if ledger is not None and not isinstance(ledger, FlopLedger):
+            raise TypeError(f"ledger must be a FlopLedger, got {type(ledger).__name__}")
+        if ledger is not None and monitor.infer_flops_per_sample is None:
+            raise ValueError("with a ledger, give the monitor infer_flops_per_sample: the ledger "
+                             "accounts the FLOPs of the TTC sampling (FlopLedger.eval_flops)")
+        if train_flops_fn is not None and not callable(train_flops_fn):
+            raise TypeError("train_flops_fn must be callable (state -> FLOPs)")
+        self.flops_per_step = _number(flops_per_step, "flops_per_step")
         self.monitor, self.eval_steps = monitor, eval_steps
-        self.flops_per_step, self.ledger, self.train_flops_fn = flops_per_step, ledger, train_flops_fn
+        self.ledger, self.train_flops_fn = ledger, train_flops_fn
         self.stopped_at: int | None = None
 
     def _flops(self, state) -> float:
@@ -284,12 +348,14 @@ class TTCEarlyStopping(_trainer_callback_base()):
             return float(self.ledger.train_flops)
         if self.train_flops_fn is not None:
             return float(self.train_flops_fn(state))
-        return float(self.flops_per_step) * state.global_step
+        return self.flops_per_step * state.global_step
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.eval_steps != 0 or model is None:
             return control
         d = self.monitor.evaluate(model, state.global_step, self._flops(state))
+        if self.ledger is not None:
+            self.ledger.add_eval(d.eval_flops)
         if d.stop:
             self.stopped_at = state.global_step
             control.should_training_stop = True

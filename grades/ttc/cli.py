@@ -3,7 +3,9 @@
 Reads a samples file (format: :mod:`grades.ttc.samples`), prints accuracy by (checkpoint, k,
 strategy), the choice with the fewest training FLOPs meeting the target (and, with ``--queries``,
 the one with the fewest total FLOPs), the training FLOPs saved and the break-even query count Q*.
-``--json`` also holds the saturating accuracy-vs-k fit of every (checkpoint, strategy) (k_max >= 4).
+``--json`` also holds the saturating accuracy-vs-k fit of every (checkpoint, strategy) (k_max >= 4)
+with its residuals and, where the fit passes its checks, the accuracy it extrapolates to k beyond
+k_max (``extrapolated``; not measured, not used by the choice).
 
 Exit codes: 0 a choice was found; 1 nothing meets the target; 2 bad input or arguments.
 """
@@ -92,14 +94,26 @@ def _describe(c: Candidate, sel: Selection, label: str, out) -> None:
 
 
 def _k_fits(sel: Selection) -> dict:
-    """Saturating accuracy-vs-k fit per (checkpoint, strategy), where k_max >= 4 allows one."""
+    """Saturating accuracy-vs-k fit per (checkpoint, strategy), where k_max >= 4 allows one, with
+    the fitted accuracy at the k beyond k_max that it may extrapolate to."""
     out: dict = {}
     if sel.k_max < 4:
         return out
     for (name, strat), est in sel.estimates.items():
-        se = None if est.n_problems < 2 else est.se
-        out.setdefault(name, {})[strat] = fit_accuracy_vs_k(est.ks, est.mean, se).to_dict()
+        fit = fit_accuracy_vs_k(est.ks, est.mean, None if est.n_problems < 2 else est.se)
+        d = out.setdefault(name, {})[strat] = fit.to_dict()
+        beyond = range(sel.k_max + 1, int(fit.x_max + fit.max_extrapolation * (fit.x_max - fit.x_min)) + 1)
+        d["extrapolated"] = [{"k": k, "accuracy": float(fit.predict(k))} for k in beyond] if fit.ok else []
     return out
+
+
+def _report_skipped(rep: LoadReport) -> None:
+    if rep.bad_lines:
+        print(f"grades ttc: skipped {len(rep.bad_lines)} malformed line(s) of {rep.lines_read}:", file=sys.stderr)
+        for ln, why in rep.bad_lines[:20]:
+            print(f"  line {ln}: {why}", file=sys.stderr)
+        if len(rep.bad_lines) > 20:
+            print(f"  ... and {len(rep.bad_lines) - 20} more", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,15 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError:
         print(f"grades ttc: error: no such file: {args.samples}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"grades ttc: error: cannot read {args.samples}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except SamplesFormatError as e:
+        _report_skipped(rep)
         print(f"grades ttc: error: {e}", file=sys.stderr)
         return 2
-    if rep.bad_lines:
-        print(f"grades ttc: skipped {len(rep.bad_lines)} malformed line(s) of {rep.lines_read}:", file=sys.stderr)
-        for ln, why in rep.bad_lines[:20]:
-            print(f"  line {ln}: {why}", file=sys.stderr)
-        if len(rep.bad_lines) > 20:
-            print(f"  ... and {len(rep.bad_lines) - 20} more", file=sys.stderr)
+    _report_skipped(rep)
     try:
         common, dropped = common_problems(cks)
         k_max = args.k_max if args.k_max is not None else min(c.min_samples for c in common)
@@ -147,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if dropped:
         print(f"grades ttc: {dropped} problem(s) missing from some checkpoint were left out", file=sys.stderr)
+    if args.strategies is None and "best-of-k" not in sel.strategies:
+        unscored = next(c.name for c in common if c.scores() is None)
+        print(f"grades ttc: note: best-of-k left out: checkpoint {unscored!r} has samples without a "
+              "'score'", file=sys.stderr)
     out = sys.stdout
     print(f"{len(common)} checkpoints x {sel.n_problems} problems, k = 1..{sel.k_max}", file=out)
     if sel.projection is not None:
@@ -168,15 +185,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             _describe(sel.min_total, sel, "fewest total FLOPs", out)
     if "pass@k" in sel.strategies:
         print("note: pass@k assumes an oracle verifier picks a correct sample at deployment.", file=out)
-    if args.plot:
-        from .plot import plot_selection
-        plot_selection(sel, args.plot)
-        print(f"plot written to {args.plot}", file=out)
-    if args.json:
-        d = sel.to_dict()
-        d["skipped_lines"] = [{"line": ln, "reason": why} for ln, why in rep.bad_lines]
-        d["k_fits"] = _k_fits(sel)
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(d, fh, indent=1)
-        print(f"JSON written to {args.json}", file=out)
+    try:
+        if args.plot:
+            from .plot import plot_selection
+            plot_selection(sel, args.plot)
+            print(f"plot written to {args.plot}", file=out)
+        if args.json:
+            d = sel.to_dict()
+            d["skipped_lines"] = [{"line": ln, "reason": why} for ln, why in rep.bad_lines]
+            d["k_fits"] = _k_fits(sel)
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(d, fh, indent=1)
+            print(f"JSON written to {args.json}", file=out)
+    except OSError as e:
+        print(f"grades ttc: error: cannot write {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return code

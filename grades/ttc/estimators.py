@@ -45,8 +45,9 @@ class Estimate:
         mean: mean over problems, shape ``[K]``.
         se: standard error of the mean over problems, shape ``[K]`` (NaN when P = 1).
         method: ``"exact"`` or ``"monte-carlo"`` (majority only; see :func:`majority_at_k`).
-        mc_error_bound: for Monte Carlo, a bound that holds with probability ``1 - mc_delta`` on
-            the absolute error of ``mean`` due to the Monte Carlo draws (0 when exact).
+        mc_error_bound: for Monte Carlo, a bound on the absolute error of ``mean`` due to the
+            Monte Carlo draws that holds at every k simultaneously with probability
+            ``1 - mc_delta`` (0 when exact).
     """
 
     strategy: str
@@ -59,7 +60,7 @@ class Estimate:
 
     def at(self, k: int) -> tuple[float, float]:
         """``(mean, se)`` at one k (which must be one of ``ks``)."""
-        idx = np.nonzero(self.ks == int(k))[0]
+        idx = np.nonzero(self.ks == _as_ks(k)[0])[0]
         if idx.size == 0:
             raise ValueError(f"k={k} was not estimated (ks = {self.ks.tolist()})")
         return float(self.mean[idx[0]]), float(self.se[idx[0]])
@@ -73,15 +74,22 @@ class Estimate:
 # helpers
 # --------------------------------------------------------------------------------------------
 def _as_ks(k: int | Iterable[int]) -> np.ndarray:
-    if isinstance(k, (bool, np.bool_)):
-        raise TypeError("k must be an int or a sequence of ints, not bool")
-    if isinstance(k, (int, np.integer)):
-        ks = np.array([int(k)])
-    else:
-        try:
-            ks = np.array([int(x) for x in k], dtype=np.int64)
-        except TypeError:
-            raise TypeError(f"k must be an int or a sequence of ints, got {type(k).__name__}") from None
+    """``k`` (one k or a sequence of them) as an int64 array; refuses bools, strings and non-whole
+    numbers instead of truncating them."""
+    if isinstance(k, np.ndarray) and k.ndim == 0:
+        k = k.item()
+    seq = [k] if isinstance(k, (int, float, np.number)) else k
+    if isinstance(seq, (str, bytes)) or not isinstance(seq, Iterable):
+        raise TypeError(f"k must be an int or a sequence of ints, got {type(k).__name__}")
+    vals = []
+    for x in seq:
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+            raise TypeError(f"k must be an int or a sequence of ints, got an element of type "
+                            f"{type(x).__name__}")
+        if not float(x).is_integer():
+            raise ValueError(f"k must be whole numbers, got {x!r}")
+        vals.append(int(x))
+    ks = np.array(vals, dtype=np.int64)
     if ks.size == 0:
         raise ValueError("no k values requested")
     if (ks < 1).any():
@@ -108,6 +116,14 @@ def _summarise(strategy: str, ks: np.ndarray, per: np.ndarray, method: str = "ex
     else:
         se = np.full(ks.shape, np.nan)
     return Estimate(strategy, ks, per, mean, se, method, bound)
+
+
+def _unit(v: np.ndarray, what: str) -> np.ndarray:
+    """Clip float rounding (``|excess| <= 1e-9``) back into [0, 1]; anything larger is a bug, raised."""
+    if v.size and (v.min() < -1e-9 or v.max() > 1 + 1e-9):
+        raise FloatingPointError(f"{what}: a probability came out as {v.min() if v.min() < 0 else v.max()!r}, "
+                                 "outside [0, 1] beyond rounding")
+    return np.clip(v, 0.0, 1.0)
 
 
 def _log_none_ratio(n: int, bad: int, kmax: int) -> np.ndarray:
@@ -193,7 +209,6 @@ def best_of_k(scores: Sequence[Sequence[float]], correct: Sequence[Sequence[bool
         raise ValueError(f"scores has {len(scores)} problems, correct has {len(rows)}")
     ks = _as_ks(k)
     _check_k_le_n(ks, [len(r) for r in rows])
-    kmax = int(ks.max())
     per = np.empty((len(rows), ks.size))
     for p, (sc, r) in enumerate(zip(scores, rows)):
         s = np.asarray(sc, dtype=np.float64)
@@ -219,7 +234,7 @@ def best_of_k(scores: Sequence[Sequence[float]], correct: Sequence[Sequence[bool
             return np.where(mf >= kf, np.exp(lg), 0.0)
 
         acc = ybar @ (q(ends) - q(starts))
-        per[p] = np.clip(acc, 0.0, 1.0)
+        per[p] = _unit(acc, f"best-of-k, problem {p}")
     return _summarise("best-of-k", ks, per)
 
 
@@ -295,7 +310,7 @@ def _majority_exact_one(m: np.ndarray, y: np.ndarray, ks: np.ndarray) -> np.ndar
             lead = float(_log_comb(mg, t)) + t * logr
             kk = np.arange(t, kmax + 1)
             res[kk] += tot[kk - t] * np.exp(lead - log_den[kk])
-    return np.clip(res[ks], 0.0, 1.0)
+    return _unit(res[ks], "majority@k")
 
 
 def _max_log_coeff(n: int, kmax: int) -> float:
@@ -342,11 +357,12 @@ def majority_at_k(answers: Sequence[Sequence[Hashable]], correct: Sequence[Seque
     ``method="exact"`` (and ``"auto"`` whenever float range allows, which covers k_max up to the
     low hundreds for any n) sums over answer-count configurations with a generating-function
     recursion; its cost grows with k_max and the number of distinct answers, not with n.
-    ``method="monte-carlo"`` (used by ``"auto"`` only beyond that) draws ``mc_draws`` random
-    k-subsets per problem and k; each problem's estimate is a mean of values in [0, 1], so by
-    Hoeffding's inequality the mean over P problems is within
-    ``sqrt(log(2/mc_delta) / (2 * mc_draws * P))`` of the exact value with probability
-    ``1 - mc_delta`` (reported as ``Estimate.mc_error_bound``).
+    ``method="monte-carlo"`` (used by ``"auto"`` only beyond that) draws ``mc_draws``
+    random permutations per problem (the first k entries of each are a uniform k-subset, for every k
+    at once). At one k the mean over P problems is a mean of ``mc_draws * P`` independent values in
+    [0, 1], so by Hoeffding's inequality and a union bound over the K requested k values it is
+    within ``sqrt(log(2 K / mc_delta) / (2 * mc_draws * P))`` of the exact value at every k
+    simultaneously, with probability ``1 - mc_delta`` (reported as ``Estimate.mc_error_bound``).
 
     Args:
         answers: ``P`` sequences of hashable answers (``n_p`` each).
@@ -385,5 +401,5 @@ def majority_at_k(answers: Sequence[Sequence[Hashable]], correct: Sequence[Seque
             per[p] = _majority_mc_one(codes, y.astype(np.float64), ks, mc_draws, rng)
         else:
             per[p] = _majority_exact_one(m, y, ks)
-    bound = math.sqrt(math.log(2 / mc_delta) / (2 * mc_draws * len(rows))) if use_mc else 0.0
+    bound = math.sqrt(math.log(2 * ks.size / mc_delta) / (2 * mc_draws * len(rows))) if use_mc else 0.0
     return _summarise("majority@k", ks, per, "monte-carlo" if use_mc else "exact", bound)

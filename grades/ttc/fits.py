@@ -115,7 +115,8 @@ class FitResult:
         return {"model": self.model, "params": self.params,
                 "rmse": None if math.isnan(self.rmse) else self.rmse,
                 "r2": None if math.isnan(self.r2) else self.r2, "n_points": self.n_points,
-                "x_min": self.x_min, "x_max": self.x_max, "ok": self.ok, "reason": self.reason}
+                "x_min": self.x_min, "x_max": self.x_max, "ok": self.ok, "reason": self.reason,
+                "residuals": list(self.residuals)}
 
 
 def _prepare(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:

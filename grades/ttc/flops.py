@@ -17,7 +17,8 @@ Counting rules (all values are floats, in FLOPs; one multiply-add = 2 FLOPs):
   per token; training (forward + backward, which has two GEMMs per forward GEMM) three times that.
   Kernels that compute the full ``T x T`` square and mask it do more work than this count.
 * **Inference.** A generated token with a KV cache over ``c`` context positions (itself included)
-  costs ``2 N + 4 * L * heads * head_dim * c``.
+  costs ``2 N + 4 * L * heads * head_dim * c``; a whole sample is counted by
+  :func:`inference_flops_per_sample`.
 """
 from __future__ import annotations
 
@@ -151,16 +152,34 @@ def inference_flops_per_token(config, context_len: int) -> float:
 
 
 def inference_flops_per_sample(config, prompt_len: int, new_tokens: int) -> float:
-    """FLOPs of one sampled completion: a causal prefill of ``prompt_len`` tokens, then
-    ``new_tokens`` decoding steps (the i-th attends to ``prompt_len + i`` positions)."""
-    if prompt_len < 1 or new_tokens < 0:
-        raise ValueError("prompt_len must be >= 1 and new_tokens >= 0")
+    """FLOPs of one sampled completion of ``new_tokens`` generated tokens, as ``generate()`` runs it.
+
+    The prefill is one causal forward over the ``prompt_len`` prompt tokens whose last position
+    yields the first new token (the LM head runs at that position only, as transformers'
+    ``generate`` does with ``logits_to_keep=1``); each further token needs one decoding forward of
+    the token before it, so ``new_tokens`` tokens take ``new_tokens - 1`` decoding steps, the i-th
+    attending to ``prompt_len + i`` positions. With ``N`` the counted weights of which ``N_head``
+    in the LM head::
+
+        2 (N - N_head) (prompt_len + new_tokens - 1) + 2 N_head new_tokens
+        + 4 L heads head_dim (prompt_len (prompt_len + 1) / 2 + sum_{i=1}^{new_tokens-1} (prompt_len + i))
+
+    ``new_tokens`` counts every generated token, an ``<eos>`` included.
+    """
+    for name, v in (("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
     s = model_shape(config)
-    n_all = sum(o * i for o, i in matrix_shapes(config).values())
+    shapes = matrix_shapes(config)
+    n_head = shapes["lm_head"][0] * shapes["lm_head"][1]
+    n_body = sum(o * i for o, i in shapes.values()) - n_head
     att = 4.0 * s.layers * s.heads * s.head_dim
-    prefill = prompt_len * 2.0 * n_all + att * prompt_len * (prompt_len + 1) / 2.0
-    decode = sum(inference_flops_per_token(config, prompt_len + i) for i in range(1, new_tokens + 1))
-    return prefill + decode
+    steps = new_tokens - 1
+    dense = 2.0 * n_body * (prompt_len + steps) + 2.0 * n_head * new_tokens
+    attn = att * (prompt_len * (prompt_len + 1) / 2.0 + steps * prompt_len + steps * (steps + 1) / 2.0)
+    return dense + attn
 
 
 @dataclass

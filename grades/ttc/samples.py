@@ -2,7 +2,8 @@
 
 Format
 ------
-UTF-8 text, one JSON object per line, one line per (checkpoint, problem). Blank lines are ignored.
+UTF-8 text (a leading byte-order mark is ignored), one JSON object per line, one line per
+(checkpoint, problem). Blank lines are ignored.
 
 .. code-block:: text
 
@@ -31,11 +32,13 @@ Fields:
 
 Any other field, on the line or in a sample, is ignored (``completion``, ``tokens``, ... are fine).
 
-Malformed lines -- invalid JSON, a missing or mistyped field, an empty ``samples`` array, a
-duplicated (checkpoint, problem), a ``train_flops`` that disagrees with earlier lines of the same
-checkpoint -- are reported with their 1-based line number and, with ``on_bad_line="skip"``
-(default) skipped, with ``on_bad_line="error"`` refused (:class:`SamplesFormatError`). Negative
-or non-finite ``train_flops`` are refused in both modes, as is a file without any valid line.
+Malformed lines -- bytes that are not UTF-8, invalid JSON, a missing or mistyped field, an empty
+``samples`` array, one answer marked both correct and incorrect, a duplicated (checkpoint,
+problem), a ``train_flops`` that disagrees with earlier lines of the same checkpoint -- are
+reported with their 1-based line number and, with ``on_bad_line="skip"`` (default) skipped, with
+``on_bad_line="error"`` refused (:class:`SamplesFormatError`). Refused in both modes: negative or
+non-finite ``train_flops``, a file without any valid line, and a checkpoint named only on
+malformed lines (skipping them would drop the whole checkpoint, perhaps the final one).
 
 Checkpoints should share their problems: :func:`common_problems` keeps the problems present in
 every checkpoint, which is what the table and the selection compare.
@@ -114,19 +117,29 @@ class CheckpointSamples:
 
 @dataclass
 class LoadReport:
-    """What :func:`load_samples` skipped: ``bad_lines`` is a list of ``(line_number, reason)``."""
+    """What :func:`load_samples` skipped: ``bad_lines`` is a list of ``(line_number, reason)``;
+    ``bad_checkpoints`` maps the checkpoint named on a skipped line (where it could be read) to
+    those lines' numbers."""
 
     lines_read: int = 0
     bad_lines: list[tuple[int, str]] = field(default_factory=list)
+    bad_checkpoints: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _finite(v) -> bool:
+    """Whether a JSON number is a finite float (an integer too large for a float is not)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _flops(v, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{where}: train_flops must be a number, got {type(v).__name__}")
-    f = float(v)
-    if not math.isfinite(f) or f < 0:
-        raise ValueError(f"{where}: train_flops must be finite and >= 0, got {v!r}")
-    return f
+    if not _finite(v) or v < 0:
+        raise ValueError(f"{where}: train_flops must be finite and >= 0, got {_show(v)}")
+    return float(v)
 
 
 class _BadLine(Exception):
@@ -145,10 +158,25 @@ def _parse_sample(obj, j: int) -> Sample:
         raise _BadLine(f"samples[{j}].correct must be true or false")
     sc = obj.get("score")
     if sc is not None:
-        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not math.isfinite(sc):
+        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not _finite(sc):
             raise _BadLine(f"samples[{j}].score must be a finite number")
         sc = float(sc)
     return Sample(ans, cor, sc)
+
+
+def _conflict(samples: Sequence[Sample]) -> str | None:
+    """Why ``samples`` cannot vote (one answer marked both correct and incorrect), or None."""
+    verdict: dict[str, bool] = {}
+    for j, smp in enumerate(samples):
+        if verdict.setdefault(smp.answer, smp.correct) != smp.correct:
+            return (f"answer {smp.answer!r} is marked both correct and incorrect (samples[{j}]); "
+                    "one answer needs one verdict")
+    return None
+
+
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else f"{r[:20]}...({len(r)} characters)"
 
 
 def load_samples(path: str | os.PathLike, *, on_bad_line: str = "skip",
@@ -165,23 +193,32 @@ def load_samples(path: str | os.PathLike, *, on_bad_line: str = "skip",
         Checkpoints in order of first appearance, each with its problems in file order.
 
     Raises:
-        SamplesFormatError: a malformed line with ``on_bad_line="error"``, negative or non-finite
-            ``train_flops`` (either mode), or no valid line at all.
+        SamplesFormatError: a malformed line with ``on_bad_line="error"``; in either mode negative
+            or non-finite ``train_flops``, a checkpoint named only on malformed lines, or no valid
+            line at all.
+        OSError: the file cannot be read (missing, a directory, no permission).
     """
     if on_bad_line not in ("skip", "error"):
         raise ValueError(f"on_bad_line must be 'skip' or 'error', got {on_bad_line!r}")
     rep = report if report is not None else LoadReport()
     cks: dict[str, CheckpointSamples] = {}
-    with open(path, "r", encoding="utf-8") as fh:
+    # undecodable bytes become lone surrogates here and are reported per line below
+    with open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             rep.lines_read += 1
+            obj = None
             try:
                 try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise _BadLine(f"not valid UTF-8 (byte 0x{ord(line[e.start]) - 0xDC00:02x} at "
+                                   f"character {e.start + 1})") from None
+                try:
                     obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _BadLine(f"invalid JSON ({e.msg})") from None
+                except (ValueError, RecursionError) as e:
+                    raise _BadLine(f"invalid JSON ({getattr(e, 'msg', e)})") from None
                 if not isinstance(obj, dict):
                     raise _BadLine("not a JSON object")
                 for key in ("checkpoint", "train_flops", "problem", "samples"):
@@ -193,20 +230,23 @@ def load_samples(path: str | os.PathLike, *, on_bad_line: str = "skip",
                     raise _BadLine("'checkpoint' must be a non-empty string")
                 if isinstance(flops, bool) or not isinstance(flops, (int, float)):
                     raise _BadLine("'train_flops' must be a number")
-                if not math.isfinite(flops) or flops < 0:
+                if not _finite(flops) or flops < 0:
                     raise SamplesFormatError(f"line {lineno}: train_flops must be finite and >= 0, "
-                                             f"got {flops!r} (checkpoint {name!r})")
+                                             f"got {_show(flops)} (checkpoint {name!r})")
                 if isinstance(prob, bool) or not isinstance(prob, (str, int)):
                     raise _BadLine("'problem' must be a string or an integer")
                 if not isinstance(samples, list) or not samples:
                     raise _BadLine("'samples' must be a non-empty array")
                 parsed = [_parse_sample(s, j) for j, s in enumerate(samples)]
+                why = _conflict(parsed)
+                if why:
+                    raise _BadLine(why)
                 ck = cks.get(name)
                 if ck is not None and ck.train_flops != float(flops):
                     raise _BadLine(f"train_flops {flops!r} differs from {ck.train_flops!r} given "
                                    f"earlier for checkpoint {name!r}")
                 if ck is not None and prob in ck.problems:
-                    raise _BadLine(f"problem {prob!r} repeated for checkpoint {name!r}")
+                    raise _BadLine(f"problem {_show(prob)} repeated for checkpoint {name!r}")
                 if ck is None:
                     ck = cks[name] = CheckpointSamples(name, float(flops))
                 ck.problems[prob] = parsed
@@ -214,10 +254,25 @@ def load_samples(path: str | os.PathLike, *, on_bad_line: str = "skip",
                 if on_bad_line == "error":
                     raise SamplesFormatError(f"line {lineno}: {e}") from None
                 rep.bad_lines.append((lineno, str(e)))
+                name = obj.get("checkpoint") if isinstance(obj, dict) else None
+                if isinstance(name, str) and name:
+                    rep.bad_checkpoints.setdefault(name, []).append(lineno)
+    lost = {n: lines for n, lines in rep.bad_checkpoints.items() if n not in cks}
+    if lost:
+        n, lines = next(iter(lost.items()))
+        why = dict(rep.bad_lines)[lines[0]]
+        raise SamplesFormatError(f"checkpoint {n!r} appears only on malformed lines ({_lines(lines)}; "
+                                 f"line {lines[0]}: {why}); skipping them would drop the whole "
+                                 "checkpoint: fix or remove them")
     if not cks:
         raise SamplesFormatError(f"{os.fspath(path)}: no valid lines (read {rep.lines_read}, "
                                  f"{len(rep.bad_lines)} malformed)")
     return list(cks.values())
+
+
+def _lines(lines: list[int]) -> str:
+    more = f" and {len(lines) - 5} more" if len(lines) > 5 else ""
+    return f"line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines[:5]))}{more}"
 
 
 def write_samples(path: str | os.PathLike, checkpoints: Iterable[CheckpointSamples]) -> int:
@@ -256,6 +311,9 @@ def samples_from_completions(name: str, train_flops: float, problem_ids: Sequenc
             raise ValueError(f"problem {pid!r} has no samples")
         ck.problems[pid] = [Sample(str(a), bool(c), None if scores is None else float(scores[i][j]))
                             for j, (a, c) in enumerate(zip(answers[i], correct[i]))]
+        why = _conflict(ck.problems[pid])
+        if why:
+            raise ValueError(f"checkpoint {name!r}, problem {pid!r}: {why}")
     return ck
 
 

@@ -3,7 +3,7 @@
 Every checkpoint is evaluated at every k in ``1..k_max`` with each strategy, from the one set of
 samples it has (see :mod:`grades.ttc.estimators`). A candidate *meets* the target when its mean
 accuracy is at least ``target - tolerance``. The reference deployment is the final checkpoint (the
-one with the most training FLOPs, or ``final_train_flops`` when projecting) answering each query
+one with the most training FLOPs, or ``final_train_flops`` when given) answering each query
 with ``k_ref = 1`` sample.
 
 * ``min_train``: the candidate meeting the target with the fewest training FLOPs (ties: smaller k,
@@ -209,7 +209,8 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
         strategies: subset of :data:`STRATEGIES` (default: all; see the module note on pass@k).
         queries: expected number of queries served, for ``min_total``.
         infer_flops_per_sample: inference FLOPs of one sampled completion (for Q* and totals).
-        final_train_flops: training FLOPs of the full run (default: the largest checkpoint's).
+        final_train_flops: training FLOPs of the full run (default: the largest checkpoint's; at
+            least that, ``ValueError`` otherwise).
         fit_model, max_extrapolation: passed to :func:`fit_accuracy_vs_flops` for projection.
     """
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
@@ -225,9 +226,16 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
     cks, dropped = common_problems(list(checkpoints))
     estimates, strats = evaluate_checkpoints(cks, k_max, strategies)
     ref = max(cks, key=lambda c: c.train_flops)
-    ref_flops = ref.train_flops if final_train_flops is None else float(final_train_flops)
-    if ref_flops < 0 or not math.isfinite(ref_flops):
-        raise ValueError(f"final_train_flops must be finite and >= 0, got {final_train_flops!r}")
+    ref_flops = ref.train_flops
+    if final_train_flops is not None:
+        if isinstance(final_train_flops, bool) or not isinstance(final_train_flops, (int, float, np.integer)) \
+                or not math.isfinite(final_train_flops):
+            raise ValueError(f"final_train_flops must be a finite number, got {final_train_flops!r}")
+        if final_train_flops < ref.train_flops:
+            raise ValueError(f"final_train_flops={final_train_flops:.6g} is below the training FLOPs "
+                             f"{ref.train_flops:.6g} of checkpoint {ref.name!r}: the full run cannot "
+                             "cost less than one of its checkpoints")
+        ref_flops = float(final_train_flops)
     acc1 = {c.name: pass_at_k(c.correct(), 1) for c in cks}
     projection = None
     if isinstance(target, str):
