@@ -7,10 +7,14 @@ module names against patterns for the common transformer families:
 * Llama / Qwen / Mistral / Gemma / Phi-3: ``q_proj k_proj v_proj o_proj`` (attention) and
   ``gate_proj up_proj down_proj`` (MLP); fused ``qkv_proj`` / ``gate_up_proj`` too.
 * Phi-1/2: ``self_attn.dense`` (attention output), ``mlp.fc1 mlp.fc2``.
+* GPT-NeoX / Pythia, Falcon, BLOOM: ``query_key_value`` and ``attention.dense`` /
+  ``self_attention.dense`` (attention), ``dense_h_to_4h dense_4h_to_h`` (MLP).
 * GPT-2 (``Conv1D`` layers): ``attn.c_attn attn.c_proj`` and ``mlp.c_fc mlp.c_proj``.
 * BERT / RoBERTa / ViT: ``attention.self.{query,key,value}``, ``attention.output.dense``,
   ``intermediate.dense`` and the layer's ``output.dense``.
-* CLIP / SigLIP-style vision towers: ``q_proj k_proj v_proj out_proj`` and ``fc1 fc2``.
+* CLIP / SigLIP-style vision towers: ``q_proj k_proj v_proj out_proj`` and ``fc1 fc2``;
+  Qwen2-VL / Qwen2.5-VL vision blocks: ``attn.qkv attn.proj`` and ``mlp.fc1 mlp.fc2`` (or
+  ``gate_proj up_proj down_proj``).
 * PEFT LoRA: for every adapted module, its ``lora_A`` and ``lora_B`` weights of one adapter form
   one component named after the adapted module; the frozen base weights are not components.
 
@@ -31,8 +35,8 @@ from torch import nn
 DEFAULT_PATTERNS: dict[str, tuple[str, ...]] = {
     "attention": (
         r"(^|\.)(q_proj|k_proj|v_proj|o_proj|out_proj|qkv_proj|query_key_value|Wqkv)$",
-        r"(^|\.)self_attn\.dense$",
-        r"(^|\.)attn\.(c_attn|c_proj|q_attn)$",
+        r"(^|\.)(self_attn|attention|self_attention)\.dense$",
+        r"(^|\.)attn\.(c_attn|c_proj|q_attn|qkv|proj)$",
         r"(^|\.)attention\.(self|attention)\.(query|key|value)$",
         r"(^|\.)attention\.output\.dense$",
     ),

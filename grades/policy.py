@@ -3,9 +3,10 @@
 Every optimizer step, :meth:`GradES.step` reduces the per-parameter gradient statistics
 (``sum g^2``, ``sum |g|``, non-finite count) to one row per *component* (a weight matrix, or a
 LoRA A/B pair), turns them into the chosen statistic, and decides **on the device** which
-components freeze: after a grace period, on check steps, when the statistic has stayed below its
-threshold ``tau`` for more than ``patience`` consecutive checks, subject to a cap on the frozen
-fraction. Nothing in :meth:`GradES.step` waits for the device.
+components freeze: after a grace period, on check steps, when the statistic has been below its
+threshold ``tau`` on ``patience`` consecutive checks, subject to a cap on the frozen fraction.
+A component that had no gradient in a step (an unrouted expert, a skipped branch) is not
+counted in that step. Nothing in :meth:`GradES.step` waits for the device.
 
 Freezing then acts twice:
 
@@ -24,7 +25,8 @@ Statistics come from the optimizer's own pass when it is a :class:`~grades.Froze
 (``last_grad_stats``, no extra memory traffic), otherwise from one :func:`grades.grad_stats` call
 over the tracked gradients, or from any custom source (see
 :mod:`grades.integrations.megatron` for flat ``main_grad`` buffers). Under ``torch.distributed``
-with sharded parameters, the small ``[C, 3]`` partial sums are all-reduced once per step.
+with sharded parameters, the small ``[C, 4]`` partial sums (with a count of ranks on which the
+component had no gradient) are all-reduced once per step.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ import json
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
@@ -52,6 +55,12 @@ DEFAULT_REL_TAU = 0.5
 #: Decay of the running mean that records each component's level during the grace period in
 #: the automatic mode (about the last ten grace steps count).
 REF_DECAY = 0.9
+
+#: Default EMA decay of the statistic and default patience (consecutive checks below the
+#: threshold). A single step's statistic is noisy; these defaults keep noise from freezing a
+#: matrix while a real drop is still caught within about a dozen steps.
+DEFAULT_EMA = 0.9
+DEFAULT_PATIENCE = 3
 
 TauLike = Union[float, Mapping[str, float], None]
 
@@ -85,27 +94,32 @@ class GradESConfig:
     ``rel_tau = DEFAULT_REL_TAU``):
 
     Attributes:
-        tau: absolute threshold on the statistic: one number for every component, or a mapping
-            ``{component type: tau}`` (e.g. ``{"attention": 2e-3, "mlp": 5e-3}``; the key
-            ``"default"`` covers types not listed).
+        tau: absolute threshold on the statistic (in the statistic's units, e.g. sum of |g| for
+            ``"l1"``): one number for every component, or a mapping ``{component type: tau}``
+            (e.g. ``{"attention": 2e-3, "mlp": 5e-3}``; the key ``"default"`` covers types not
+            listed; a key naming a type no component has is an error).
         rel_tau: automatic mode: each component's threshold is ``rel_tau`` times its own
             statistic level at the end of the grace period (a running mean of the last grace
             steps, recorded on the device); a number or a per-type mapping, in ``(0, 1]``.
         statistic: ``"l1"`` (sum of |g|, the paper's), ``"l2"`` (sqrt of sum g^2), ``"mean_abs"``
             (l1 / numel) or ``"rms"`` (sqrt(sum g^2 / numel)).
-        ema: optional decay in ``[0, 1)`` of an exponential moving average applied to the
-            statistic before thresholding (bias-corrected); ``None`` or ``0`` uses the raw value.
+        ema: decay in ``[0, 1)`` of an exponential moving average (bias-corrected, per step) applied
+            to the statistic before thresholding; ``None`` or ``0`` uses each step's raw value
+            (the paper's rule). Default :data:`DEFAULT_EMA`.
         alpha: grace period as a fraction of ``total_steps``, in ``[0, 1)``.
-        grace_steps: grace period in steps (overrides ``alpha``).
+        grace_steps: grace period in optimizer steps (overrides ``alpha``); less than
+            ``total_steps`` when both are given.
         total_steps: planned number of optimizer steps (needed with ``alpha > 0`` unless
             ``grace_steps`` is given; the Trainer callback fills it in).
-        patience: a component freezes when its statistic has been below tau on more than
-            ``patience`` consecutive check steps (0: the first check below tau freezes it).
-        check_interval: decide every this many steps after the grace period (>= 1).
-        max_frozen_ratio: at most this fraction of components is ever frozen (in ``(0, 1]``);
-            when more qualify at once, the earliest in component order win.
-        stop_ratio: ``should_stop`` turns true once this fraction of components is frozen
-            (``None``: never).
+        patience: a component freezes once its statistic has been below tau on this many
+            consecutive check steps (``0`` and ``1`` both freeze at the first check below tau).
+            Default :data:`DEFAULT_PATIENCE`.
+        check_interval: decide every this many optimizer steps after the grace period (>= 1).
+        max_frozen_ratio: at most ``floor(max_frozen_ratio * C)`` of the ``C`` components are ever
+            frozen (in ``(0, 1]``; at least one); when more qualify at once, the earliest in
+            component order win.
+        stop_ratio: ``should_stop`` turns true once ``ceil(stop_ratio * C)`` components are frozen,
+            or as many as ``max_frozen_ratio`` allows if that is fewer (``None``: never).
         history_every: record the statistics into the history every this many steps.
         history_max: keep at most this many history samples (older ones are thinned).
     """
@@ -113,11 +127,11 @@ class GradESConfig:
     tau: TauLike = None
     rel_tau: TauLike = None
     statistic: str = "l1"
-    ema: Optional[float] = None
+    ema: Optional[float] = DEFAULT_EMA
     alpha: float = 0.3
     grace_steps: Optional[int] = None
     total_steps: Optional[int] = None
-    patience: int = 0
+    patience: int = DEFAULT_PATIENCE
     check_interval: int = 1
     max_frozen_ratio: float = 1.0
     stop_ratio: Optional[float] = 1.0
@@ -143,6 +157,9 @@ class GradESConfig:
                 raise ValueError(f"{name} must be None or a non-negative integer, got {v!r}")
         if self.total_steps is not None and self.total_steps == 0:
             raise ValueError("total_steps must be positive")
+        if self.grace_steps is not None and self.total_steps is not None and self.grace_steps >= self.total_steps:
+            raise ValueError(f"grace_steps={self.grace_steps} leaves no step to decide in a run of "
+                             f"total_steps={self.total_steps}; use fewer grace steps")
         if not isinstance(self.patience, numbers.Integral) or isinstance(self.patience, bool) or self.patience < 0:
             raise ValueError(f"patience must be a non-negative integer, got {self.patience!r}")
         for name in ("check_interval", "history_every", "history_max"):
@@ -185,7 +202,13 @@ class GradESConfig:
 
 class StatsSource(Protocol):
     """Where per-component statistics come from: ``compute(frozen)`` returns float64 ``[C, 3]``
-    local (possibly partial) sums for the components, given their device frozen mask ``[C]``."""
+    local (possibly partial) sums ``(sum g^2, sum |g|, non-finite count)`` for the components,
+    given their device frozen mask ``[C]``.
+
+    A source may also define ``participation()``, called right after ``compute``: a device bool
+    ``[C]`` telling which components had a gradient in this step (``None``: all of them). Steps in
+    which a component had none do not count for it (no EMA update, no patience check).
+    """
 
     def compute(self, frozen: torch.Tensor) -> torch.Tensor: ...
 
@@ -204,10 +227,56 @@ def _is_frozen_aware(opt: Any) -> bool:
     return all(hasattr(opt, a) for a in ("freeze_mask_", "last_grad_stats", "param_index", "param_list"))
 
 
+def _is_dtensor(t: Any) -> bool:
+    return callable(getattr(t, "to_local", None)) and hasattr(t, "device_mesh")
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor, or the tensor itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def _dtensor_group(params: Sequence[torch.Tensor]) -> Any:
+    """The process group over which the per-rank partial sums of ``params`` add up to the full
+    statistics: ``None`` for plain tensors and for DTensors replicated on every rank, the group of
+    the one sharded mesh dimension otherwise (FSDP2 on a 1-D mesh, or HSDP's shard dimension).
+
+    Raises:
+        ValueError: a mix of DTensors and plain tensors, DTensors on different meshes or with
+            different sharded dimensions, more than one sharded mesh dimension, or a placement
+            other than ``Shard``/``Replicate``; pass ``process_group`` explicitly for such layouts.
+    """
+    flags = [_is_dtensor(p) for p in params]
+    if not any(flags):
+        return None
+    if not all(flags):
+        raise ValueError(f"{sum(flags)} of the {len(flags)} tracked parameters are DTensors (sharded) and the "
+                         "others plain tensors; GradES cannot tell which partial sums to all-reduce. Shard "
+                         "every tracked module, or pass process_group and a stats_source that match your layout")
+    mesh = params[0].device_mesh
+
+    def layout(p: Any) -> tuple:
+        kinds = []
+        for pl in p.placements:
+            if pl.is_shard():
+                kinds.append("shard")
+            elif pl.is_replicate():
+                kinds.append("replicate")
+            else:
+                raise ValueError(f"tracked DTensor parameters must be Shard or Replicate on each mesh dimension, "
+                                 f"got {pl}; pass process_group explicitly")
+        return tuple(kinds)
+    kinds = layout(params[0])
+    for p in params[1:]:
+        if p.device_mesh != mesh or layout(p) != kinds:
+            raise ValueError("tracked DTensor parameters live on different device meshes or are sharded over "
+                             f"different mesh dimensions ({kinds} vs {layout(p)}); pass process_group explicitly")
+    shard = [i for i, k in enumerate(kinds) if k == "shard"]
+    if len(shard) > 1:
+        raise ValueError(f"tracked parameters are sharded over {len(shard)} mesh dimensions {shard}; GradES "
+                         "all-reduces over one group: pass process_group covering all sharded dimensions")
+    return mesh.get_group(shard[0]) if shard else None
 
 
 def _padded_index(groups: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
@@ -228,12 +297,43 @@ def _reduce_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return ext[idx].sum(dim=1)
 
 
+def _unclip(stats: torch.Tensor, coef: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Statistics of ``g / coef`` from those of ``g`` (``coef``: the factor gradient clipping
+    multiplied the gradients by). A coefficient that is not a finite number > 0 (the total norm
+    was infinite or NaN) marks the step invalid through the non-finite count."""
+    if isinstance(coef, torch.Tensor):
+        c = coef.detach().to(device=stats.device, dtype=torch.float64, non_blocking=True).reshape(())
+        bad = torch.isfinite(c).logical_and(c > 0).logical_not().to(torch.float64)
+    else:
+        c = float(coef)
+        if c == 1.0:
+            return stats
+        bad = 0.0 if (math.isfinite(c) and c > 0) else 1.0
+    return torch.cat([stats[:, :1] / (c * c), stats[:, 1:2] / c, stats[:, 2:] + bad], dim=1)
+
+
+def clip_coefficient(total_norm: Union[float, torch.Tensor], max_norm: float) -> Union[float, torch.Tensor]:
+    """The factor ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` multiplied the gradients
+    by, from the total norm it returned: ``min(1, max_norm / (total_norm + 1e-6))`` (a device
+    tensor for a tensor norm, computed in its dtype as torch does; no host sync). Pass it to
+    :meth:`GradES.step` so that decisions see the unclipped gradient."""
+    if isinstance(total_norm, torch.Tensor):
+        if _is_dtensor(total_norm):
+            total_norm = total_norm.full_tensor()
+        return (max_norm / (total_norm.detach() + 1e-6)).clamp(max=1.0)
+    return min(1.0, max_norm / (float(total_norm) + 1e-6))
+
+
 class GradListSource:
     """Statistics of the tracked parameters' ``.grad`` tensors, one :func:`grad_stats` call.
 
-    Parameters without a gradient (frozen on the host, or unused) read zero. DTensor gradients
-    contribute their local shard (partial sums, to be all-reduced by the policy).
+    Parameters without a gradient read zero, and their components are reported as not taking
+    part in the step (:meth:`participation`). DTensor gradients contribute their local shard
+    (partial sums, to be all-reduced by the policy).
     """
+
+    #: distinct participation patterns kept on the device (a new pattern costs one small copy)
+    CACHE = 64
 
     def __init__(self, components: Sequence[Component], device: torch.device):
         self.params = [p for c in components for p in c.params]
@@ -242,32 +342,61 @@ class GradListSource:
             groups.append(list(range(i, i + len(c.params))))
             i += len(c.params)
         self.idx = _padded_index(groups, len(self.params)).to(device)
-        self.param_comp = torch.tensor([ci for ci, c in enumerate(components) for _ in c.params],
-                                       dtype=torch.long, device=device)
+        self._comp_np = np.array([ci for ci, c in enumerate(components) for _ in c.params], dtype=np.int64)
+        self.param_comp = torch.from_numpy(self._comp_np).to(device)
+        self.num_components = len(components)
         self.single = all(len(c.params) == 1 for c in components)
-        self.dtensor = any(callable(getattr(p, "to_local", None)) for p in self.params)
+        self.dtensor = any(_is_dtensor(p) for p in self.params)
         self.device = device
         self._empty = torch.empty(0, device=device)
         self._out = torch.empty((len(self.params), 3), dtype=STATS_DTYPE, device=device)
+        self._missing: tuple[int, ...] = ()
+        self._took: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def all_missing(self) -> bool:
+        """Whether no tracked parameter had a gradient in the last :meth:`compute`."""
+        return len(self._missing) == len(self.params)
 
     def compute(self, frozen: torch.Tensor) -> torch.Tensor:
-        grads = []
+        grads, missing = [], []
         empty, dtensor = self._empty, self.dtensor
-        for p in self.params:
+        for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
                 grads.append(empty)
+                missing.append(i)
             else:
                 if dtensor:
                     g = _local(g)
                 grads.append(g if g.is_contiguous() else g.contiguous())
+        self._missing = tuple(missing)
         pf = frozen if self.single else frozen.index_select(0, self.param_comp)
         rows = grad_stats(grads, frozen=pf, out=self._out)
         return rows if self.single else _reduce_rows(rows, self.idx)
 
+    def participation(self) -> Optional[torch.Tensor]:
+        """Device bool ``[C]``: components all of whose parameters had a gradient in the last
+        :meth:`compute` (``None`` when all had one). Known on the host; cached per pattern."""
+        key = self._missing
+        if not key:
+            return None
+        took = self._took.get(key)
+        if took is None:
+            host = np.ones(self.num_components, dtype=bool)
+            host[self._comp_np[list(key)]] = False
+            if len(self._took) >= self.CACHE:
+                self._took.clear()
+            took = torch.from_numpy(host)
+            if self.device.type == "cuda":  # pinned, so the host does not wait for the copy
+                took = took.pin_memory().to(self.device, non_blocking=True)
+            self._took[key] = took
+        return took
+
 
 class OptimizerSource:
-    """Statistics fused into the optimizer's own pass (``FrozenAwareAdamW.last_grad_stats``)."""
+    """Statistics fused into the optimizer's own pass (``FrozenAwareAdamW.last_grad_stats``);
+    participation from its ``last_participation`` mask when it has one."""
 
     def __init__(self, components: Sequence[Component], optimizer: Any, device: torch.device):
         self.optimizer = optimizer
@@ -288,6 +417,7 @@ class OptimizerSource:
             for j in g:
                 comp_of[j] = ci
         self.comp_of_param = comp_of[:n].to(device)
+        self._true = torch.ones(1, dtype=torch.bool, device=device)
 
     def compute(self, frozen: torch.Tensor) -> torch.Tensor:
         st = self.optimizer.last_grad_stats
@@ -295,6 +425,12 @@ class OptimizerSource:
             raise RuntimeError("the optimizer has no statistics for its parameters yet; call gs.step() "
                                "after optimizer.step()")
         return _reduce_rows(st, self.idx)
+
+    def participation(self) -> Optional[torch.Tensor]:
+        part = getattr(self.optimizer, "last_participation", None)
+        if not isinstance(part, torch.Tensor) or part.shape[0] != self.comp_of_param.shape[0]:
+            return None
+        return torch.cat([part, self._true])[self.idx].all(dim=1)
 
     def param_mask(self, comp_mask: torch.Tensor) -> torch.Tensor:
         ext = torch.cat([comp_mask, comp_mask.new_zeros(1)])
@@ -315,9 +451,10 @@ class GradES:
         components: ``None`` for the default attention/MLP discovery, a patterns mapping, or an
             explicit list of :class:`~grades.components.Component`.
         process_group: a ``torch.distributed`` group whose ranks hold *shards* of the gradients:
-            the ``[C, 3]`` partial sums are all-reduced over it once per step, so every rank takes
+            the ``[C, 4]`` partial sums are all-reduced over it once per step, so every rank takes
             the same decisions. Leave ``None`` under DDP (gradients are already averaged).
-            DTensor (FSDP2) parameters are detected and reduced over their mesh automatically.
+            DTensor (FSDP2) parameters are detected and reduced over their sharded mesh
+            dimension automatically (see :func:`_dtensor_group` for the layouts accepted).
         stats_source: a custom :class:`StatsSource` (e.g. a flat ``main_grad`` buffer).
 
     Plain loop::
@@ -348,16 +485,22 @@ class GradES:
             raise ValueError("the automatic threshold (rel_tau) records each component's level during the "
                              "grace period, so it needs at least one grace step: set alpha > 0 (with "
                              "total_steps) or grace_steps >= 1, or give an absolute tau")
+        self._max_frozen = int(math.floor(config.max_frozen_ratio * C + 1e-9))
+        if self._max_frozen < 1:
+            raise ValueError(f"max_frozen_ratio={config.max_frozen_ratio} of {C} components allows no component "
+                             f"to freeze; use at least {1 / C:.4g}")
+        #: frozen components at which ``should_stop`` turns true
+        self._n_stop = (None if config.stop_ratio is None else
+                        min(math.ceil(config.stop_ratio * C - 1e-9), self._max_frozen))
+        self._need = max(1, config.patience)
         self.optimizer = _unwrap_optimizer(optimizer)
         self.frozen_aware = self.optimizer is not None and _is_frozen_aware(self.optimizer)
 
-        first = comps[0].params[0]
-        self.device = _local(first).device
+        tracked = [p for c in comps for p in c.params]
+        self.device = _local(tracked[0]).device
         self.process_group = process_group
         if process_group is None:
-            mesh = getattr(first, "device_mesh", None)
-            if mesh is not None and hasattr(first, "to_local"):
-                self.process_group = mesh.get_group()
+            self.process_group = _dtensor_group(tracked)
 
         if stats_source is not None:
             bind = getattr(stats_source, "bind", None)
@@ -368,23 +511,23 @@ class GradES:
             self.source = OptimizerSource(comps, self.optimizer, self.device)
         else:
             self.source = GradListSource(comps, self.device)
+        if self.frozen_aware:
+            self._init_optimizer_map()
 
         dev = self.device
         self._tau_vals = self._per_component(config.rel_tau if config.auto else config.tau,
                                              DEFAULT_REL_TAU if config.auto else None)
         self._thresh = torch.tensor(self._tau_vals, dtype=torch.float64, device=dev)
         self._numel = torch.tensor([max(1, c.numel) for c in comps], dtype=torch.float64, device=dev)
-        self._numel_np = self._numel.cpu().numpy()
         #: decide with NumPy on views of the state tensors when they live in host memory
         self.host_math = dev.type == "cpu"
-        self._max_frozen = int(math.floor(config.max_frozen_ratio * C + 1e-9))
         # device state
         self.frozen = torch.zeros(C, dtype=torch.bool, device=dev)
         self._counter = torch.zeros(C, dtype=torch.int64, device=dev)
         self._ema = torch.zeros(C, dtype=torch.float64, device=dev)
-        self._ema_w = torch.zeros((), dtype=torch.float64, device=dev)  # 1 - decay^valid_steps
+        self._ema_w = torch.zeros(C, dtype=torch.float64, device=dev)  # 1 - decay^(steps counted)
         self._ref = torch.zeros(C, dtype=torch.float64, device=dev)
-        self._ref_w = torch.zeros((), dtype=torch.float64, device=dev)
+        self._ref_w = torch.zeros(C, dtype=torch.float64, device=dev)
         self._freeze_step = torch.full((C,), -1, dtype=torch.int64, device=dev)
         self._last_stat = torch.zeros(C, dtype=torch.float64, device=dev)
         self._invalid_steps = torch.zeros((), dtype=torch.int64, device=dev)
@@ -403,6 +546,7 @@ class GradES:
         self.history: list[dict] = []
         self.freeze_events: list[dict] = []
         self._hist_stride = 1
+        self._warned_no_grad = False
         self._slots = [_Slot(C, dev) for _ in range(2)]
         self._slot_i = 0
         self._pending: list[_Slot] = []
@@ -414,16 +558,39 @@ class GradES:
             tau = default
         if not isinstance(tau, Mapping):
             return [float(tau)] * len(self.components)
-        out, missing = [], set()
-        for c in self.components:
-            v = tau.get(c.type, tau.get("default"))
-            if v is None:
-                missing.add(c.type)
-            out.append(float(v) if v is not None else 0.0)
+        name = "rel_tau" if self.config.auto else "tau"
+        types = {c.type for c in self.components}
+        unknown = sorted(set(tau) - types - {"default"})
+        if unknown:
+            raise ValueError(f"{name} has entries for component type(s) {unknown} that no component has "
+                             f"(types here: {sorted(types)}); fix the spelling or remove them")
+        missing = sorted(t for t in types if t not in tau and "default" not in tau)
         if missing:
-            raise ValueError(f"no threshold for component type(s) {sorted(missing)}: add them (or a "
-                             f"'default' entry) to the tau/rel_tau mapping {dict(tau)}")
-        return out
+            raise ValueError(f"no threshold for component type(s) {missing}: add them (or a "
+                             f"'default' entry) to the {name} mapping {dict(tau)}")
+        return [float(tau.get(c.type, tau.get("default"))) for c in self.components]
+
+    def _init_optimizer_map(self) -> None:
+        """Optimizer rows of each component's parameters (host, for ``sync_frozen_state``) and the
+        device map optimizer row -> component (for ``freeze_mask_``), built once here so that no
+        freeze event has to copy anything to the device."""
+        opt = self.optimizer
+        n = len(opt.param_list)
+        rows = []
+        for c in self.components:
+            r = []
+            for p in c.params:
+                try:
+                    r.append(int(opt.param_index(p)))
+                except (KeyError, ValueError):
+                    pass
+            rows.append(np.asarray(r, dtype=np.int64))
+        self._opt_rows = rows
+        self._opt_host_mask = np.zeros(n, dtype=bool)
+        comp_of = torch.full((n,), len(self.components), dtype=torch.long)
+        for ci, r in enumerate(rows):
+            comp_of[torch.from_numpy(r)] = ci
+        self._opt_map = comp_of.to(self.device)
 
     @property
     def num_components(self) -> int:
@@ -452,63 +619,86 @@ class GradES:
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, clip_coef: Union[None, float, torch.Tensor] = None) -> None:
         """Account for one optimizer step: call it right after ``optimizer.step()`` (and before
-        ``zero_grad``). Issues a few small device ops and a non-blocking copy; never waits."""
+        ``zero_grad``). Issues a few small device ops and a non-blocking copy; never waits.
+
+        Args:
+            clip_coef: the factor the gradients were multiplied by after backward, e.g. by
+                gradient clipping (:func:`clip_coefficient` of the total norm that
+                ``clip_grad_norm_`` returned; a device tensor is fine). The statistics are
+                divided by it, so decisions see the unclipped gradient: under global-norm
+                clipping one spiking matrix would otherwise push every other one below tau.
+        """
         self.poll()
-        cfg = self.config
         self.step_count += 1
         t = self.step_count
         stats = self.source.compute(self.frozen)
+        participation = getattr(self.source, "participation", None)
+        took = participation() if callable(participation) else None
+        if getattr(self.source, "all_missing", False) and not self._warned_no_grad and not self._host_frozen.any():
+            self._warned_no_grad = True
+            warnings.warn("GradES.step(): none of the tracked parameters has a gradient, so this step does not "
+                          "count; call gs.step() after optimizer.step() and before optimizer.zero_grad()",
+                          RuntimeWarning, stacklevel=3)
+        if clip_coef is not None:
+            stats = _unclip(stats, clip_coef)
         if self.process_group is not None:
             import torch.distributed as dist
-            stats = stats.contiguous()
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.process_group)
+            missing = stats.new_zeros(len(stats)) if took is None else took.logical_not().to(stats.dtype)
+            buf = torch.cat([stats, missing[:, None]], dim=1)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
+            stats, took = buf[:, :3], buf[:, 3] == 0
         if self.host_math:
-            self._step_host(t, stats)
+            self._step_host(t, stats, took)
             return
+        self._step_device(t, stats, took)
+        self._publish(t)
+        self.poll()
+
+    def _step_device(self, t: int, stats: torch.Tensor, took: Optional[torch.Tensor]) -> None:
+        cfg = self.config
         live = ~self.frozen
         valid = stats[:, 2].sum() == 0
         if self.frozen_aware:
             skipped = getattr(self.optimizer, "last_step_skipped", None)
             if isinstance(skipped, torch.Tensor):
                 valid = valid & ~skipped.to(valid.device)
+        # counted for this component in this step (a frozen one counts as a zero reading)
+        ok = valid if took is None else valid & (took | self.frozen)
         val = torch.where(live, self._statistic(stats), torch.zeros((), dtype=torch.float64, device=self.device))
         val = torch.where(torch.isnan(val), math.inf, val)
         if cfg.ema:
             d = float(cfg.ema)
-            self._ema.copy_(torch.where(valid, d * self._ema + (1 - d) * val, self._ema))
-            self._ema_w.copy_(torch.where(valid, d * self._ema_w + (1 - d), self._ema_w))
+            self._ema.copy_(torch.where(ok, d * self._ema + (1 - d) * val, self._ema))
+            self._ema_w.copy_(torch.where(ok, d * self._ema_w + (1 - d), self._ema_w))
             cur = self._ema / self._ema_w.clamp_min(1e-300)
         else:
             cur = val
-        self._last_stat.copy_(torch.where(valid, cur, self._last_stat))
+        self._last_stat.copy_(torch.where(ok, cur, self._last_stat))
         self._invalid_steps.add_((~valid).to(torch.int64))
         if t <= self.grace:
             if cfg.auto:
-                self._ref.copy_(torch.where(valid, REF_DECAY * self._ref + (1 - REF_DECAY) * cur, self._ref))
-                self._ref_w.copy_(torch.where(valid, REF_DECAY * self._ref_w + (1 - REF_DECAY), self._ref_w))
+                self._ref.copy_(torch.where(ok, REF_DECAY * self._ref + (1 - REF_DECAY) * cur, self._ref))
+                self._ref_w.copy_(torch.where(ok, REF_DECAY * self._ref_w + (1 - REF_DECAY), self._ref_w))
                 if t == self.grace:
-                    # thresholds become fixed at the end of the grace period
+                    # thresholds become fixed at the end of the grace period; a component that never
+                    # had a gradient gets a negative one (it cannot freeze)
                     level = self._ref / self._ref_w.clamp_min(1e-300)
                     self._thresh.mul_(torch.where(self._ref_w > 0, level, torch.full_like(level, -1.0)))
         elif (t - self.grace) % cfg.check_interval == 0:
             below = (cur < self._thresh) & live
-            self._counter.copy_(torch.where(valid, torch.where(below, self._counter + 1, 0), self._counter))
-            cand = (self._counter > cfg.patience) & live & valid
+            self._counter.copy_(torch.where(ok, torch.where(below, self._counter + 1, 0), self._counter))
+            cand = (self._counter >= self._need) & live & ok
             if self._max_frozen < len(self.components):
                 room = self._max_frozen - self.frozen.sum()
                 cand = cand & (torch.cumsum(cand.to(torch.int64), 0) <= room)
             self.frozen |= cand
             self._freeze_step.copy_(torch.where(cand, t, self._freeze_step))
-            if self.frozen_aware and isinstance(self.source, OptimizerSource):
-                self.optimizer.freeze_mask_(self.source.param_mask(cand))
-            elif self.frozen_aware:
+            if self.frozen_aware:
                 self._freeze_in_optimizer(cand)
-        self._publish(t)
-        self.poll()
 
-    def _step_host(self, t: int, stats: torch.Tensor) -> None:
+    def _step_host(self, t: int, stats: torch.Tensor, took: Optional[torch.Tensor]) -> None:
         """The same decision rule as the device path, for CPU runs, on NumPy views of the very
         same state tensors (no device to wait for, and a fraction of the per-op cost)."""
         cfg = self.config
@@ -521,6 +711,7 @@ class GradES:
             skipped = getattr(self.optimizer, "last_step_skipped", None)
             if isinstance(skipped, torch.Tensor) and bool(skipped):
                 valid = False
+        ok = np.full(len(live), valid) if took is None else (took.numpy() | frozen) & valid
         raw = self._statistic(stats).numpy()  # the same kernels as the device path: bitwise equal
         val = np.where(live, raw, 0.0)
         if np.isnan(val).any():
@@ -528,32 +719,28 @@ class GradES:
         if cfg.ema:
             d = float(cfg.ema)
             ema, ema_w = v["ema"], v["ema_w"]
-            if valid:
-                ema[:] = d * ema + (1 - d) * val
-                ema_w[...] = d * ema_w + (1 - d)
-            cur = ema / max(float(ema_w), 1e-300)
+            ema[:] = np.where(ok, d * ema + (1 - d) * val, ema)
+            ema_w[:] = np.where(ok, d * ema_w + (1 - d), ema_w)
+            cur = ema / np.maximum(ema_w, 1e-300)
         else:
             cur = val
-        if valid:
-            v["last_stat"][:] = cur
-        else:
+        v["last_stat"][:] = np.where(ok, cur, v["last_stat"])
+        if not valid:
             self._invalid_steps.add_(1)
         if t <= self.grace:
             if cfg.auto:
                 ref, ref_w = v["ref"], v["ref_w"]
-                if valid:
-                    ref[:] = REF_DECAY * ref + (1 - REF_DECAY) * cur
-                    ref_w[...] = REF_DECAY * ref_w + (1 - REF_DECAY)
+                ref[:] = np.where(ok, REF_DECAY * ref + (1 - REF_DECAY) * cur, ref)
+                ref_w[:] = np.where(ok, REF_DECAY * ref_w + (1 - REF_DECAY), ref_w)
                 if t == self.grace:
-                    w = float(ref_w)
-                    level = ref / max(w, 1e-300) if w > 0 else np.full_like(ref, -1.0)
+                    level = ref / np.maximum(ref_w, 1e-300)
                     th = v["thresh"]
-                    th[:] = th * level
-        elif (t - self.grace) % cfg.check_interval == 0 and valid:
+                    th[:] = th * np.where(ref_w > 0, level, -1.0)
+        elif (t - self.grace) % cfg.check_interval == 0:
             counter = v["counter"]
             below = (cur < v["thresh"]) & live
-            counter[:] = np.where(below, counter + 1, 0)
-            cand = (counter > cfg.patience) & live
+            counter[:] = np.where(ok, np.where(below, counter + 1, 0), counter)
+            cand = (counter >= self._need) & live & ok
             if self._max_frozen < len(self.components) and cand.any():
                 room = self._max_frozen - int(frozen.sum())
                 cand &= np.cumsum(cand) <= room
@@ -561,33 +748,19 @@ class GradES:
                 frozen |= cand
                 v["freeze_step"][cand] = t
                 if self.frozen_aware:
-                    ct = torch.from_numpy(cand)
-                    if isinstance(self.source, OptimizerSource):
-                        self.optimizer.freeze_mask_(self.source.param_mask(ct))
-                    else:
-                        self._freeze_in_optimizer(ct)
+                    self._freeze_in_optimizer(torch.from_numpy(cand))
         self._learn_arrays(t, v["last_stat"].copy(), frozen.copy(), v["freeze_step"])
 
     def _freeze_in_optimizer(self, cand: torch.Tensor) -> None:
-        mask = getattr(self, "_opt_map", None)
-        if mask is None:
-            opt = self.optimizer
-            n = len(opt.param_list)
-            comp_of = torch.full((n,), len(self.components), dtype=torch.long)
-            for ci, c in enumerate(self.components):
-                for p in c.params:
-                    try:
-                        comp_of[int(opt.param_index(p))] = ci
-                    except (KeyError, ValueError):
-                        pass
-            self._opt_map = mask = comp_of.to(self.device)
-        ext = torch.cat([cand, cand.new_zeros(1)])
-        self.optimizer.freeze_mask_(ext.index_select(0, mask))
+        """OR the components ``cand`` (device bool ``[C]``) into the optimizer's device mask."""
+        self.optimizer.freeze_mask_(torch.cat([cand, cand.new_zeros(1)]).index_select(0, self._opt_map))
 
     def _publish(self, t: int) -> None:
         slot = self._slots[self._slot_i]
-        if slot.busy():
-            return  # the host is behind; a later copy carries everything (frozen state is cumulative)
+        if slot.in_flight:
+            self.poll()
+            if slot.in_flight:
+                return  # not taken in yet; a later copy carries everything (frozen state is cumulative)
         slot.start(t, self._last_stat, self.frozen, self._freeze_step)
         self._pending.append(slot)
         self._slot_i ^= 1
@@ -604,6 +777,18 @@ class GradES:
         for slot in self._pending:
             slot.synchronize()
         self.poll()
+
+    def fast_forward(self, step: int) -> None:
+        """Continue counting from optimizer step ``step`` without saved state (a resumed run whose
+        GradES state is lost): nothing is frozen and patience counts start at zero. In automatic
+        mode a grace period that had already ended starts again at ``step``, so that each
+        component's level is measured anew."""
+        if not isinstance(step, numbers.Integral) or step < self.step_count:
+            raise ValueError(f"step must be an integer >= the current step {self.step_count}, got {step!r}")
+        self.wait()
+        if self.config.auto and step >= self.grace:
+            self.grace = step + self.grace
+        self.step_count = int(step)
 
     def _learn(self, slot: "_Slot") -> None:
         self._learn_arrays(slot.step, *slot.read())
@@ -623,21 +808,13 @@ class GradES:
                                            "learned_at": t})
             self._host_frozen[new] = True
             if self.frozen_aware and hasattr(self.optimizer, "sync_frozen_state"):
-                n = len(self.optimizer.param_list)
-                pm = np.zeros(n, dtype=bool)
-                for i in np.nonzero(self._host_frozen)[0].tolist():
-                    for p in self.components[i].params:
-                        try:
-                            pm[int(self.optimizer.param_index(p))] = True
-                        except (KeyError, ValueError):
-                            pass
-                self.optimizer.sync_frozen_state(pm)
+                for i in new.tolist():
+                    self._opt_host_mask[self._opt_rows[i]] = True
+                self.optimizer.sync_frozen_state(self._opt_host_mask)
         self._record(t, stat, force=bool(len(new)))
-        ratio = self.config.stop_ratio
-        if ratio is not None and not self.should_stop:
-            if self._host_frozen.sum() >= math.ceil(ratio * len(self.components) - 1e-9):
-                self.should_stop = True
-                self.stopped_at = t
+        if self._n_stop is not None and not self.should_stop and self._host_frozen.sum() >= self._n_stop:
+            self.should_stop = True
+            self.stopped_at = t
 
     def _record(self, t: int, stat: np.ndarray, force: bool = False) -> None:
         every = self.config.history_every * self._hist_stride
@@ -691,16 +868,17 @@ class GradES:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        """Everything needed to continue identically: step, frozen set, counters, thresholds,
-        EMA and reference levels, freeze steps and history (plain Python values; JSON-safe)."""
+        """Everything needed to continue identically: step, grace period, frozen set, counters,
+        thresholds, EMA and reference levels, freeze steps and history (plain Python values;
+        JSON-safe). A host sync."""
         self.wait()
 
         def lst(t: torch.Tensor) -> list:
             return t.detach().cpu().tolist()
-        return {"version": 1, "component_names": [c.name for c in self.components],
-                "step": self.step_count, "frozen": lst(self.frozen), "counter": lst(self._counter),
-                "ema": lst(self._ema), "ema_w": float(self._ema_w), "ref": lst(self._ref),
-                "ref_w": float(self._ref_w), "thresh": lst(self._thresh), "freeze_step": lst(self._freeze_step),
+        return {"version": 2, "component_names": [c.name for c in self.components],
+                "step": self.step_count, "grace": self.grace, "frozen": lst(self.frozen), "counter": lst(self._counter),
+                "ema": lst(self._ema), "ema_w": lst(self._ema_w), "ref": lst(self._ref),
+                "ref_w": lst(self._ref_w), "thresh": lst(self._thresh), "freeze_step": lst(self._freeze_step),
                 "last_stat": lst(self._last_stat), "invalid_steps": int(self._invalid_steps),
                 "should_stop": self.should_stop, "stopped_at": self.stopped_at,
                 "history": list(self.history), "freeze_events": list(self.freeze_events),
@@ -708,7 +886,8 @@ class GradES:
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output: re-freezes the saved components (device mask,
-        ``requires_grad`` and optimizer) so training continues as if never interrupted."""
+        ``requires_grad`` and optimizer) so training continues as if never interrupted.
+        (Version-1 states, with one EMA/reference weight for all components, load too.)"""
         names = [c.name for c in self.components]
         if list(sd.get("component_names", [])) != names:
             raise ValueError("the saved GradES state belongs to different components "
@@ -729,13 +908,12 @@ class GradES:
         put(self._last_stat, sd["last_stat"])
         put(self._invalid_steps, sd["invalid_steps"])
         self.step_count = int(sd["step"])
+        self.grace = int(sd.get("grace", self.grace))
         self._host_frozen[:] = False
         self.freeze_events = []
         if self.frozen_aware:
-            if isinstance(self.source, OptimizerSource):
-                self.optimizer.freeze_mask_(self.source.param_mask(self.frozen))
-            else:
-                self._freeze_in_optimizer(self.frozen)
+            self._opt_host_mask[:] = False
+            self._freeze_in_optimizer(self.frozen)
         slot = _Slot(len(self.components), dev)
         slot.start(self.step_count, self._last_stat, self.frozen, self._freeze_step)
         slot.synchronize()
@@ -770,9 +948,6 @@ class _Slot:
     def ready(self) -> bool:
         return self.event is None or self.event.query()
 
-    def busy(self) -> bool:
-        return self.in_flight and not self.ready()
-
     def synchronize(self) -> None:
         if self.event is not None:
             self.event.synchronize()
@@ -785,4 +960,4 @@ class _Slot:
 
 
 __all__ = ["GradES", "GradESConfig", "StatsSource", "GradListSource", "OptimizerSource", "STATISTICS",
-           "DEFAULT_REL_TAU"]
+           "DEFAULT_REL_TAU", "DEFAULT_EMA", "DEFAULT_PATIENCE", "clip_coefficient"]

@@ -1,6 +1,6 @@
 """GradES policy: configuration checks, discovery, device decisions, host follow-up, state."""
+import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
@@ -71,6 +71,7 @@ def train(model, opt, gs, steps, start=0, hook=None):
     (dict(tau=1.0, rel_tau=0.5), "either"), (dict(rel_tau=1.5), "rel_tau"),
     (dict(ema=1.0), "ema"), (dict(max_frozen_ratio=0.0), "max_frozen_ratio"),
     (dict(max_frozen_ratio=0.5, stop_ratio=1.0), "stop_ratio"), (dict(history_max=0), "history_max"),
+    (dict(grace_steps=10, total_steps=10), "grace_steps"),
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -84,6 +85,12 @@ def test_config_needs_total_steps_for_alpha():
         GradES(Toy(), None, GradESConfig(alpha=0.0))  # automatic mode needs a grace period
     with pytest.raises(ValueError, match="mlp"):
         GradES(Toy(), None, GradESConfig(tau={"attention": 1.0}, grace_steps=1))
+    with pytest.raises(ValueError, match=r"\['atention'\]"):  # a typo is not hidden by "default"
+        GradES(Toy(), None, GradESConfig(tau={"atention": 1.0, "default": 2.0}, grace_steps=1))
+    with pytest.raises(ValueError, match="allows no component"):  # floor(0.1 * 8) = 0
+        GradES(Toy(), None, GradESConfig(tau=1.0, grace_steps=1, max_frozen_ratio=0.1, stop_ratio=None))
+    with pytest.raises(ValueError, match="grace_steps"):            # the Trainer fills total_steps in
+        dataclasses.replace(GradESConfig(grace_steps=20), total_steps=8)
 
 
 def test_no_components_lists_modules():
@@ -132,11 +139,11 @@ def simulate(stats, thresh, grace, interval, patience):
         live = frozen < 0
         below = (stats[i] < thresh) & live
         counter = np.where(below, counter + 1, 0)
-        frozen = np.where(live & (counter > patience), t, frozen)
+        frozen = np.where(live & (counter >= max(patience, 1)), t, frozen)
     return frozen
 
 
-@pytest.mark.parametrize("patience, interval", [(0, 1), (2, 2)])
+@pytest.mark.parametrize("patience, interval", [(1, 1), (3, 2)])
 def test_freeze_rule_matches_recorded_statistics(patience, interval):
     torch.manual_seed(0)
     m = Toy()
@@ -155,25 +162,26 @@ def test_freeze_rule_matches_recorded_statistics(patience, interval):
     np.testing.assert_array_equal(got, frozen)
 
 
-def test_nothing_freezes_during_grace_and_all_freeze_after():
+@pytest.mark.parametrize("patience, at", [(0, 6), (1, 6), (2, 7), (3, 8)])
+def test_patience_counts_consecutive_checks_below_tau(patience, at):
+    """patience=P freezes on the P-th consecutive check below tau (0 and 1: the first)."""
     m = Toy()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    gs = GradES(m, opt, GradESConfig(tau=1e9, grace_steps=5, patience=1))
+    gs = GradES(m, opt, GradESConfig(tau=1e9, grace_steps=5, patience=patience))
     steps_seen = []
 
     def hook(s):
         steps_seen.append(gs.frozen_fraction)
     train(m, opt, gs, 8, hook=hook)
-    # decisions at the check steps 6 (counter 1) and 7 (counter 2 > patience): frozen at step 7
-    assert steps_seen[:7] == [0.0] * 7
-    assert gs.should_stop and gs.stopped_at == 7
-    assert set(gs.history_dict()["freeze_steps"].values()) == {7}
+    assert steps_seen[:at] == [0.0] * at                      # nothing during the grace period (1-5)
+    assert gs.should_stop and gs.stopped_at == at
+    assert set(gs.history_dict()["freeze_steps"].values()) == {at}
 
 
 def test_frozen_params_leave_autograd_and_stop_changing():
     m = Toy()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    gs = GradES(m, opt, GradESConfig(tau={"attention": 1e9, "mlp": 1e-30}, grace_steps=2, stop_ratio=None))
+    gs = GradES(m, opt, GradESConfig(tau={"attention": 1e9, "mlp": 1e-30}, grace_steps=2, patience=1, stop_ratio=None))
     train(m, opt, gs, 3)  # decision at step 3
     att = [c for c in gs.components if c.type == "attention"]
     mlp = [c for c in gs.components if c.type == "mlp"]
@@ -196,10 +204,23 @@ def test_frozen_params_leave_autograd_and_stop_changing():
 def test_max_frozen_ratio_caps_in_component_order():
     m = Toy()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    gs = GradES(m, opt, GradESConfig(tau=1e9, grace_steps=1, max_frozen_ratio=0.5, stop_ratio=None))
+    gs = GradES(m, opt, GradESConfig(tau=1e9, grace_steps=1, patience=1, max_frozen_ratio=0.5, stop_ratio=None))
     train(m, opt, gs, 4)
     C = len(gs.components)
     assert gs.frozen_components == [c.name for c in gs.components[:C // 2]]
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.4])
+def test_stop_ratio_is_reached_with_an_odd_number_of_components(ratio):
+    """C = 3: the cap lets floor(r * 3) = 1 freeze; stop must come at that one, not at ceil(r * 3) = 2."""
+    m = Toy()
+    comps = [c for c in discover_components(m)][:3]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(tau=1e9, grace_steps=1, patience=1, max_frozen_ratio=ratio, stop_ratio=ratio),
+                components=comps)
+    train(m, opt, gs, 3)
+    assert gs.frozen_components == [comps[0].name]
+    assert gs.should_stop and gs.stopped_at == 2
 
 
 def test_nonfinite_steps_do_not_advance_patience():
@@ -212,7 +233,7 @@ def test_nonfinite_steps_do_not_advance_patience():
         def zero_grad(self, set_to_none=True):
             m.zero_grad(set_to_none=set_to_none)
     opt = NoUpdate()
-    gs = GradES(m, None, GradESConfig(tau=1e9, grace_steps=1, patience=1))
+    gs = GradES(m, None, GradESConfig(tau=1e9, grace_steps=1, patience=2))
     poison = {2, 3, 4}
 
     def hook(s):
@@ -220,7 +241,7 @@ def test_nonfinite_steps_do_not_advance_patience():
             m.layers[1].mlp.up_proj.weight.grad[0, 0] = float("nan")
     train(m, opt, gs, 4, hook=hook)
     assert gs.frozen_fraction == 0.0           # steps 2-4 invalid: no check counted
-    train(m, opt, gs, 2, start=4)              # steps 5, 6 valid -> counter 2 > patience at 6
+    train(m, opt, gs, 2, start=4)              # steps 5, 6 valid -> second check below tau at 6
     assert gs.stopped_at == 6
 
 
@@ -264,7 +285,7 @@ def test_state_dict_resume_continues_identically(tmp_path):
 def test_history_is_bounded():
     m = Toy()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    gs = GradES(m, opt, GradESConfig(tau=1e-30, grace_steps=1, history_max=8))
+    gs = GradES(m, opt, GradESConfig(tau=1e-30, grace_steps=1, history_max=8, ema=None))
     train(m, opt, gs, 40)
     assert len(gs.history) <= 8
     steps = [h["step"] for h in gs.history]
@@ -277,7 +298,7 @@ def test_frozen_aware_optimizer_acts_on_device_mask():
     m_ref = Toy()
     opt = FrozenAwareAdamW(m.parameters(), lr=1e-2)
     opt_ref = torch.optim.AdamW(m_ref.parameters(), lr=1e-2)
-    cfg = GradESConfig(tau={"attention": 1e9, "mlp": 1e-30}, grace_steps=2, stop_ratio=None)
+    cfg = GradESConfig(tau={"attention": 1e9, "mlp": 1e-30}, grace_steps=2, patience=1, ema=None, stop_ratio=None)
     gs = GradES(m, opt, cfg)
     gs_ref = GradES(m_ref, opt_ref, cfg)
     assert gs.frozen_aware and not gs_ref.frozen_aware
@@ -313,21 +334,220 @@ def test_explicit_components_and_public_exports():
     dict(rel_tau=0.5, ema=0.8, grace_steps=5, patience=1, stop_ratio=None),
     dict(tau={"attention": 3.0, "mlp": 1.0}, statistic="l2", grace_steps=3, check_interval=2,
          max_frozen_ratio=0.5, stop_ratio=None),
-    dict(rel_tau=0.6, statistic="rms", grace_steps=4, patience=2, max_frozen_ratio=0.75, stop_ratio=0.5),
+    dict(rel_tau=0.6, statistic="rms", ema=None, grace_steps=4, patience=2, max_frozen_ratio=0.75, stop_ratio=0.5),
 ])
 def test_host_and_device_decision_paths_agree(cfg):
     """On CPU the rule runs in NumPy on views of the state; the tensor path (used on GPUs) must
-    give bitwise the same state, history and freezes."""
+    give bitwise the same state, history and freezes, also with a skipped (non-finite) step and
+    steps in which one matrix has no gradient."""
     out = []
     for host in (True, False):
         m = Toy(seed=5)
         opt = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)  # skips the poisoned step
         gs = GradES(m, opt, GradESConfig(**cfg))
         gs.host_math = host
-        poison = lambda s: m.layers[0].mlp.up_proj.weight.grad.__setitem__((0, 0), float("inf")) if s == 7 else None
-        train(m, opt, gs, 25, hook=poison)
+
+        def hook(s):
+            if s == 7:
+                m.layers[0].mlp.up_proj.weight.grad[0, 0] = float("inf")
+            if s in (2, 9, 10, 11):
+                m.layers[1].self_attn.q_proj.weight.grad = None
+        train(m, opt, gs, 25, hook=hook)
         gs.wait()
         out.append((gs.state_dict(), gs.history_dict()))
     (a, ha), (b, hb) = out
     assert a == b and ha == hb
     assert a["invalid_steps"] == 1 and any(f >= 0 for f in a["freeze_step"])
+    q = [c.name for c in gs.components].index("layers.1.self_attn.q_proj")
+    assert a["ema_w"][q] != a["ema_w"][0] or not cfg.get("ema", 0.9)  # fewer steps counted for q_proj
+
+
+# ---------------------------------------------------------------- steps without gradients, clipping
+
+
+@pytest.mark.parametrize("frozen_aware", [False, True])
+def test_steps_without_a_gradient_do_not_count(frozen_aware):
+    """A matrix that gets no gradient (an unrouted expert, a skipped branch) is not judged on those
+    steps: without a gradient in steps 3-5, layers.1.mlp.up_proj reaches patience 2 at step 7
+    (checks 6, 7) while the others freeze at step 4. Statistics come from the gradients with
+    torch AdamW and from FrozenAwareAdamW's last_participation otherwise."""
+    m = Toy()
+    opt = (grades.FrozenAwareAdamW if frozen_aware else torch.optim.AdamW)(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(tau=1e9, grace_steps=2, patience=2, stop_ratio=None))
+    w = m.layers[1].mlp.up_proj.weight
+
+    def hook(s):
+        if s + 1 in (3, 4, 5):
+            w.grad = None
+    train(m, opt, gs, 7, hook=hook)
+    fs = gs.history_dict()["freeze_steps"]
+    assert fs.pop("layers.1.mlp.up_proj") == 7 and set(fs.values()) == {4}
+
+
+def test_step_after_zero_grad_warns_once_and_freezes_nothing():
+    m = Toy()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(tau=1e9, grace_steps=1, patience=1))
+    with pytest.warns(RuntimeWarning, match="none of the tracked parameters has a gradient") as rec:
+        for s in range(4):
+            x, y = data(s)
+            ((m(x) - y) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            gs.step()                         # wrong order: after zero_grad
+    assert sum("tracked parameters" in str(r.message) for r in rec) == 1
+    assert gs.frozen_fraction == 0.0 and not gs.should_stop
+
+
+@pytest.mark.parametrize("unclip", [False, True])
+def test_clipping_spike_in_one_matrix_does_not_freeze_the_others(unclip):
+    """Learning rate 0 (stationary statistics), clip_grad_norm_(..., 1.0) every step, and at step 6
+    one matrix's gradient spikes 1000x. The shared clip coefficient shrinks every other clipped
+    gradient about 1000x: unless GradES divides it out, the other 7 matrices freeze."""
+    from grades.policy import clip_coefficient
+    m = Toy()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    gs = GradES(m, opt, GradESConfig(rel_tau=0.5, ema=None, patience=1, grace_steps=4, stop_ratio=None))
+    for s in range(6):
+        x, y = data(s)
+        ((m(x) - y) ** 2).mean().backward()
+        if s == 5:
+            m.layers[0].mlp.up_proj.weight.grad.mul_(1000)
+        unclipped = [c.params[0].grad.double().abs().sum() for c in gs.components]
+        total = torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        gs.step(clip_coef=clip_coefficient(total, 1.0) if unclip else None)
+        opt.zero_grad()
+    assert float(total) > 1.0                          # the clip acted
+    assert len(gs.frozen_components) == (0 if unclip else 7)
+    if unclip:
+        np.testing.assert_allclose(gs.last_stats, torch.stack(unclipped).numpy(), rtol=1e-6)
+
+
+def test_nonfinite_clip_coefficient_marks_the_step_invalid():
+    m = Toy()
+    gs = GradES(m, None, GradESConfig(tau=1e9, grace_steps=0, patience=1))
+    x, y = data(0)
+    ((m(x) - y) ** 2).mean().backward()
+    gs.step(clip_coef=torch.tensor(0.0))               # what an infinite total norm gives
+    gs.step(clip_coef=float("nan"))
+    assert gs.state_dict()["invalid_steps"] == 2 and gs.frozen_fraction == 0.0
+    gs.step(clip_coef=torch.tensor(0.5))
+    assert gs.frozen_fraction == 1.0
+
+
+def test_default_settings_do_not_freeze_on_noise():
+    """Learning rate 0: the statistics only carry batch noise (3-10% of single steps fall below
+    half the level), so every freeze is false. The raw rule without patience freezes most
+    matrices within 100 decision steps; the defaults (EMA 0.9, patience 3) freeze none."""
+    def run(**kw):
+        m = Toy()
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        gs = GradES(m, opt, GradESConfig(total_steps=140, stop_ratio=None, **kw))  # grace 42
+        train(m, opt, gs, 140)
+        return gs.history_dict()["freeze_steps"]
+    assert GradESConfig().ema == grades.policy.DEFAULT_EMA and GradESConfig().patience == grades.policy.DEFAULT_PATIENCE
+    assert run() == {}
+    assert len(run(ema=None, patience=0)) >= 4
+
+
+# ---------------------------------------------------------------- delayed host copies (CUDA path on CPU)
+
+
+class FakeEvent:
+    """Stands in for the CUDA event of a decision copy: the copy has landed once ``landed(n)`` is
+    true, n being the number of queries since it was recorded."""
+
+    def __init__(self, landed):
+        self.landed, self.n, self.done = landed, 0, False
+
+    def record(self):
+        self.n, self.done = 0, False
+
+    def query(self):
+        self.n += 1
+        self.done = self.done or self.landed(self.n)
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+
+def test_copy_landing_between_poll_and_publish_is_read_once_and_in_order():
+    m = Toy()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(tau={"attention": 1e9, "mlp": 1e-30}, grace_steps=6, patience=1,
+                                     stop_ratio=None))
+    gs.host_math = False                                   # the device path, with its host copies
+    for slot in gs._slots:
+        slot.event = FakeEvent(lambda n: n >= 5)           # lands right after the next step's poll
+    train(m, opt, gs, 20)
+    assert len({id(s) for s in gs._pending}) == len(gs._pending)
+    gs.wait()
+    steps = [h["step"] for h in gs.history]
+    assert steps == sorted(set(steps)) and steps[-1] == 20
+    assert len(steps) >= 10                                # a copy every other step at least
+    assert gs.history_dict()["freeze_steps"] == {c.name: 7 for c in gs.components if c.type == "attention"}
+
+
+def test_requires_grad_flips_within_two_steps_of_the_device_decision():
+    """Decided on the device at step 3: FrozenAwareAdamW skips the matrix from step 4 on at once;
+    the host learns of it when the copy lands during step 4, so the backward of step 5 no longer
+    computes its weight gradient."""
+    m = Toy()
+    opt = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(tau={"attention": 1e9, "mlp": 1e-30}, grace_steps=2, patience=1,
+                                     stop_ratio=None))
+    gs.host_math = False
+    for slot in gs._slots:
+        slot.event = FakeEvent(lambda n: n >= 2)           # lands one step after it was recorded
+    q = m.layers[0].self_attn.q_proj.weight
+    seen = {}
+    for s in range(1, 6):
+        x, y = data(s)
+        ((m(x) - y) ** 2).mean().backward()
+        had_grad = q.grad is not None
+        before = q.detach().clone()
+        opt.step()
+        gs.step()
+        opt.zero_grad(set_to_none=True)
+        seen[s] = (had_grad, not torch.equal(before, q), q.requires_grad, bool(opt.frozen[opt.param_index(q)]))
+    assert seen[3] == (True, True, True, True)        # decided at 3: device mask set, host not told yet
+    assert seen[4] == (True, False, False, True)      # not updated; host learned during step 4
+    assert seen[5] == (False, False, False, True)     # no weight gradient any more
+
+
+# ---------------------------------------------------------------- sharded parameters
+
+
+def test_dtensor_group_accepts_one_sharded_mesh_dimension_only():
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    from grades.policy import _dtensor_group
+
+    class Mesh:
+        def __init__(self, name):
+            self.name = name
+
+        def get_group(self, dim):
+            return f"{self.name}:{dim}"
+
+    class DT:
+        def __init__(self, mesh, *placements):
+            self.device_mesh, self.placements = mesh, placements
+
+        def to_local(self):
+            return self
+
+    a, b = Mesh("a"), Mesh("b")
+    assert _dtensor_group([torch.zeros(2), torch.zeros(2)]) is None
+    assert _dtensor_group([DT(a, Shard(0)), DT(a, Shard(1))]) == "a:0"            # FSDP2
+    assert _dtensor_group([DT(a, Replicate(), Shard(0))] * 2) == "a:1"           # HSDP: the shard dim
+    assert _dtensor_group([DT(a, Replicate())] * 2) is None                       # replicated: no reduction
+    for params, match in [([torch.zeros(2), DT(a, Shard(0))], "DTensors"),
+                          ([DT(a, Shard(0)), DT(b, Shard(0))], "different"),
+                          ([DT(a, Shard(0)), DT(a, Replicate())], "different"),
+                          ([DT(a, Shard(0), Shard(1))], "2 mesh dimensions"),
+                          ([DT(a, Partial())], "Shard or Replicate")]:
+        with pytest.raises(ValueError, match=match):
+            _dtensor_group(params)

@@ -8,10 +8,14 @@
   otherwise waits for them.
 * **Sharded parameters** (FSDP2 ``fully_shard`` DTensors, or a flat buffer split across ranks as in
   ZeRO / Megatron's distributed optimizer): each rank reduces its own shard to ``[C, 3]`` partial
-  sums (sum of squares, sum of |g|, non-finite count are all additive); GradES then all-reduces
-  that small float64 tensor ONCE per step over the group, so every rank sees the same totals and
-  freezes the same components at the same step. DTensor parameters are detected automatically;
-  for a split flat buffer use :func:`sharded_flat_source` and pass ``process_group``.
+  sums (sum of squares, sum of |g|, non-finite count are all additive); GradES appends a column
+  counting the components that had no gradient on this rank and all-reduces that small float64
+  ``[C, 4]`` tensor ONCE per step over the group, so every rank sees the same totals and freezes
+  the same components at the same step. DTensor parameters are detected automatically and
+  reduced over their one sharded mesh dimension (FSDP2 on a 1-D mesh, or the shard dimension of
+  HSDP's 2-D mesh; replicated DTensors need no reduction); other layouts, and tracked parameters
+  that are only partly DTensors, are refused with an error asking for ``process_group``. For a
+  split flat buffer use :func:`sharded_flat_source` and pass ``process_group``.
 """
 from __future__ import annotations
 
