@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._validate import STATS_DTYPE
+from . import backends
+from ._validate import STATS_DTYPE, SUPPORTED_DTYPES
 from .components import Component, PatternsLike, resolve_components
 from .ops import grad_stats
 
@@ -289,18 +290,39 @@ def _padded_index(groups: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
 
 
 def _reduce_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Deterministic per-component sums of ``rows`` ``[N, 3]``: a padded gather ``[C, k, 3]``
-    (pad index ``N`` reads a zero row) summed over ``k`` in a fixed order."""
+    """Deterministic per-component sums of ``rows`` ``[N, 3]``: the rows named by each column of
+    the padded index ``idx`` ``[C, k]`` (pad index ``N`` reads a zero row), added in the order
+    ``k = 0, 1, ...`` on every device. CPU tensors take NumPy (a fraction of torch's per-op cost
+    on arrays this small; the same float64 additions, so bitwise the same result)."""
+    if rows.device.type == "cpu":
+        r, ix = rows.numpy(), idx.numpy()
+        ext = np.concatenate([r, np.zeros((1, r.shape[1]), r.dtype)])
+        out = ext[ix[:, 0]]
+        for j in range(1, ix.shape[1]):
+            out += ext[ix[:, j]]
+        return torch.from_numpy(out)
     ext = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    if idx.shape[1] == 1:
-        return ext.index_select(0, idx[:, 0])
-    return ext[idx].sum(dim=1)
+    out = ext.index_select(0, idx[:, 0])
+    for j in range(1, idx.shape[1]):
+        out = out + ext.index_select(0, idx[:, j])
+    return out
 
 
 def _unclip(stats: torch.Tensor, coef: Union[float, torch.Tensor]) -> torch.Tensor:
     """Statistics of ``g / coef`` from those of ``g`` (``coef``: the factor gradient clipping
     multiplied the gradients by). A coefficient that is not a finite number > 0 (the total norm
     was infinite or NaN) marks the step invalid through the non-finite count."""
+    if isinstance(coef, torch.Tensor) and stats.device.type == "cpu" and coef.device.type == "cpu":
+        coef = float(coef)  # a host value already: no device to wait for
+    if not isinstance(coef, torch.Tensor) and stats.device.type == "cpu":
+        c = float(coef)
+        if c == 1.0:
+            return stats
+        out = stats.numpy().copy()  # the same float64 arithmetic as below, without torch's per-op cost
+        out[:, 0] /= c * c
+        out[:, 1] /= c
+        out[:, 2] += 0.0 if (math.isfinite(c) and c > 0) else 1.0
+        return torch.from_numpy(out)
     if isinstance(coef, torch.Tensor):
         c = coef.detach().to(device=stats.device, dtype=torch.float64, non_blocking=True).reshape(())
         bad = torch.isfinite(c).logical_and(c > 0).logical_not().to(torch.float64)
@@ -314,13 +336,17 @@ def _unclip(stats: torch.Tensor, coef: Union[float, torch.Tensor]) -> torch.Tens
 
 def clip_coefficient(total_norm: Union[float, torch.Tensor], max_norm: float) -> Union[float, torch.Tensor]:
     """The factor ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` multiplied the gradients
-    by, from the total norm it returned: ``min(1, max_norm / (total_norm + 1e-6))`` (a device
-    tensor for a tensor norm, computed in its dtype as torch does; no host sync). Pass it to
+    by, from the total norm it returned: ``min(1, max_norm / (total_norm + 1e-6))`` (for a norm on
+    an accelerator a device tensor computed in its dtype as torch does, no host sync; for a CPU
+    tensor or a number, a float). Pass it to
     :meth:`GradES.step` so that decisions see the unclipped gradient."""
     if isinstance(total_norm, torch.Tensor):
         if _is_dtensor(total_norm):
             total_norm = total_norm.full_tensor()
-        return (max_norm / (total_norm.detach() + 1e-6)).clamp(max=1.0)
+        if total_norm.device.type == "cpu":  # a host value: plain float math, no tensor ops
+            total_norm = float(total_norm)
+        else:
+            return (max_norm / (total_norm.detach() + 1e-6)).clamp(max=1.0)
     return min(1.0, max_norm / (float(total_norm) + 1e-6))
 
 
@@ -352,6 +378,7 @@ class GradListSource:
         self._out = torch.empty((len(self.params), 3), dtype=STATS_DTYPE, device=device)
         self._missing: tuple[int, ...] = ()
         self._took: dict[tuple[int, ...], torch.Tensor] = {}
+        self._backend = None  # chosen at the first compute (the backends may build native code)
 
     @property
     def all_missing(self) -> bool:
@@ -361,6 +388,7 @@ class GradListSource:
     def compute(self, frozen: torch.Tensor) -> torch.Tensor:
         grads, missing = [], []
         empty, dtensor = self._empty, self.dtensor
+        usual = True
         for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
@@ -369,10 +397,17 @@ class GradListSource:
             else:
                 if dtensor:
                     g = _local(g)
+                usual = usual and g.dtype in SUPPORTED_DTYPES and g.layout == torch.strided
                 grads.append(g if g.is_contiguous() else g.contiguous())
         self._missing = tuple(missing)
         pf = frozen if self.single else frozen.index_select(0, self.param_comp)
-        rows = grad_stats(grads, frozen=pf, out=self._out)
+        if usual:  # gradients of this model's parameters: grad_stats without its per-tensor checks
+            if self._backend is None:
+                self._backend = backends.select(self.device, "list")
+            self._backend.grad_stats_list(grads, pf, self._out)
+            rows = self._out
+        else:  # an unsupported dtype or layout: the public op names the problem
+            rows = grad_stats(grads, frozen=pf, out=self._out)
         return rows if self.single else _reduce_rows(rows, self.idx)
 
     def participation(self) -> Optional[torch.Tensor]:
@@ -430,6 +465,8 @@ class OptimizerSource:
         part = getattr(self.optimizer, "last_participation", None)
         if not isinstance(part, torch.Tensor) or part.shape[0] != self.comp_of_param.shape[0]:
             return None
+        if part.device.type == "cpu":
+            return torch.from_numpy(np.append(part.numpy(), True)[self.idx.numpy()].all(axis=1))
         return torch.cat([part, self._true])[self.idx].all(dim=1)
 
     def param_mask(self, comp_mask: torch.Tensor) -> torch.Tensor:
@@ -519,6 +556,7 @@ class GradES:
                                              DEFAULT_REL_TAU if config.auto else None)
         self._thresh = torch.tensor(self._tau_vals, dtype=torch.float64, device=dev)
         self._numel = torch.tensor([max(1, c.numel) for c in comps], dtype=torch.float64, device=dev)
+        self._numel_np = np.array([max(1, c.numel) for c in comps], dtype=np.float64)
         #: decide with NumPy on views of the state tensors when they live in host memory
         self.host_math = dev.type == "cpu"
         # device state
@@ -616,6 +654,17 @@ class GradES:
             return s[:, 1] / self._numel
         return (s[:, 0] / self._numel).sqrt()
 
+    def _statistic_np(self, s: np.ndarray) -> np.ndarray:
+        """:meth:`_statistic` on a host array, bitwise equal to the device path: a column or a
+        (correctly rounded) division in NumPy; square roots through torch, whose vectorised CPU
+        square root may differ from NumPy's in the last bit."""
+        kind = self.config.statistic
+        if kind == "l1":
+            return s[:, 1]
+        if kind == "mean_abs":
+            return s[:, 1] / self._numel_np
+        return self._statistic(torch.from_numpy(s)).numpy()
+
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
@@ -706,13 +755,13 @@ class GradES:
         s = stats.numpy()
         frozen = v["frozen"]
         live = ~frozen
-        valid = bool(s[:, 2].sum() == 0)
+        valid = not s[:, 2].any()
         if self.frozen_aware:
             skipped = getattr(self.optimizer, "last_step_skipped", None)
             if isinstance(skipped, torch.Tensor) and bool(skipped):
                 valid = False
         ok = np.full(len(live), valid) if took is None else (took.numpy() | frozen) & valid
-        raw = self._statistic(stats).numpy()  # the same kernels as the device path: bitwise equal
+        raw = self._statistic_np(s)
         val = np.where(live, raw, 0.0)
         if np.isnan(val).any():
             val = np.where(np.isnan(val), math.inf, val)
