@@ -115,38 +115,79 @@ def make_callbacks(variant: str, model, opts: argparse.Namespace) -> tuple[list,
     return cbs, opt
 
 
-def run_variant(variant: str, opts: argparse.Namespace, workdir: str) -> list[float]:
-    """Per-step wall times (seconds) of one Trainer run of ``variant``."""
+def _timed(fn, sink: list, cuda: bool):
+    """``fn`` wrapped to append its duration (host seconds, or CUDA events on the GPU) to ``sink``."""
+    import torch
+
+    def run(*a, **kw):
+        if cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*a, **kw)
+            stop.record()
+            sink.append((start, stop))
+        else:
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            sink.append(time.perf_counter() - t)
+        return out
+    return run
+
+
+def run_variant(variant: str, opts: argparse.Namespace, workdir: str) -> dict[str, list[float]]:
+    """One Trainer run of ``variant``; per timed step (after the warm-up): wall time ``step``,
+    host time inside the monitoring callbacks' hooks ``hooks``, and ``optimizer.step()`` time
+    ``opt`` (CUDA events on the GPU), all in seconds."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
     model = build_model(opts.model, opts.layers, opts.vocab)
-    if opts.device == "cuda":
+    cuda = opts.device == "cuda"
+    if cuda:
         model = model.cuda()
     cbs, opt = make_callbacks(variant, model, opts)
-    times: list[float] = []
+    steps: list[float] = []
+    hooks: list[float] = []
+    opt_times: list = []
+    per_step_hooks: list[float] = []
+    per_step_opt: list[float] = []
+    for cb in cbs:  # time every hook the monitor overrides (instance attributes shadow the class)
+        for name in dir(type(cb)):
+            if name.startswith("on_") and getattr(type(cb), name) is not getattr(TrainerCallback, name, None):
+                setattr(cb, name, _timed(getattr(cb, name), hooks, False))
 
     class Timer(TrainerCallback):
         t0 = None
 
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            optimizer.step = _timed(optimizer.step, opt_times, cuda)
+
         def on_step_end(self, args, state, control, **kw):
-            if opts.device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
             if self.t0 is not None:
-                times.append(t - self.t0)
+                steps.append(t - self.t0)
             self.t0 = t
+            ot = [a.elapsed_time(b) / 1e3 for a, b in opt_times] if cuda else opt_times
+            per_step_opt.append(sum(ot))
+            per_step_hooks.append(sum(hooks))
+            opt_times.clear()
+            hooks.clear()
 
     args = TrainingArguments(output_dir=workdir, max_steps=opts.steps, per_device_train_batch_size=opts.batch,
                              learning_rate=opts.lr, report_to=[], use_cpu=opts.device == "cpu", save_strategy="no",
                              logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
-                             lr_scheduler_type="constant", bf16=opts.device == "cuda")
+                             lr_scheduler_type="constant", bf16=cuda)
     sched = None
     if opt is not None:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     tr = Trainer(model=model, args=args, train_dataset=Data(opts.batch * opts.steps, opts.seq, opts.vocab),
                  callbacks=[Timer()] + cbs, optimizers=(opt, sched))
     tr.train()
-    return times[opts.warmup:]
+    w = opts.warmup
+    # a monitor's hooks that run after the timer's on_step_end land in the next step's bucket:
+    # totals over the timed steps are exact up to one step at the edges
+    return {"step": steps[w:], "hooks": per_step_hooks[w + 1:], "opt": per_step_opt[w + 1:]}
 
 
 def worker(opts: argparse.Namespace) -> None:
@@ -156,7 +197,7 @@ def worker(opts: argparse.Namespace) -> None:
 def worker_result(opts: argparse.Namespace) -> dict:
     import tempfile
     variants = opts.variants.split(",")
-    res: dict[str, list[list[float]]] = {v: [] for v in variants}
+    res: dict[str, list[dict[str, list[float]]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as d:
         for r in range(opts.rounds):
             for v in (variants if r % 2 == 0 else variants[::-1]):
@@ -164,8 +205,19 @@ def worker_result(opts: argparse.Namespace) -> dict:
     extra = {}
     if "grades_stats" in variants or "grades_fused" in variants:
         extra = memory_report(opts)
+    return {"times": res, "memory": extra, "grades_version": _installed_version()}
+
+
+def _installed_version() -> str | None:
+    """Version of the ``grades`` distribution that was imported (the public wheel's own
+    ``__version__`` attribute lags its release number)."""
+    import importlib.metadata as md
     mod = sys.modules.get("grades")
-    return {"times": res, "memory": extra, "grades_version": getattr(mod, "__version__", None)}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(mod.__file__))) if mod else None
+    for dist in md.distributions(path=[here] if here else None):
+        if dist.metadata["Name"] == "grades":
+            return dist.version
+    return getattr(mod, "__version__", None)
 
 
 def memory_report(opts: argparse.Namespace) -> dict:
@@ -204,16 +256,31 @@ def spawn(variants: list[str], opts: argparse.Namespace, pythonpath_first: str |
     return json.loads(line[-1][7:])
 
 
-def summarize(times: dict[str, list[list[float]]], base: str = "none") -> dict:
-    """Per variant: median step time over all rounds, and the median over rounds of the ratio to
-    the baseline's median *in the same round* (paired, so load changes between rounds on a
-    shared machine cancel out)."""
+def summarize(times: dict[str, list[dict[str, list[float]]]], base: str = "none") -> dict:
+    """Per variant, over the rounds (each round runs every variant once, in alternating order):
+
+    * ``ratio_vs_none``: median over rounds of (median step time / the baseline's median step time
+      in the same round) -- the end-to-end figure, which on a small model is dominated by
+      run-to-run noise;
+    * ``hooks_ms``, ``optimizer_ms``: median per-step time spent in the monitoring callbacks'
+      hooks and in ``optimizer.step()``, measured inside the same runs;
+    * ``direct_overhead``: median over rounds of (hooks + optimizer - the baseline's optimizer) /
+      the baseline's median step time: the monitoring's own cost, free of run-to-run variance.
+    """
+    def med(xs):
+        return statistics.median(xs) if xs else 0.0
+
     out = {}
     for v, rounds in times.items():
-        ratios = [statistics.median(r) / statistics.median(b) for r, b in zip(rounds, times[base]) if r and b]
-        flat = [x for r in rounds for x in r]
-        out[v] = {"median_step_s": statistics.median(flat), "steps": len(flat),
-                  "ratio_vs_none": statistics.median(ratios), "round_ratios": ratios}
+        pairs = list(zip(rounds, times[base]))
+        ratios = [med(r["step"]) / med(b["step"]) for r, b in pairs]
+        direct = [(med(r["hooks"]) + med(r["opt"]) - med(b["opt"])) / med(b["step"]) for r, b in pairs]
+        flat = [x for r in rounds for x in r["step"]]
+        out[v] = {"median_step_s": med(flat), "steps": len(flat),
+                  "ratio_vs_none": med(ratios), "round_ratios": ratios,
+                  "hooks_ms": 1e3 * med([med(r["hooks"]) for r in rounds]),
+                  "optimizer_ms": 1e3 * med([med(r["opt"]) for r in rounds]),
+                  "direct_overhead": med(direct), "round_direct_overheads": direct}
     return out
 
 
@@ -221,14 +288,23 @@ def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [(k, v["ratio_vs_none"]) for k, v in result["ours"].items()]
+    rows = [(k, v) for k, v in result["ours"].items() if k != "none"]
     if result.get("public"):
-        rows.append(("public_grades", result["public"]["public_grades"]["ratio_vs_none"]))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.barh([r[0] for r in rows], [(r[1] - 1) * 100 for r in rows], color="tab:blue")
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("per-step time vs no monitoring (%)")
-    ax.set_title(f"{result['model']} on {result['device_name']}")
+        rows.append(("public_grades", result["public"]["public_grades"]))
+    names = [r[0] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    a.barh(names, [100 * v["direct_overhead"] for _, v in rows], color="tab:blue")
+    a.set_xlabel("monitoring cost per step, % of a step without it\n(hooks + optimizer time vs baseline optimizer)")
+    a.set_title("measured inside the runs")
+    ratios = [100 * (v["ratio_vs_none"] - 1) for _, v in rows]
+    lo = [100 * (v["ratio_vs_none"] - min(v["round_ratios"])) for _, v in rows]
+    hi = [100 * (max(v["round_ratios"]) - v["ratio_vs_none"]) for _, v in rows]
+    b.barh(names, ratios, xerr=[lo, hi], color="tab:gray", capsize=3)
+    b.set_xlabel("end-to-end step time vs no monitoring, %\n(median over rounds; bars: min-max of rounds)")
+    b.set_title("end to end (run-to-run noise included)")
+    for ax in (a, b):
+        ax.axvline(0, color="k", lw=0.8)
+    fig.suptitle(f"{result['model']} under the transformers Trainer, {result['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -295,14 +371,14 @@ def main(argv: list[str] | None = None) -> None:
         out = tempfile.mkdtemp(prefix="grades-overhead-smoke-")
     else:
         out = results_dir(opts.device)
-    with open(os.path.join(out, "overhead.json"), "w") as f:
+    stem = "overhead" if opts.model == "tiny-llama" else f"overhead-{opts.model}-{opts.layers}l"
+    with open(os.path.join(out, stem + ".json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(result, os.path.join(out, "overhead.png"))
-    for k, v in o.items():
-        print(f"{k:14s} {v['median_step_s'] * 1e3:8.2f} ms/step  x{v['ratio_vs_none']:.4f}")
-    if public:
-        for k, v in result["public"].items():
-            print(f"public:{k:7s} {v['median_step_s'] * 1e3:8.2f} ms/step  x{v['ratio_vs_none']:.4f}")
+    plot(result, os.path.join(out, stem + ".png"))
+    print(f"{'variant':22s} {'ms/step':>8s} {'x none':>7s} {'hooks ms':>9s} {'opt ms':>7s} {'overhead':>9s}")
+    for k, v in list(o.items()) + [(f"public:{k}", v) for k, v in (result["public"] or {}).items()]:
+        print(f"{k:22s} {v['median_step_s'] * 1e3:8.2f} {v['ratio_vs_none']:7.3f} {v['hooks_ms']:9.3f} "
+              f"{v['optimizer_ms']:7.3f} {100 * v['direct_overhead']:8.2f}%")
     print("memory:", result["memory"])
     print("wrote", out)
 
