@@ -49,6 +49,14 @@ def check_same_device(tensors: Iterable[torch.Tensor], what: str, device: torch.
             raise ValueError(f"{what}[{i}] is on {t.device}, expected {device} (all tensors must share one device)")
 
 
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without making the host wait: through pinned memory
+    with a non-blocking copy on CUDA (torch keeps the pinned block alive until the copy is done)."""
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def check_no_overlap(named: Sequence[tuple[str, torch.Tensor]]) -> None:
     """No two of the (contiguous) tensors share a byte of memory: an in-place update must never
     write what another argument reads. Empty tensors own no memory."""
@@ -217,7 +225,7 @@ class SegmentTable:
         key = (name, str(device))
         t = self._device_cache.get(key)
         if t is None:
-            t = torch.as_tensor(build(), dtype=torch.int64).to(device)
+            t = upload(torch.as_tensor(build(), dtype=torch.int64), device)
             self._device_cache[key] = t
         return t
 

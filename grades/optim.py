@@ -23,7 +23,7 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import backends
-from ._validate import STATS_DTYPE, SUPPORTED_DTYPES
+from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, upload
 from .ops import _adamw_args
 
 __all__ = ["FrozenAwareAdamW", "NonFiniteGradientError"]
@@ -38,13 +38,6 @@ _WHY = {"amsgrad": "the AMSGrad variant is not implemented",
 # torch.optim.AdamW's implementation switches: accepted (None or a bool) and without effect here,
 # since the update is always one fused call per parameter group.
 _IMPL_SWITCHES = ("foreach", "fused")
-
-
-def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host tensor to ``device`` without making the host wait (pinned, non-blocking)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -300,7 +293,7 @@ class FrozenAwareAdamW(Optimizer):
         idx = sorted({self.param_index(p) for p in params})
         if not idx:
             return
-        self.frozen.index_fill_(0, _upload(torch.tensor(idx, dtype=torch.long), self.frozen.device), True)
+        self.frozen.index_fill_(0, upload(torch.tensor(idx, dtype=torch.long), self.frozen.device), True)
         self._learn_frozen(np.asarray(idx, dtype=np.int64))
 
     def freeze_mask_(self, mask: torch.Tensor) -> None:
@@ -345,7 +338,7 @@ class FrozenAwareAdamW(Optimizer):
                 raise ValueError(f"mask must have shape [{self.num_params}], got {list(host.shape)}")
         new = np.nonzero(host & ~self._host_frozen)[0]
         if len(new) and mask is not None:
-            self.frozen.index_fill_(0, _upload(torch.from_numpy(new), self.frozen.device), True)
+            self.frozen.index_fill_(0, upload(torch.from_numpy(new), self.frozen.device), True)
         self._learn_frozen(new)
         return int(len(new))
 
@@ -414,7 +407,7 @@ class FrozenAwareAdamW(Optimizer):
             dev = self.frozen.device
             idx_local = idx_global = None
             if not full:
-                idx_local = _upload(torch.tensor(local, dtype=torch.long), dev)
+                idx_local = upload(torch.tensor(local, dtype=torch.long), dev)
                 idx_global = idx_local + start
             scratch = torch.zeros(len(local), 3, dtype=STATS_DTYPE, device=dev)
             plan = _Plan(key[1], full, params, [s["exp_avg"] for s in states],
@@ -544,7 +537,7 @@ class FrozenAwareAdamW(Optimizer):
             for gi, _, plan, _ in work:
                 s, _e = self._ranges[gi]
                 host[[s + i for i in plan.local]] = True
-            part = _upload(host, self.frozen.device)
+            part = upload(host, self.frozen.device)
             self._part_cache[key] = part
         return part
 

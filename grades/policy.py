@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import backends
-from ._validate import STATS_DTYPE, SUPPORTED_DTYPES
+from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, upload
 from .components import Component, PatternsLike, resolve_components
 from .ops import grad_stats
 
@@ -422,9 +422,7 @@ class GradListSource:
             host[self._comp_np[list(key)]] = False
             if len(self._took) >= self.CACHE:
                 self._took.clear()
-            took = torch.from_numpy(host)
-            if self.device.type == "cuda":  # pinned, so the host does not wait for the copy
-                took = took.pin_memory().to(self.device, non_blocking=True)
+            took = upload(torch.from_numpy(host), self.device)
             self._took[key] = took
         return took
 

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._validate import chunk_rows
+from .._validate import chunk_rows, upload
 from .base import AdamWArgs, Backend
 
 #: elements per chunk (one thread block each); must stay below 2**31
@@ -30,9 +30,8 @@ _LAYOUT_CACHE_SIZE = 64
 
 
 def _upload(arr: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Copy a host int64 array to ``device`` without synchronising (pinned staging buffer)."""
-    host = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)).pin_memory()
-    return host.to(device, non_blocking=True)
+    """Copy a host int64 array to ``device`` without synchronising."""
+    return upload(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)), device)
 
 
 def _plan_array(rows: np.ndarray, slots: np.ndarray, num_matrices: int) -> np.ndarray:
@@ -69,7 +68,7 @@ class _Layout:
     def slots(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Device copy of the slot table ``host``, re-uploaded only when a pointer or dtype changed."""
         if self.slots_dev is None or self.slots_host is None or not torch.equal(self.slots_host, host):
-            self.slots_dev = host.pin_memory().to(device, non_blocking=True)
+            self.slots_dev = upload(host, device)
             self.slots_host = host
         return self.slots_dev
 

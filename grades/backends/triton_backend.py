@@ -8,8 +8,8 @@ Both ops run two launches and no host synchronisation:
 
 The chunk list is derived once per segment table from ``table.chunks(CHUNK)``, reordered so the
 chunks of each matrix are contiguous (stable, so table order is kept), and cached on the device
-through ``table.device_tensor``. Building that cache is a one-time host-to-device copy; every later
-call with the same table is free of host synchronisation.
+through ``table.device_tensor`` (a one-time pinned, non-blocking host-to-device copy), so no call
+waits for the device.
 
 On CPU the kernels need ``TRITON_INTERPRET=1`` in the environment before this backend first
 runs; they are then interpreted (slow, meant for tests). The backend is picked automatically only
@@ -212,6 +212,6 @@ class TritonBackend(Backend):
             float(w1), float(hp.beta2), float(1.0 - hp.beta2), float(hp.eps),
             HAS_FROZEN=has_frozen, HAS_SCALE=hp.grad_scale is not None,
             HAS_FOUND_INF=hp.found_inf is not None, COEF_FROM_PTR=coef is not None,
-            LERP_HI=abs(w1) >= 0.5,
-            BF16_RNE=bool(K.INTERPRETED) and param.dtype == torch.bfloat16, ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
+            LERP_HI=abs(w1) >= 0.5, BF16_RNE=bool(K.INTERPRETED) and param.dtype == torch.bfloat16,
+            ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
         _finish(part, ptr, out)
