@@ -386,6 +386,11 @@ class GradListSource:
         return len(self._missing) == len(self.params)
 
     def compute(self, frozen: torch.Tensor) -> torch.Tensor:
+        rows = self.rows(frozen)
+        return rows if self.single else _reduce_rows(rows, self.idx)
+
+    def rows(self, frozen: torch.Tensor) -> torch.Tensor:
+        """Per-parameter statistics ``[P, 3]`` (a buffer reused by the next call)."""
         grads, missing = [], []
         empty, dtensor = self._empty, self.dtensor
         usual = True
@@ -408,7 +413,17 @@ class GradListSource:
             rows = self._out
         else:  # an unsupported dtype or layout: the public op names the problem
             rows = grad_stats(grads, frozen=pf, out=self._out)
-        return rows if self.single else _reduce_rows(rows, self.idx)
+        return rows
+
+    def native_inputs(self, frozen: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """For the host rule (:class:`HostPolicy`): the per-parameter rows ``[P, 3]`` (not yet
+        summed per component) and which parameters had a gradient (bool ``[P]``, ``None``: all)."""
+        rows = self.rows(frozen)
+        if not self._missing:
+            return rows, None
+        part = np.ones(len(self.params), dtype=bool)
+        part[list(self._missing)] = False
+        return rows, torch.from_numpy(part)
 
     def participation(self) -> Optional[torch.Tensor]:
         """Device bool ``[C]``: components all of whose parameters had a gradient in the last
@@ -458,6 +473,17 @@ class OptimizerSource:
             raise RuntimeError("the optimizer has no statistics for its parameters yet; call gs.step() "
                                "after optimizer.step()")
         return _reduce_rows(st, self.idx)
+
+    def native_inputs(self, frozen: torch.Tensor) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """For the host rule: the optimizer's per-parameter rows and participation (``None`` when
+        the optimizer's table does not match, so that :meth:`compute` names the problem)."""
+        st = self.optimizer.last_grad_stats
+        if st is None or st.shape[0] != self.comp_of_param.shape[0] or st.device.type != "cpu":
+            return None
+        part = getattr(self.optimizer, "last_participation", None)
+        if not isinstance(part, torch.Tensor) or part.shape[0] != st.shape[0] or part.device.type != "cpu":
+            part = None
+        return st, part
 
     def participation(self) -> Optional[torch.Tensor]:
         part = getattr(self.optimizer, "last_participation", None)
@@ -577,11 +603,17 @@ class GradES:
         self.stopped_at: Optional[int] = None
         self._host_frozen = np.zeros(C, dtype=bool)
         self._host_freeze_step = np.full(C, -1, dtype=np.int64)
-        self.last_stats: Optional[np.ndarray] = None  # latest host copy of the statistic [C]
+        self._last_stats: Optional[np.ndarray] = None
+        self._last_stats_live = False  # the native rule's state is the latest statistic itself
         self.last_stats_step = 0
-        self.history: list[dict] = []
+        self._history = _History(C, config.history_max)
         self.freeze_events: list[dict] = []
         self._hist_stride = 1
+        self._n_host_frozen = 0
+        #: the decision rule in native code (:class:`HostPolicy` of the CPU extension) for host state;
+        #: built at the first step (``False``: not available, the NumPy rule runs instead)
+        self._native: Any = None
+        self._new_frozen = torch.zeros(C, dtype=torch.bool) if self.host_math else None
         self._warned_no_grad = False
         self._slots = [_Slot(C, dev) for _ in range(2)]
         self._slot_i = 0
@@ -629,6 +661,18 @@ class GradES:
         self._opt_map = comp_of.to(self.device)
 
     @property
+    def last_stats(self) -> Optional[np.ndarray]:
+        """The latest statistic the host knows of, float64 ``[C]`` (``None`` before the first)."""
+        if self._last_stats_live:
+            return self._views["last_stat"].copy()
+        return self._last_stats
+
+    @last_stats.setter
+    def last_stats(self, value: Optional[np.ndarray]) -> None:
+        self._last_stats = value
+        self._last_stats_live = False
+
+    @property
     def num_components(self) -> int:
         return len(self.components)
 
@@ -665,8 +709,8 @@ class GradES:
 
     # ------------------------------------------------------------------ the step
 
-    @torch.no_grad()
-    def step(self, clip_coef: Union[None, float, torch.Tensor] = None) -> None:
+    def step(self, clip_coef: Union[None, float, torch.Tensor] = None, *,
+             total_norm: Union[None, float, torch.Tensor] = None, max_norm: Optional[float] = None) -> None:
         """Account for one optimizer step: call it right after ``optimizer.step()`` (and before
         ``zero_grad``). Issues a few small device ops and a non-blocking copy; never waits.
 
@@ -676,18 +720,119 @@ class GradES:
                 ``clip_grad_norm_`` returned; a device tensor is fine). The statistics are
                 divided by it, so decisions see the unclipped gradient: under global-norm
                 clipping one spiking matrix would otherwise push every other one below tau.
+            total_norm, max_norm: instead of ``clip_coef``, the total norm that
+                ``clip_grad_norm_(params, max_norm)`` returned and the ``max_norm`` it clipped
+                to (the coefficient is then :func:`clip_coefficient` of them).
         """
+        if total_norm is not None or max_norm is not None:
+            if clip_coef is not None:
+                raise ValueError("give clip_coef or total_norm and max_norm, not both")
+            if total_norm is None or max_norm is None or not _is_real(max_norm) or not max_norm > 0:
+                raise ValueError(f"total_norm and max_norm go together, with max_norm > 0; got "
+                                 f"total_norm={total_norm!r}, max_norm={max_norm!r}")
+            if type(total_norm) is not torch.Tensor:  # a number, or a DTensor (its full value)
+                clip_coef, total_norm = clip_coefficient(total_norm, float(max_norm)), None
+        if self.host_math and self._step_native(clip_coef, total_norm, max_norm):
+            return
+        if total_norm is not None:
+            clip_coef = clip_coefficient(total_norm, float(max_norm))
+        with torch.no_grad():
+            self._step_general(clip_coef)
+
+    def _native_rule(self) -> Any:
+        """The CPU extension's :class:`HostPolicy` bound to this policy's state, or ``False`` when
+        the rule has to run in NumPy (no extension, a custom statistics source, or statistics
+        all-reduced across ranks)."""
+        src = self.source
+        if (self.process_group is not None or not isinstance(src, (OptimizerSource, GradListSource))
+                or os.environ.get("GRADES_BACKEND") == "reference"):
+            return False
+        from . import _build
+        mod, _ = _build.load("cpu")
+        if mod is None or not hasattr(mod, "HostPolicy"):
+            return False
+        cfg = self.config
+        self._num_rows = (len(self.optimizer.param_list) if isinstance(src, OptimizerSource) else len(src.params))
+        rule = mod.HostPolicy(
+            idx=src.idx.contiguous(), num_rows=self._num_rows, statistic=STATISTICS.index(cfg.statistic),
+            numel=self._numel, ema=float(cfg.ema or 0.0), ref_decay=REF_DECAY, auto_mode=cfg.auto,
+            check_interval=int(cfg.check_interval), need=int(self._need), max_frozen=int(self._max_frozen),
+            frozen=self.frozen, counter=self._counter, ema_v=self._ema, ema_w=self._ema_w, ref=self._ref,
+            ref_w=self._ref_w, thresh=self._thresh, freeze_step=self._freeze_step, last_stat=self._last_stat,
+            invalid_steps=self._invalid_steps, new_frozen=self._new_frozen)
+        self._history.bind(rule, cfg.history_every * self._hist_stride)
+        self._last_stats_live = True
+        return rule
+
+    def _step_native(self, clip_coef: Union[None, float, torch.Tensor], total_norm: Optional[torch.Tensor],
+                     max_norm: Optional[float]) -> bool:
+        """One step of the rule in native code on host state (every check it needs is done by the
+        native rule; this runs on every training step, so it stays short); ``False`` when it
+        cannot run here: then nothing has changed and the general path runs."""
+        rule = self._native
+        if rule is None:
+            rule = self._native = self._native_rule()
+        if rule is False:
+            return False
+        if clip_coef is not None:
+            if isinstance(clip_coef, torch.Tensor):
+                if clip_coef.device.type != "cpu" or type(clip_coef) is not torch.Tensor:
+                    return False
+            clip_coef = float(clip_coef)
+        elif total_norm is not None and total_norm.device.type != "cpu":
+            return False
+        if self.frozen_aware:
+            opt = self.optimizer
+            rows = opt.last_grad_stats
+            if rows is None or rows.shape[0] != self._num_rows:
+                return False  # the general path names the problem
+            part, skipped = opt.last_participation, opt.last_step_skipped
+        else:
+            with torch.no_grad():
+                rows, part = self.source.native_inputs(self.frozen)
+            skipped = None
+            if self.source.all_missing:
+                self._warn_no_grad()
+        t = self.step_count + 1
+        flags = rule.step(rows, part, None, clip_coef, total_norm, 0.0 if max_norm is None else max_norm,
+                          skipped, t, self.grace)
+        self.step_count = self.last_stats_step = t
+        if flags:
+            self._native_followup(t, flags)
+        return True
+
+    def _native_followup(self, t: int, flags: int) -> None:
+        """After a native step that froze something (``flags >> 1`` components) or filled the
+        history buffers (``flags & 1``)."""
+        if flags >> 1:
+            if self.frozen_aware:
+                self._freeze_in_optimizer(self._new_frozen.clone())
+            v = self._views
+            # the native rule has recorded this step's sample already
+            self._learn_arrays(t, v["last_stat"].copy(), v["frozen"], v["freeze_step"], record=False)
+        self._last_stats_live = True
+        if flags & 1:
+            if self._history.n > self.config.history_max:
+                self._thin_history()
+            else:
+                self._history.grow()
+
+    def _warn_no_grad(self) -> None:
+        if not self._warned_no_grad and not self._host_frozen.any():
+            self._warned_no_grad = True
+            warnings.warn("GradES.step(): none of the tracked parameters has a gradient, so this step does not "
+                          "count; call gs.step() after optimizer.step() and before optimizer.zero_grad()",
+                          RuntimeWarning, stacklevel=4)
+
+    def _step_general(self, clip_coef: Union[None, float, torch.Tensor]) -> None:
         self.poll()
         self.step_count += 1
         t = self.step_count
         stats = self.source.compute(self.frozen)
         participation = getattr(self.source, "participation", None)
         took = participation() if callable(participation) else None
-        if getattr(self.source, "all_missing", False) and not self._warned_no_grad and not self._host_frozen.any():
-            self._warned_no_grad = True
-            warnings.warn("GradES.step(): none of the tracked parameters has a gradient, so this step does not "
-                          "count; call gs.step() after optimizer.step() and before optimizer.zero_grad()",
-                          RuntimeWarning, stacklevel=3)
+        if getattr(self.source, "all_missing", False):
+            self._warn_no_grad()
         if clip_coef is not None:
             stats = _unclip(stats, clip_coef)
         if self.process_group is not None:
@@ -840,7 +985,10 @@ class GradES:
     def _learn(self, slot: "_Slot") -> None:
         self._learn_arrays(slot.step, *slot.read())
 
-    def _learn_arrays(self, t: int, stat: np.ndarray, frozen: np.ndarray, fstep: np.ndarray) -> None:
+    def _learn_arrays(self, t: int, stat: np.ndarray, frozen: np.ndarray, fstep: np.ndarray,
+                      record: bool = True) -> None:
+        """Take in the decision state of step ``t``: new freezes (``requires_grad``, optimizer,
+        events), the history sample (unless ``record=False``) and ``should_stop``."""
         self.last_stats = stat
         self.last_stats_step = t
         new = np.nonzero(frozen & ~self._host_frozen)[0]
@@ -854,12 +1002,14 @@ class GradES:
                 self.freeze_events.append({"component": c.name, "type": c.type, "step": int(fstep[i]),
                                            "learned_at": t})
             self._host_frozen[new] = True
+            self._n_host_frozen = int(self._host_frozen.sum())
             if self.frozen_aware and hasattr(self.optimizer, "sync_frozen_state"):
                 for i in new.tolist():
                     self._opt_host_mask[self._opt_rows[i]] = True
                 self.optimizer.sync_frozen_state(self._opt_host_mask)
-        self._record(t, stat, force=bool(len(new)))
-        if self._n_stop is not None and not self.should_stop and self._host_frozen.sum() >= self._n_stop:
+        if record:
+            self._record(t, stat, force=bool(len(new)))
+        if self._n_stop is not None and not self.should_stop and self._n_host_frozen >= self._n_stop:
             self.should_stop = True
             self.stopped_at = t
 
@@ -867,14 +1017,28 @@ class GradES:
         every = self.config.history_every * self._hist_stride
         if t % every != 0 and not force:
             return
-        self.history.append({"step": t, "frozen": int(self._host_frozen.sum()), "stat": stat.tolist()})
-        if len(self.history) > self.config.history_max:
-            # thin out: keep every other regular sample (freeze-time samples are always kept)
-            self._hist_stride *= 2
-            every = self.config.history_every * self._hist_stride
-            events = {e["learned_at"] for e in self.freeze_events}
-            keep = [h for h in self.history if h["step"] % every == 0 or h["step"] in events]
-            self.history = keep[-self.config.history_max:]
+        if self._history.append(t, self._n_host_frozen, stat):
+            self._thin_history()
+
+    def _thin_history(self) -> None:
+        """Over ``history_max`` samples: keep every other regular sample (freeze-time samples are
+        always kept) and sample half as often from now on."""
+        self._hist_stride *= 2
+        every = self.config.history_every * self._hist_stride
+        events = np.array(sorted({e["learned_at"] for e in self.freeze_events}), dtype=np.int64)
+        steps = self._history.steps[:self._history.n]
+        self._history.keep((steps % every == 0) | np.isin(steps, events))
+        self._history.set_every(every)
+
+    @property
+    def history(self) -> list[dict]:
+        """The sampled history: ``{"step", "frozen" (count), "stat" (list of C floats)}`` per
+        sample, oldest first (a new list on every access)."""
+        return self._history.as_list()
+
+    @history.setter
+    def history(self, samples: Iterable[Mapping[str, Any]]) -> None:
+        self._history.load(samples)
 
     # ------------------------------------------------------------------ reporting
 
@@ -957,6 +1121,7 @@ class GradES:
         self.step_count = int(sd["step"])
         self.grace = int(sd.get("grace", self.grace))
         self._host_frozen[:] = False
+        self._n_host_frozen = 0
         self.freeze_events = []
         if self.frozen_aware:
             self._opt_host_mask[:] = False
@@ -967,9 +1132,108 @@ class GradES:
         self._learn(slot)
         self.history = [dict(h) for h in sd.get("history", [])]
         self._hist_stride = int(sd.get("hist_stride", 1))
+        self._history.set_every(self.config.history_every * self._hist_stride)
         self.freeze_events = [dict(e) for e in sd.get("freeze_events", [])]
         self.should_stop = bool(sd.get("should_stop", False))
         self.stopped_at = sd.get("stopped_at")
+
+
+class _History:
+    """Sampled statistics over time in preallocated NumPy arrays: per sample the optimizer step,
+    the number of frozen components and the statistic ``[C]``; at most ``limit`` samples kept
+    (the owner thins them out when :meth:`append` says the limit is passed). The arrays grow
+    geometrically; a native rule bound with :meth:`bind` writes samples into them itself."""
+
+    def __init__(self, C: int, limit: int):
+        self.C, self.limit = C, limit
+        self._n = np.zeros(1, dtype=np.int64)
+        self.steps = np.zeros(0, dtype=np.int64)
+        self.frozen = np.zeros(0, dtype=np.int64)
+        self.stat = np.zeros((0, C), dtype=np.float64)
+        self._rule: Any = None
+        self._every = 1
+
+    @property
+    def n(self) -> int:
+        return int(self._n[0])
+
+    @property
+    def cap(self) -> int:
+        return len(self.steps)
+
+    def bind(self, rule: Any, every: int) -> None:
+        """Let ``rule`` (a native :class:`HostPolicy`) record a sample every ``every`` steps."""
+        self._rule, self._every = rule, every
+        if self.n >= self.cap:
+            self._reserve(self.n + 1)  # room for the rule's next sample (rebinds)
+        else:
+            self._rebind()
+
+    def set_every(self, every: int) -> None:
+        self._every = every
+        self._rebind()
+
+    def _rebind(self) -> None:
+        if self._rule is not None:
+            self._rule.bind_history(torch.from_numpy(self.steps), torch.from_numpy(self.frozen),
+                                    torch.from_numpy(self.stat), torch.from_numpy(self._n), self._every)
+
+    def _reserve(self, n: int) -> None:
+        if n <= self.cap:
+            return
+        cap = min(max(n, 2 * self.cap, 16), self.limit + 1) if n <= self.limit + 1 else n
+        k = self.n
+        for name in ("steps", "frozen", "stat"):
+            old = getattr(self, name)
+            new = np.zeros((cap,) + old.shape[1:], dtype=old.dtype)
+            new[:k] = old[:k]
+            setattr(self, name, new)
+        self._rebind()
+
+    def full(self) -> bool:
+        """Whether the arrays have no room for another sample (grow them, or thin out)."""
+        return self._n[0] >= len(self.steps)
+
+    def grow(self) -> None:
+        self._reserve(self.n + 1)
+
+    def append(self, step: int, frozen: int, stat: np.ndarray) -> bool:
+        """Add a sample; returns whether there are now more than ``limit``."""
+        i = self.n
+        self._reserve(i + 1)
+        self.steps[i] = step
+        self.frozen[i] = frozen
+        self.stat[i] = stat
+        self._n[0] = i + 1
+        if self._rule is not None and i + 1 <= self.limit:
+            self._reserve(i + 2)  # a bound rule needs room for its next sample
+        return i + 1 > self.limit
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep the samples where ``mask`` (bool ``[n]``) holds, at most the last ``limit``."""
+        sel = np.nonzero(mask)[0][-self.limit:]
+        k = len(sel)
+        for name in ("steps", "frozen", "stat"):
+            a = getattr(self, name)
+            a[:k] = a[sel]
+        self._n[0] = k
+
+    def as_list(self) -> list[dict]:
+        n = self.n
+        return [{"step": s, "frozen": f, "stat": row} for s, f, row in
+                zip(self.steps[:n].tolist(), self.frozen[:n].tolist(), self.stat[:n].tolist())]
+
+    def load(self, samples: Iterable[Mapping[str, Any]]) -> None:
+        samples = list(samples)[-self.limit:]
+        self._n[0] = 0
+        self._reserve(len(samples))
+        for h in samples:
+            stat = np.asarray(h["stat"], dtype=np.float64)
+            if stat.shape != (self.C,):
+                raise ValueError(f"a history sample has {stat.size} statistics for {self.C} components")
+            self.append(int(h["step"]), int(h["frozen"]), stat)
+        if self._rule is not None:
+            self._reserve(self.n + 1)
 
 
 class _Slot:

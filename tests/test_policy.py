@@ -330,36 +330,127 @@ def test_explicit_components_and_public_exports():
                components=[Component("x", "mlp", ("x",), [nn.Parameter(torch.zeros(2, 2))])])
 
 
+DECISION_PATHS = ("native", "numpy", "device")
+
+
+def use_path(gs: GradES, path: str) -> None:
+    """Run ``gs``'s decision rule natively (C++ on host state), in NumPy, or as tensor ops (the
+    path GPUs take, here on CPU tensors)."""
+    gs.host_math = path != "device"
+    if path == "numpy":
+        gs._native = False
+    elif path == "native":
+        ok, why = grades.backends.get("cpu").available()
+        if not ok:
+            if grades.backends.strict():
+                pytest.fail(f"GRADES_STRICT=1 but the CPU extension is not available: {why}")
+            pytest.skip(f"CPU extension not available: {why}")
+
+
+def pairs(m: nn.Module) -> list[Component]:
+    """LoRA-like components: two matrices each (q+o, up+down of each layer), to exercise the
+    per-component row sums."""
+    out = []
+    for i, b in enumerate(m.layers):
+        for typ, (x, y) in (("attention", ("self_attn.q_proj", "self_attn.o_proj")),
+                            ("mlp", ("mlp.up_proj", "mlp.down_proj"))):
+            names = tuple(f"layers.{i}.{n}.weight" for n in (x, y))
+            params = [b.get_submodule(n).weight for n in (x, y)]
+            out.append(Component(f"layers.{i}.{typ}", typ, names, params))
+    return out
+
+
 @pytest.mark.parametrize("cfg", [
     dict(rel_tau=0.5, ema=0.8, grace_steps=5, patience=1, stop_ratio=None),
     dict(tau={"attention": 3.0, "mlp": 1.0}, statistic="l2", grace_steps=3, check_interval=2,
-         max_frozen_ratio=0.5, stop_ratio=None),
-    dict(rel_tau=0.6, statistic="rms", ema=None, grace_steps=4, patience=2, max_frozen_ratio=0.75, stop_ratio=0.5),
+         max_frozen_ratio=0.5, stop_ratio=None, history_max=5),
+    dict(rel_tau=0.6, statistic="rms", ema=None, grace_steps=4, patience=2, max_frozen_ratio=0.75, stop_ratio=0.5,
+         history_every=3, history_max=4),
+    dict(rel_tau=0.95, statistic="mean_abs", grace_steps=3, patience=1, stop_ratio=None),
 ])
-def test_host_and_device_decision_paths_agree(cfg):
-    """On CPU the rule runs in NumPy on views of the state; the tensor path (used on GPUs) must
-    give bitwise the same state, history and freezes, also with a skipped (non-finite) step and
-    steps in which one matrix has no gradient."""
-    out = []
-    for host in (True, False):
+@pytest.mark.parametrize("optim", ["frozen_aware", "torch"])
+@pytest.mark.parametrize("comps", ["matrices", "pairs"])
+def test_decision_paths_agree(cfg, optim, comps):
+    """The rule runs natively (C++) on host state on CPU, in NumPy where the extension is missing,
+    and as tensor ops on GPUs: the three give bitwise the same state, history and freezes, with
+    statistics from the optimizer's pass or from the gradients, one- and two-matrix components, a
+    skipped (non-finite) step, steps in which a matrix has no gradient, and clip coefficients
+    (one of them infinite, which makes its step invalid)."""
+    out = {}
+    for path in DECISION_PATHS:
         m = Toy(seed=5)
-        opt = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)  # skips the poisoned step
-        gs = GradES(m, opt, GradESConfig(**cfg))
-        gs.host_math = host
-
-        def hook(s):
-            if s == 7:
+        opt = (grades.FrozenAwareAdamW if optim == "frozen_aware" else torch.optim.AdamW)(m.parameters(), lr=1e-2)
+        gs = GradES(m, opt, GradESConfig(**cfg), components=pairs(m) if comps == "pairs" else None)
+        use_path(gs, path)
+        for s in range(25):
+            x, y = data(s)
+            ((m(x) - y) ** 2).mean().backward()
+            if s == 7 and optim == "frozen_aware":  # FrozenAwareAdamW skips this step
                 m.layers[0].mlp.up_proj.weight.grad[0, 0] = float("inf")
             if s in (2, 9, 10, 11):
                 m.layers[1].self_attn.q_proj.weight.grad = None
-        train(m, opt, gs, 25, hook=hook)
+            opt.step()
+            clip = {3: 0.5, 4: torch.tensor(0.25), 12: float("inf"), 13: 1.0}.get(s)
+            if s in (5, 6, 14):  # the total norm clip_grad_norm_ returned (a tensor, a float, a NaN)
+                gs.step(total_norm={5: torch.tensor(7.5), 6: 0.3, 14: torch.tensor(float("nan"))}[s], max_norm=1.0)
+            else:
+                gs.step(clip_coef=clip)
+            opt.zero_grad(set_to_none=True)
         gs.wait()
-        out.append((gs.state_dict(), gs.history_dict()))
-    (a, ha), (b, hb) = out
-    assert a == b and ha == hb
-    assert a["invalid_steps"] == 1 and any(f >= 0 for f in a["freeze_step"])
-    q = [c.name for c in gs.components].index("layers.1.self_attn.q_proj")
-    assert a["ema_w"][q] != a["ema_w"][0] or not cfg.get("ema", 0.9)  # fewer steps counted for q_proj
+        assert (gs._native not in (None, False)) == (path == "native")
+        out[path] = (gs.state_dict(), gs.history_dict())
+    (a, ha) = out["device"]
+    for path in ("native", "numpy"):
+        b, hb = out[path]
+        assert a == b, path
+        assert ha == hb, path
+    assert a["invalid_steps"] == (2 if optim == "frozen_aware" else 1)
+    assert any(f >= 0 for f in a["freeze_step"])
+    if comps == "matrices":
+        q = [c["name"] for c in ha["components"]].index("layers.1.self_attn.q_proj")
+        assert a["ema_w"][q] != a["ema_w"][0] or not cfg.get("ema", 0.9)  # fewer steps counted for q_proj
+
+
+def test_native_rule_rejects_inconsistent_inputs():
+    """The native rule checks what it is given (it may be called directly)."""
+    ok, why = grades.backends.get("cpu").available()
+    if not ok:
+        pytest.skip(why)
+    m = Toy()
+    opt = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(tau=1.0, grace_steps=1))
+    train(m, opt, gs, 1)
+    rule = gs._native
+    rows = opt.last_grad_stats
+    with pytest.raises(RuntimeError, match="rows must be"):
+        rule.step(rows[:-1], None, None, None, None, 0.0, None, 2, 1)
+    with pytest.raises(RuntimeError, match="rows must be"):
+        rule.step(rows.float(), None, None, None, None, 0.0, None, 2, 1)
+    with pytest.raises(RuntimeError, match="row_part"):
+        rule.step(rows, torch.ones(3, dtype=torch.bool), None, None, None, 0.0, None, 2, 1)
+    with pytest.raises(RuntimeError, match="took"):
+        rule.step(rows, None, torch.ones(len(rows), dtype=torch.int64), None, None, 0.0, None, 2, 1)
+    with pytest.raises(RuntimeError, match="not both"):
+        rule.step(rows, None, None, 0.5, torch.tensor(1.0), 1.0, None, 2, 1)
+    with pytest.raises(RuntimeError, match="total_norm must be"):
+        rule.step(rows, None, None, None, torch.ones(2), 1.0, None, 2, 1)
+    with pytest.raises(RuntimeError, match="skipped must be"):
+        rule.step(rows, None, None, None, None, 0.0, torch.ones(1), 2, 1)
+    with pytest.raises(ValueError, match="not both"):
+        gs.step(0.5, total_norm=1.0, max_norm=1.0)
+    with pytest.raises(ValueError, match="max_norm > 0"):
+        gs.step(total_norm=1.0)
+    assert gs.step_count == 1  # nothing counted
+    mod = type(rule)
+    with pytest.raises(RuntimeError, match="idx entry"):
+        mod(idx=torch.tensor([[5]]), num_rows=2, statistic=0, numel=torch.ones(1, dtype=torch.float64), ema=0.0,
+            ref_decay=0.9, auto_mode=False, check_interval=1, need=1, max_frozen=1,
+            frozen=torch.zeros(1, dtype=torch.bool), counter=torch.zeros(1, dtype=torch.int64),
+            ema_v=torch.zeros(1, dtype=torch.float64), ema_w=torch.zeros(1, dtype=torch.float64),
+            ref=torch.zeros(1, dtype=torch.float64), ref_w=torch.zeros(1, dtype=torch.float64),
+            thresh=torch.ones(1, dtype=torch.float64), freeze_step=torch.zeros(1, dtype=torch.int64),
+            last_stat=torch.zeros(1, dtype=torch.float64), invalid_steps=torch.zeros((), dtype=torch.int64),
+            new_frozen=torch.zeros(1, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------- steps without gradients, clipping

@@ -229,6 +229,9 @@ void adamw_flat(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
   launch(src, false, chunks, M, frozen, h, &mh, out);
 }
 
+// policy.cpp
+void register_policy(pybind11::module& m);
+
 }  // namespace grades_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -249,4 +252,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("frozen"), py::arg("lr"), py::arg("lr_is_tensor"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("step_per_matrix"),
         py::arg("grad_scale"), py::arg("found_inf"), py::arg("out"));
+  grades_cpu::register_policy(m);
 }

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..policy import GradES, GradESConfig, clip_coefficient
+from ..policy import GradES, GradESConfig
 
 HISTORY_FILE = "grades_history.json"
 TRAINER_STATE = "trainer_state.json"
@@ -134,21 +134,23 @@ class GradESCallback(TrainerCallback, ExportableState):
         if trainer is not None and (self.trainer is not trainer or trainer.callback_handler.callbacks[0] is not self):
             self.attach(trainer)
 
-    def _clip_coef(self, args) -> Any:
-        acc = getattr(self.trainer, "accelerator", None)
-        last = getattr(getattr(acc, "clip_grad_norm_", None), "last", None)
+    def _clip(self, args) -> tuple[Any, Optional[float]]:
+        """``(total_norm, max_norm)`` of this step's gradient clipping, or ``(None, None)``."""
+        clip = getattr(getattr(self.trainer, "accelerator", None), "clip_grad_norm_", None)
+        last = getattr(clip, "last", None)
         if last is None:
             if args.max_grad_norm and args.max_grad_norm > 0 and not self._warned_clip:
                 self._warned_clip = True
                 warnings.warn("GradESCallback could not see the gradient clipping of this Trainer, so its statistics "
                               "are of the clipped gradient; call GradESCallback.attach(trainer) before training",
                               RuntimeWarning, stacklevel=3)
-            return None
-        acc.clip_grad_norm_.last = None
+            return None, None
+        clip.last = None
         total, max_norm = last
-        if total is None or not (float(max_norm) < float("inf")):
-            return None
-        return clip_coefficient(total, float(max_norm))
+        max_norm = float(max_norm)
+        if total is None or not (0 < max_norm < float("inf")):
+            return None, None
+        return total, max_norm
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -220,7 +222,8 @@ class GradESCallback(TrainerCallback, ExportableState):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.gs is None:
             return control
-        self.gs.step(clip_coef=self._clip_coef(args))
+        total, max_norm = self._clip(args)
+        self.gs.step(total_norm=total, max_norm=max_norm)
         if self.gs.should_stop:
             control.should_training_stop = True
         return control
