@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default=",".join(OURS), help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
     big = opts.model != "tiny-llama"
-    defaults = dict(layers=4 if big else 2, vocab=151936 if big else 256, steps=4 if opts.smoke else (20 if big else 24),
-                    warmup=1 if opts.smoke else 4, rounds=1 if opts.smoke else 7, batch=4 if big else 8,
+    defaults = dict(layers=4 if big else 2, vocab=151936 if big else 256, steps=4 if opts.smoke else (20 if big else 40),
+                    warmup=1 if opts.smoke else 4, rounds=1 if opts.smoke else (7 if big else 9), batch=4 if big else 8,
                     seq=256 if big else 32)
     for k, v in defaults.items():
         if getattr(opts, k) is None:

@@ -24,6 +24,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import backends
 from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, upload
+from .backends.base import AdamWArgs
 from .ops import _adamw_args
 
 __all__ = ["FrozenAwareAdamW", "NonFiniteGradientError"]
@@ -101,7 +102,7 @@ class _Plan:
     """What one group's update looks like for one set of participating parameters (cached)."""
 
     __slots__ = ("local", "full", "params", "exp_avgs", "exp_avg_sqs", "idx_local", "idx_global",
-                 "scratch", "discard", "backend")
+                 "scratch", "discard", "backend", "hp")
 
     def __init__(self, local: tuple, full: bool, params, exp_avgs, exp_avg_sqs, idx_local, idx_global,
                  scratch, backend):
@@ -110,6 +111,9 @@ class _Plan:
         self.idx_local, self.idx_global, self.scratch = idx_local, idx_global, scratch
         # the fused update's own statistics when a detection pass has already produced them
         self.discard = torch.empty_like(scratch)
+        # (lr, beta1, beta2, eps, weight_decay) and their checked form, for the usual case of
+        # number hyperparameters that rarely change
+        self.hp: Optional[tuple] = None
 
 
 class FrozenAwareAdamW(Optimizer):
@@ -207,10 +211,15 @@ class FrozenAwareAdamW(Optimizer):
         # Tells torch.amp.GradScaler to hand us grad_scale/found_inf instead of unscaling itself.
         self._step_supports_amp_scaling = True
         dev = self._device or torch.device("cpu")
-        self.nonfinite_count = torch.zeros((), dtype=torch.int64, device=dev)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=dev)
         self._false = torch.zeros((), dtype=torch.bool, device=dev)
         self.last_step_skipped = self._false
+
+    @property
+    def nonfinite_count(self) -> torch.Tensor:
+        """int64 0-dim on the params' device: non-finite gradient elements seen in the last step
+        (computed from :attr:`last_grad_stats` when read)."""
+        return self.last_grad_stats[:, 2].sum(dtype=torch.int64)
 
     # ------------------------------------------------------------------ parameter bookkeeping
 
@@ -471,15 +480,18 @@ class FrozenAwareAdamW(Optimizer):
         elif self.nonfinite == "ignore":
             found, detect = None, False
         else:
-            detect = True
+            detect, host = True, dev.type == "cpu"
             for (gi, group, plan, grads), fz in zip(work, frozens):
                 rows = rows_of(gi, plan)
                 plan.backend.grad_stats_list(grads, fz, rows)
                 if not plan.full:
                     stats_all.index_copy_(0, plan.idx_global, rows)
-            count = stats_all[:, 2].sum(dtype=torch.int64)
-            self.nonfinite_count = count
-            if self.nonfinite == "raise":
+            if host and not stats_all[:, 2].numpy().any():
+                # host memory: the outcome is known at once, and a clean step (the usual case)
+                # needs none of the skip machinery below (the update is the one found_inf == 0 gives)
+                found = None
+            elif self.nonfinite == "raise":
+                count = stats_all[:, 2].sum(dtype=torch.int64)
                 n = int(count.item())  # the one sync of the debugging mode
                 if n:
                     bad = torch.nonzero(stats_all[:, 2]).flatten().tolist()
@@ -490,7 +502,7 @@ class FrozenAwareAdamW(Optimizer):
                         "Use nonfinite='skip' to skip such steps instead.")
                 found = None
             else:
-                found = (count > 0).to(torch.float32)
+                found = (stats_all[:, 2].sum(dtype=torch.int64) > 0).to(torch.float32)
 
         ok = None if found is None else found == 0
         for (gi, group, plan, grads), fz in zip(work, frozens):
@@ -507,14 +519,21 @@ class FrozenAwareAdamW(Optimizer):
             beta1, beta2 = group["betas"]
             out = plan.discard if detect else rows_of(gi, plan)
             # grades.masked_adamw_ without its per-tensor argument checks, done once per plan
-            hp = _adamw_args(dev, len(plan.params), self._lr_of(group), beta1, beta2, group["eps"],
-                             group["weight_decay"], step_t, grad_scale, found)
+            lr = self._lr_of(group)
+            if isinstance(lr, torch.Tensor) or grad_scale is not None or found is not None:
+                hp = _adamw_args(dev, len(plan.params), lr, beta1, beta2, group["eps"], group["weight_decay"],
+                                 step_t, grad_scale, found)
+            else:
+                key = (lr, beta1, beta2, group["eps"], group["weight_decay"])
+                if plan.hp is None or plan.hp[0] != key:
+                    plan.hp = (key, _adamw_args(dev, len(plan.params), *key, 1.0, None, None))
+                v = plan.hp[1]
+                hp = AdamWArgs(lr=v.lr, beta1=v.beta1, beta2=v.beta2, eps=v.eps, weight_decay=v.weight_decay,
+                               step=step_t, grad_scale=None, found_inf=None)
             plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out)
             if not detect and not plan.full:
                 stats_all.index_copy_(0, plan.idx_global, out)
 
-        if not detect:
-            self.nonfinite_count = stats_all[:, 2].sum(dtype=torch.int64)
         if found is not None:
             skipped = found != 0
             self.skipped_steps.add_(skipped)

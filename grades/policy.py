@@ -727,7 +727,8 @@ class GradES:
         if total_norm is not None or max_norm is not None:
             if clip_coef is not None:
                 raise ValueError("give clip_coef or total_norm and max_norm, not both")
-            if total_norm is None or max_norm is None or not _is_real(max_norm) or not max_norm > 0:
+            if (total_norm is None or max_norm is None or not (type(max_norm) is float or _is_real(max_norm))
+                    or not max_norm > 0):
                 raise ValueError(f"total_norm and max_norm go together, with max_norm > 0; got "
                                  f"total_norm={total_norm!r}, max_norm={max_norm!r}")
             if type(total_norm) is not torch.Tensor:  # a number, or a DTensor (its full value)
@@ -779,8 +780,6 @@ class GradES:
                 if clip_coef.device.type != "cpu" or type(clip_coef) is not torch.Tensor:
                     return False
             clip_coef = float(clip_coef)
-        elif total_norm is not None and total_norm.device.type != "cpu":
-            return False
         if self.frozen_aware:
             opt = self.optimizer
             rows = opt.last_grad_stats
