@@ -11,6 +11,9 @@ in model order, by element count, i.e. whole early layers, as GradES freezes the
 * ``grades_ignore``: FrozenAwareAdamW, ``nonfinite="ignore"`` (the update alone, one pass);
 * ``grades_scaler``: FrozenAwareAdamW driven as under a GradScaler (``grad_scale``/``found_inf``
   handed in, one pass);
+* ``grades_norm``: ``nonfinite="skip"`` with the total gradient norm handed in
+  (``use_total_norm``, as the Trainer callback does with the norm the Trainer computes anyway;
+  its computation is not timed): the norm is the non-finite check, one pass;
 * ``*_devmask`` variants: frozen set with ``freeze_mask_`` only (the host never learns it, the
   kernel skips frozen matrices); the plain variants call ``sync_frozen_state`` as the GradES
   policy does once its non-blocking copy of the mask arrives.
@@ -160,16 +163,24 @@ def run(args) -> dict:
             for i, p in enumerate(params):
                 p.grad = None if i < k else grads[i]
             opt = torch.optim.AdamW(params, lr=1e-4, **kw)
-            ms, syncs = time_steps(opt.step, device, args.warmup, args.iters)
+            if name == "grades_norm":
+                def step(opt=opt):
+                    opt.use_total_norm(norm)
+                    opt.step()
+            else:
+                step = opt.step
+            ms, syncs = time_steps(step, device, args.warmup, args.iters)
             record(name, frac, k, ms, syncs)
-            del opt
+            del opt, step
             gc.collect()
         for p, g in zip(params, grads):
             p.grad = g
         variants = [("grades_skip", "skip", False, True), ("grades_ignore", "ignore", False, True),
-                    ("grades_scaler", "skip", True, True), ("grades_skip_devmask", "skip", False, False)]
+                    ("grades_scaler", "skip", True, True), ("grades_norm", "skip", False, True),
+                    ("grades_skip_devmask", "skip", False, False)]
         if args.smoke:
             variants = variants[:2]
+        norm = torch.ones((), device=device)
         for name, nonfinite, scaler, host_sync in variants:
             opt = FrozenAwareAdamW(params, lr=1e-4, nonfinite=nonfinite)
             opt.step()  # lazy state initialisation, outside the timing
@@ -182,9 +193,15 @@ def run(args) -> dict:
             if scaler:
                 opt.grad_scale = torch.ones((), device=device)
                 opt.found_inf = torch.zeros((), device=device)
-            ms, syncs = time_steps(opt.step, device, args.warmup, args.iters)
+            if name == "grades_norm":
+                def step(opt=opt):
+                    opt.use_total_norm(norm)
+                    opt.step()
+            else:
+                step = opt.step
+            ms, syncs = time_steps(step, device, args.warmup, args.iters)
             record(name, frac, k, ms, syncs)
-            del opt
+            del opt, step
             gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

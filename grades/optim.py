@@ -145,7 +145,10 @@ class FrozenAwareAdamW(Optimizer):
               values are applied as ``torch.optim.AdamW`` would apply them, and still counted.
 
             Under a ``torch.amp.GradScaler`` the scaler's protocol decides instead (its
-            ``found_inf`` skips the step, in the same single pass as the update).
+            ``found_inf`` skips the step, in the same single pass as the update). Where the total
+            gradient norm is computed anyway (gradient clipping; the transformers ``Trainer``
+            always computes it), :meth:`use_total_norm` hands it to the next step as its check
+            and ``"skip"`` needs no detection pass either.
         release_frozen_state: free ``exp_avg``/``exp_avg_sq`` of parameters once the host knows
             they are frozen (after :meth:`freeze` or :meth:`sync_frozen_state`); see
             :attr:`released_bytes`. A state dict then lacks the moments of those parameters.
@@ -214,6 +217,29 @@ class FrozenAwareAdamW(Optimizer):
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=dev)
         self._false = torch.zeros((), dtype=torch.bool, device=dev)
         self.last_step_skipped = self._false
+        self._norm_hint: Any = None
+
+    def use_total_norm(self, total_norm: Union[float, torch.Tensor]) -> None:
+        """Give the next :meth:`step` the total norm of the gradients it is about to apply (what
+        ``torch.nn.utils.clip_grad_norm_`` returned for these parameters, a number or a 0-dim
+        tensor on any device) as its non-finite check: with ``nonfinite="skip"`` a norm that is
+        not finite skips the step, and the separate detection pass is left out, so the step
+        reads each gradient once. Applies to the next step only (``"raise"`` and ``"ignore"``
+        do not use it; a ``GradScaler``'s ``found_inf`` takes precedence).
+
+        The norm must cover every parameter with a gradient in this optimizer. A norm that
+        overflows although every element is finite (above about 1.8e19 in float32) also skips
+        the step, where the detection pass would not.
+        """
+        if isinstance(total_norm, torch.Tensor):
+            full = getattr(total_norm, "full_tensor", None)
+            if callable(full):  # a DTensor: its value over every shard
+                total_norm = full()
+            if total_norm.numel() != 1:
+                raise ValueError(f"total_norm must be a single number, got a tensor of shape {list(total_norm.shape)}")
+        elif not isinstance(total_norm, numbers.Real) or isinstance(total_norm, bool):
+            raise TypeError(f"total_norm must be a number or a 0-dim tensor, got {type(total_norm).__name__}")
+        self._norm_hint = total_norm
 
     @property
     def nonfinite_count(self) -> torch.Tensor:
@@ -448,6 +474,7 @@ class FrozenAwareAdamW(Optimizer):
                 loss = closure()
         if not self.param_list:
             return loss
+        hint, self._norm_hint = self._norm_hint, None
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         dev = self.frozen.device
@@ -479,6 +506,14 @@ class FrozenAwareAdamW(Optimizer):
             detect = False
         elif self.nonfinite == "ignore":
             found, detect = None, False
+        elif hint is not None and self.nonfinite == "skip":
+            # the total norm already looked at every gradient: one pass, as with a GradScaler
+            detect = False
+            if dev.type == "cpu" and (not isinstance(hint, torch.Tensor) or hint.device.type == "cpu"):
+                found = None if math.isfinite(float(hint)) else torch.ones((), dtype=torch.float32)
+            else:
+                h = torch.as_tensor(hint).detach().to(device=dev, dtype=torch.float32, non_blocking=True)
+                found = torch.isfinite(h.reshape(())).logical_not().to(torch.float32)
         else:
             detect, host = True, dev.type == "cpu"
             for (gi, group, plan, grads), fz in zip(work, frozens):

@@ -229,8 +229,14 @@ def test_trainer_with_frozen_aware_adamw(tmp_path):
         def on_step_end(self, args, state, control, **kw):
             snap[state.global_step] = w.detach().clone()
     tr.add_callback(S())
+    norms = []
+    use = opt.use_total_norm
+    opt.use_total_norm = lambda n: (norms.append(n), use(n))[1]
     tr.train()
     assert cb.gs.frozen_aware
+    # the Trainer's total gradient norm served as each step's non-finite check (no detection pass)
+    assert len(norms) == 5 and all(isinstance(n, torch.Tensor) and torch.isfinite(n) for n in norms)
+    assert int(opt.skipped_steps) == 0
     assert set(cb.gs.history_dict()["freeze_steps"].values()) == {3}
     assert torch.equal(snap[3], snap[5]) and not torch.equal(snap[2], snap[3])
     assert bool(opt.frozen[opt.param_index(w)])

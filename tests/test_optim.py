@@ -356,6 +356,53 @@ def test_nonfinite_skip_leaves_state_bitwise_unchanged(bad):
     assert int(opt.skipped_steps) == 1 and int(opt.nonfinite_count) == 0 and not bool(opt.last_step_skipped)
 
 
+def test_total_norm_replaces_the_detection_pass():
+    """use_total_norm(): a finite norm gives exactly the detected step, in one pass (no
+    detection call); a non-finite one skips the step with the state bitwise unchanged; it
+    applies to one step only; bad values are refused."""
+    a, b = tiny_llama(), tiny_llama()
+    oa, ob = FrozenAwareAdamW(a.parameters(), lr=2e-3), FrozenAwareAdamW(b.parameters(), lr=2e-3)
+    data = batches(4)
+    calls = []
+
+    def counted_step(opt):  # counts the detection passes (statistics-only calls) of one step
+        cls = type(next(iter(opt._plans.values())).backend) if opt._plans else None
+        orig = cls.grad_stats_list if cls else None
+        if cls:
+            cls.grad_stats_list = lambda self, *x: (calls.append(1), orig(self, *x))[1]
+        try:
+            opt.step()
+        finally:
+            if cls:
+                cls.grad_stats_list = orig
+
+    for i, ids in enumerate(data):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad(set_to_none=True)
+            loss_of(m, ids).backward()
+        norm = torch.nn.utils.clip_grad_norm_(b.parameters(), float("inf"))
+        ob.use_total_norm(norm if i % 2 else float(norm))
+        oa.step()
+        counted_step(ob)
+    assert calls == []  # no detection pass
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(oa.last_grad_stats, ob.last_grad_stats)
+    before = _snapshot(b, ob)
+    for bad in (float("inf"), torch.tensor(float("nan"))):
+        ob.use_total_norm(bad)
+        ob.step()
+        _assert_same(before, _snapshot(b, ob))
+        assert bool(ob.last_step_skipped) and torch.isnan(ob.last_grad_stats[:, :2]).all()
+    assert int(ob.skipped_steps) == 2
+    counted_step(ob)  # no norm given: detection runs, the (finite) step applies
+    assert calls == [1] and not bool(ob.last_step_skipped) and int(ob.skipped_steps) == 2
+    with pytest.raises(ValueError, match="single number"):
+        ob.use_total_norm(torch.ones(2))
+    with pytest.raises(TypeError, match="number or a 0-dim tensor"):
+        ob.use_total_norm("1.0")
+
+
 def test_nonfinite_raise_and_ignore():
     model = tiny_llama()
     opt = FrozenAwareAdamW(model.parameters(), nonfinite="raise")

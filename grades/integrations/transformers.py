@@ -17,7 +17,9 @@ Trainer's ``accelerator.clip_grad_norm_`` returns and divides the clip coefficie
 device), since one global-norm coefficient would otherwise move every matrix when one spikes.
 It works with the Trainer's own optimizer or with a :class:`~grades.FrozenAwareAdamW` passed as
 ``optimizers=(opt, sched)`` (statistics then come from the optimizer's fused pass, and freezes
-act on its device mask at once).
+act on its device mask at once; the total gradient norm the Trainer computes anyway then
+serves as the optimizer's non-finite check, :meth:`~grades.FrozenAwareAdamW.use_total_norm`, so
+its default ``nonfinite="skip"`` reads each gradient once).
 
 It adds ``grades/frozen_fraction`` and ``grades/<type>_stat`` (mean statistic of the non-frozen
 components of each type) to the Trainer's logs. The Trainer calls reporting callbacks
@@ -218,6 +220,18 @@ class GradESCallback(TrainerCallback, ExportableState):
         (the arguments to rebuild this callback and the GradES state; a host sync)."""
         return {"args": {"config": self.config.to_dict(), "history_file": self.history_file},
                 "attributes": {"grades_state": self.gs.state_dict() if self.gs is not None else None}}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # The Trainer has just computed the total gradient norm (it always does, clipping or
+        # not): a FrozenAwareAdamW takes it as this step's non-finite check and reads each
+        # gradient once instead of twice.
+        gs = self.gs
+        if gs is not None and gs.frozen_aware and getattr(gs.optimizer, "nonfinite", None) == "skip":
+            clip = getattr(getattr(self.trainer, "accelerator", None), "clip_grad_norm_", None)
+            last = getattr(clip, "last", None)
+            if last is not None and last[0] is not None and hasattr(gs.optimizer, "use_total_norm"):
+                gs.optimizer.use_total_norm(last[0])
+        return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.gs is None:
