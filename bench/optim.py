@@ -163,15 +163,9 @@ def run(args) -> dict:
             for i, p in enumerate(params):
                 p.grad = None if i < k else grads[i]
             opt = torch.optim.AdamW(params, lr=1e-4, **kw)
-            if name == "grades_norm":
-                def step(opt=opt):
-                    opt.use_total_norm(norm)
-                    opt.step()
-            else:
-                step = opt.step
-            ms, syncs = time_steps(step, device, args.warmup, args.iters)
+            ms, syncs = time_steps(opt.step, device, args.warmup, args.iters)
             record(name, frac, k, ms, syncs)
-            del opt, step
+            del opt
             gc.collect()
         for p, g in zip(params, grads):
             p.grad = g
