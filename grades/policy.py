@@ -477,17 +477,6 @@ class OptimizerSource:
                                "after optimizer.step()")
         return _reduce_rows(st, self.idx)
 
-    def native_inputs(self, frozen: torch.Tensor) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """For the host rule: the optimizer's per-parameter rows and participation (``None`` when
-        the optimizer's table does not match, so that :meth:`compute` names the problem)."""
-        st = self.optimizer.last_grad_stats
-        if st is None or st.shape[0] != self.comp_of_param.shape[0] or st.device.type != "cpu":
-            return None
-        part = getattr(self.optimizer, "last_participation", None)
-        if not isinstance(part, torch.Tensor) or part.shape[0] != st.shape[0] or part.device.type != "cpu":
-            part = None
-        return st, part
-
     def participation(self) -> Optional[torch.Tensor]:
         part = getattr(self.optimizer, "last_participation", None)
         if not isinstance(part, torch.Tensor) or part.shape[0] != self.comp_of_param.shape[0]:
@@ -813,7 +802,7 @@ class GradES:
             v = self._views
             # the native rule has recorded this step's sample already
             self._learn_arrays(t, v["last_stat"].copy(), v["frozen"], v["freeze_step"], record=False)
-        self._last_stats_live = True
+            self._last_stats_live = True  # _learn_arrays set a copy; the state itself stays current
         if flags & 1:
             if self._history.n > self.config.history_max:
                 self._thin_history()
@@ -1193,10 +1182,6 @@ class _History:
             setattr(self, name, new)
         self._rebind()
 
-    def full(self) -> bool:
-        """Whether the arrays have no room for another sample (grow them, or thin out)."""
-        return self._n[0] >= len(self.steps)
-
     def grow(self) -> None:
         self._reserve(self.n + 1)
 
@@ -1235,8 +1220,6 @@ class _History:
             if stat.shape != (self.C,):
                 raise ValueError(f"a history sample has {stat.size} statistics for {self.C} components")
             self.append(int(h["step"]), int(h["frozen"]), stat)
-        if self._rule is not None:
-            self._reserve(self.n + 1)
 
 
 class _Slot:

@@ -136,10 +136,16 @@ class GradESCallback(TrainerCallback, ExportableState):
         if trainer is not None and (self.trainer is not trainer or trainer.callback_handler.callbacks[0] is not self):
             self.attach(trainer)
 
-    def _clip(self, args) -> tuple[Any, Optional[float]]:
-        """``(total_norm, max_norm)`` of this step's gradient clipping, or ``(None, None)``."""
+    def _recorded_clip(self) -> tuple[Any, Optional[tuple]]:
+        """The accelerator's recording ``clip_grad_norm_`` and its ``(total_norm, max_norm)`` of
+        this step (``None`` when nothing was recorded)."""
         clip = getattr(getattr(self.trainer, "accelerator", None), "clip_grad_norm_", None)
-        last = getattr(clip, "last", None)
+        return clip, getattr(clip, "last", None)
+
+    def _clip(self, args) -> tuple[Any, Optional[float]]:
+        """``(total_norm, max_norm)`` of this step's gradient clipping, or ``(None, None)``;
+        consumes the recorded value."""
+        clip, last = self._recorded_clip()
         if last is None:
             if args.max_grad_norm and args.max_grad_norm > 0 and not self._warned_clip:
                 self._warned_clip = True
@@ -227,8 +233,7 @@ class GradESCallback(TrainerCallback, ExportableState):
         # gradient once instead of twice.
         gs = self.gs
         if gs is not None and gs.frozen_aware and getattr(gs.optimizer, "nonfinite", None) == "skip":
-            clip = getattr(getattr(self.trainer, "accelerator", None), "clip_grad_norm_", None)
-            last = getattr(clip, "last", None)
+            _, last = self._recorded_clip()
             if last is not None and last[0] is not None and hasattr(gs.optimizer, "use_total_norm"):
                 gs.optimizer.use_total_norm(last[0])
         return control
