@@ -16,16 +16,21 @@ in model order, by element count, i.e. whole early layers, as GradES freezes the
   its computation is not timed): the norm is the non-finite check, one pass;
 * ``*_devmask`` variants: frozen set with ``freeze_mask_`` only (the host never learns it, the
   kernel skips frozen matrices); the plain variants call ``sync_frozen_state`` as the GradES
-  policy does once its non-blocking copy of the mask arrives.
+  policy does once its non-blocking copy of the mask arrives;
+* ``grades_master`` (``--dtype bf16`` only): ``master_weights=True``, ``nonfinite="ignore"``:
+  float32 master weights updated and rounded into the bf16 parameters (28 bytes per parameter
+  against ``grades_ignore``'s 22).
 
 All FrozenAwareAdamW variants return per-matrix gradient statistics; torch's do not. On CUDA the
 steps are timed with CUDA events, and host syncs inside ``step()`` are counted with
 ``torch.cuda.set_sync_debug_mode("warn")``. The memory floor is
 ``(1 - frozen) x bytes_per_param x params / bandwidth`` with the bandwidth of a device copy
-measured in the same run. Writes ``bench/results/<device>/optim.json`` and ``optim.png``.
+measured in the same run. Writes ``bench/results/<device>/optim.json`` and ``optim.png``
+(``optim-bf16.*`` with ``--dtype bf16``).
 
     python bench/optim.py --device cuda
     python bench/optim.py --device cpu --layers 2 --no-embedding
+    python bench/optim.py --device cpu --layers 2 --no-embedding --dtype bf16
     python bench/optim.py --smoke      # seconds
 """
 from __future__ import annotations
@@ -145,12 +150,12 @@ def run(args) -> dict:
           flush=True)
     rows = []
 
-    def record(name, frac, k, ms, syncs):
+    def record(name, frac, k, ms, syncs, nbytes=bytes_per_param):
         frozen_elems = sum(numels[:k])
-        floor = (total - frozen_elems) * bytes_per_param / bw * 1e3
+        floor = (total - frozen_elems) * nbytes / bw * 1e3
         rows.append(dict(optimizer=name, frozen_fraction=frac, frozen_params=k,
                          frozen_element_fraction=frozen_elems / total, ms_per_step=ms, floor_ms=floor,
-                         syncs_per_step=syncs))
+                         syncs_per_step=syncs, bytes_per_param=nbytes))
         print(f"  {name:22s} frozen {frac:4.2f}  {ms:9.3f} ms  (floor {floor:8.3f} ms, syncs/step {syncs:g})",
               flush=True)
 
@@ -174,9 +179,12 @@ def run(args) -> dict:
                     ("grades_skip_devmask", "skip", False, False)]
         if args.smoke:
             variants = variants[:2]
+        if dtype != torch.float32:
+            variants.append(("grades_master", "ignore", False, True))
         norm = torch.ones((), device=device)
         for name, nonfinite, scaler, host_sync in variants:
-            opt = FrozenAwareAdamW(params, lr=1e-4, nonfinite=nonfinite)
+            master = name == "grades_master"
+            opt = FrozenAwareAdamW(params, lr=1e-4, nonfinite=nonfinite, master_weights=master)
             opt.step()  # lazy state initialisation, outside the timing
             if k:
                 mask = torch.zeros(len(params), dtype=torch.bool)
@@ -194,7 +202,7 @@ def run(args) -> dict:
             else:
                 step = opt.step
             ms, syncs = time_steps(step, device, args.warmup, args.iters)
-            record(name, frac, k, ms, syncs)
+            record(name, frac, k, ms, syncs, 28 if master else bytes_per_param)
             del opt, step
             gc.collect()
         if device.type == "cuda":
@@ -270,10 +278,11 @@ def main(argv=None) -> int:
     result = run(args)
     print(table(result))
     out = results_dir(args.device, args.out)
-    with open(os.path.join(out, "optim.json"), "w") as fh:
+    stem = "optim" if args.dtype == "fp32" else f"optim-{args.dtype}"
+    with open(os.path.join(out, f"{stem}.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    plot(result, os.path.join(out, "optim.png"))
-    print(f"wrote {os.path.join(out, 'optim.json')} and optim.png")
+    plot(result, os.path.join(out, f"{stem}.png"))
+    print(f"wrote {os.path.join(out, stem + '.json')} and {stem}.png")
     return 0
 
 

@@ -3,8 +3,8 @@
 #
 #   bash bench/run_all.sh cpu|cuda [--smoke] [--out DIR]
 #
-# Runs bench/kernels.py, optim.py, overhead.py, ttc_eval.py and e2e.py in turn, each with
-# --device DEV (when the script takes it) and --smoke / --out passed through. Results land in
+# Runs bench/kernels.py, optim.py (fp32, then bf16 parameters), overhead.py, ttc_eval.py and
+# e2e.py in turn, each with --device DEV (when the script takes it) and --smoke / --out passed through. Results land in
 # bench/results/<device>/ unless --out is given. A script that does not exist is skipped with a
 # message; the exit status is non-zero when any script that ran failed.
 set -u
@@ -39,14 +39,17 @@ fi
 
 failed=()
 ran=0
-for name in kernels optim overhead ttc_eval e2e; do
+for entry in kernels optim "optim --dtype bf16" overhead ttc_eval e2e; do
+  name=${entry%% *}
+  extra=()
+  [ "$entry" != "$name" ] && read -r -a extra <<<"${entry#* }"
   script="$HERE/$name.py"
   if [ ! -f "$script" ]; then
     echo "== $name: skipped (bench/$name.py does not exist)"
     continue
   fi
   help=$("$PY" "$script" --help 2>/dev/null)
-  args=()
+  args=("${extra[@]}")
   if grep -q -- "--device" <<<"$help"; then
     args+=(--device "$DEV")
   else

@@ -136,6 +136,30 @@ def _adamw_args(device, num_matrices, lr, beta1, beta2, eps, weight_decay, step,
                      found_inf=_check_scalar_tensor("found_inf", found_inf, device))
 
 
+def _check_master_list(masters, params: list[torch.Tensor], device) -> Optional[list[Optional[torch.Tensor]]]:
+    """Validated master weights of a list call: ``None`` when there are none at all."""
+    if masters is None:
+        return None
+    if isinstance(masters, torch.Tensor):
+        raise TypeError("with lists of tensors, master_params must be a list (one float32 tensor or None "
+                        "per param), got a single tensor")
+    try:
+        masters = list(masters)
+    except TypeError:
+        raise TypeError(f"master_params must be a list of tensors or None, got {type(masters).__name__}") from None
+    if len(masters) != len(params):
+        raise ValueError(f"master_params must have one entry per param: got {len(masters)} for {len(params)} params")
+    for i, (mw, p) in enumerate(zip(masters, params)):
+        if mw is None:
+            continue
+        check_tensor(mw, f"master_params[{i}]", dtypes=(torch.float32,))
+        if mw.shape != p.shape:
+            raise ValueError(f"master_params[{i}] has shape {tuple(mw.shape)} but params[{i}] has {tuple(p.shape)}")
+        if mw.device != device:
+            raise ValueError(f"master_params[{i}] is on {mw.device}, expected {device}")
+    return masters if any(mw is not None for mw in masters) else None
+
+
 def masked_adamw_(
     params: Union[TensorList, torch.Tensor],
     grads: Union[TensorList, torch.Tensor],
@@ -151,6 +175,7 @@ def masked_adamw_(
     weight_decay: float = 1e-2,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    master_params: Optional[Union[Sequence[Optional[torch.Tensor]], torch.Tensor]] = None,
     segments: Optional[SegmentsLike] = None,
     num_matrices: Optional[int] = None,
     out: Optional[torch.Tensor] = None,
@@ -174,6 +199,14 @@ def masked_adamw_(
         lr, beta1, beta2, eps, weight_decay: as ``torch.optim.AdamW``; ``lr`` may be a 0-dim tensor.
         grad_scale: optional 0-dim tensor; gradients are divided by it first (``GradScaler``).
         found_inf: optional 0-dim tensor; when non-zero no parameter or moment changes.
+        master_params: optional float32 master weights: a list with one tensor (the shape of
+            ``params[i]``) or ``None`` per matrix, or one flat float32 buffer the length of the
+            flat ``params``. A matrix with a master is updated in its master (read and written
+            in float32) and ``params[i]`` receives the result rounded to its own dtype (it is
+            not read); matrices without one are updated in place as usual. Frozen matrices and
+            skipped steps leave masters untouched too. The native CPU backend and Triton write
+            both in the same pass; the CUDA C++ backend updates the masters, then copies them
+            into the params with one multi-tensor copy.
         segments, num_matrices: the flat-buffer layout (see :func:`grad_stats`).
         out: optional preallocated float64 ``[M, 3]`` statistics tensor.
         backend: ``"auto"`` or a backend name.
@@ -201,14 +234,19 @@ def masked_adamw_(
             for n, lst in zip(names[1:], lists[1:]):
                 if lst[i].shape != shape:
                     raise ValueError(f"{n}[{i}] has shape {tuple(lst[i].shape)} but params[{i}] has {tuple(shape)}")
-        check_no_overlap([(f"{n}[{i}]", t) for n, lst in zip(names, lists) for i, t in enumerate(lst)])
+        masters = _check_master_list(master_params, lists[0], device)
+        check_no_overlap([(f"{n}[{i}]", t) for n, lst in zip(names, lists) for i, t in enumerate(lst)]
+                         + [(f"master_params[{i}]", t) for i, t in enumerate(masters or ()) if t is not None])
         frozen = check_frozen(frozen, m, device)
         hp = _adamw_args(device, m, lr, beta1, beta2, eps, weight_decay, step, grad_scale, found_inf)
         out = check_out(out, m, device)
         if m:
             b = backends.select(device, "list", backend)
             with torch.no_grad():  # params may be leaves that require grad
-                b.adamw_list(*lists, frozen, hp, out)
+                if masters is None:
+                    b.adamw_list(*lists, frozen, hp, out)
+                else:
+                    b.adamw_list(*lists, frozen, hp, out, masters=masters)
         return out
     bufs = []
     for x, n in zip((params, grads, exp_avgs, exp_avg_sqs), names):
@@ -222,7 +260,19 @@ def masked_adamw_(
             raise ValueError(f"flat buffers must have equal length: params has {numel}, {n} has {t.numel()}")
         if t.device != device:
             raise ValueError(f"{n} is on {t.device}, expected {device}")
-    check_no_overlap([(f"{n} (flat buffer)", t) for n, t in zip(names, bufs)])
+    master = None
+    if master_params is not None:
+        if not isinstance(master_params, torch.Tensor):
+            raise TypeError("with a flat buffer, master_params must be one flat float32 tensor, got "
+                            f"{type(master_params).__name__}")
+        master = check_tensor(master_params, "master_params (flat buffer)", dtypes=(torch.float32,))
+        if master.dim() != 1 or master.numel() != numel:
+            raise ValueError(f"master_params (flat buffer) must be 1-D with {numel} elements like params, "
+                             f"got shape {tuple(master.shape)}")
+        if master.device != device:
+            raise ValueError(f"master_params is on {master.device}, expected {device}")
+    check_no_overlap([(f"{n} (flat buffer)", t) for n, t in zip(names, bufs)]
+                     + ([("master_params (flat buffer)", master)] if master is not None else []))
     table = resolve_segments(segments, numel, num_matrices)
     frozen = check_frozen(frozen, table.num_matrices, device)
     hp = _adamw_args(device, table.num_matrices, lr, beta1, beta2, eps, weight_decay, step, grad_scale, found_inf)
@@ -233,7 +283,10 @@ def masked_adamw_(
         else:
             b = backends.select(device, "flat", backend)
             with torch.no_grad():
-                b.adamw_flat(*bufs, table, frozen, hp, out)
+                if master is None:
+                    b.adamw_flat(*bufs, table, frozen, hp, out)
+                else:
+                    b.adamw_flat(*bufs, table, frozen, hp, out, master=master)
     return out
 
 

@@ -101,13 +101,15 @@ def _check_options(group: dict) -> None:
 class _Plan:
     """What one group's update looks like for one set of participating parameters (cached)."""
 
-    __slots__ = ("local", "full", "params", "exp_avgs", "exp_avg_sqs", "idx_local", "idx_global",
+    __slots__ = ("local", "full", "params", "exp_avgs", "exp_avg_sqs", "masters", "idx_local", "idx_global",
                  "scratch", "discard", "backend", "hp")
 
-    def __init__(self, local: tuple, full: bool, params, exp_avgs, exp_avg_sqs, idx_local, idx_global,
+    def __init__(self, local: tuple, full: bool, params, exp_avgs, exp_avg_sqs, masters, idx_local, idx_global,
                  scratch, backend):
         self.local, self.full, self.backend = local, full, backend
         self.params, self.exp_avgs, self.exp_avg_sqs = params, exp_avgs, exp_avg_sqs
+        # float32 master weights (None per parameter that has none), or None when no parameter has one
+        self.masters = masters if masters is not None and any(m is not None for m in masters) else None
         self.idx_local, self.idx_global, self.scratch = idx_local, idx_global, scratch
         # the fused update's own statistics when a detection pass has already produced them
         self.discard = torch.empty_like(scratch)
@@ -149,9 +151,17 @@ class FrozenAwareAdamW(Optimizer):
             gradient norm is computed anyway (gradient clipping; the transformers ``Trainer``
             always computes it), :meth:`use_total_norm` hands it to the next step as its check
             and ``"skip"`` needs no detection pass either.
-        release_frozen_state: free ``exp_avg``/``exp_avg_sq`` of parameters once the host knows
-            they are frozen (after :meth:`freeze` or :meth:`sync_frozen_state`); see
-            :attr:`released_bytes`. A state dict then lacks the moments of those parameters.
+        release_frozen_state: free ``exp_avg``/``exp_avg_sq`` (and the master weight) of
+            parameters once the host knows they are frozen (after :meth:`freeze` or
+            :meth:`sync_frozen_state`); see :attr:`released_bytes`. A state dict then lacks the
+            moments of those parameters.
+        master_weights: keep a float32 master copy of every bfloat16/float16 parameter (in the
+            state, key ``"master_param"``, 4 bytes per element). The update is applied to the
+            master in float32 and the parameter receives it rounded, in the same fused pass on
+            the native CPU backend (on CUDA: one extra multi-tensor copy), so updates smaller
+            than the parameter's precision accumulate instead of being rounded away. float32
+            parameters are updated in place as always. The optimizer owns the values: after
+            changing such parameters outside it, call :meth:`refresh_master_weights`.
 
     Attributes (all device tensors, read without syncing; the order is :attr:`param_list`):
         frozen: bool ``[num_params]``; a frozen parameter is never updated again.
@@ -184,6 +194,7 @@ class FrozenAwareAdamW(Optimizer):
         backend: str = "auto",
         nonfinite: str = "skip",
         release_frozen_state: bool = False,
+        master_weights: bool = False,
     ) -> None:
         lr, betas = _check_hparams(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -198,6 +209,9 @@ class FrozenAwareAdamW(Optimizer):
         self.backend = backend
         self.nonfinite = nonfinite
         self.release_frozen_state = bool(release_frozen_state)
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights must be a bool, got {type(master_weights).__name__}")
+        self.master_weights = master_weights
         self.released_bytes = 0
         self.param_list: list[torch.Tensor] = []
         self._index: dict[int, int] = {}
@@ -392,7 +406,7 @@ class FrozenAwareAdamW(Optimizer):
         st = self.state.get(self.param_list[i])
         if not st:
             return
-        for k in ("exp_avg", "exp_avg_sq"):
+        for k in ("exp_avg", "exp_avg_sq", "master_param"):
             t = st.pop(k, None)
             if t is not None:
                 self.released_bytes += t.numel() * t.element_size()
@@ -406,7 +420,40 @@ class FrozenAwareAdamW(Optimizer):
             state["step"] = self._group_steps[gi][local]
             state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            if self._wants_master(p):
+                state["master_param"] = p.detach().to(torch.float32, copy=True)
         return state
+
+    @staticmethod
+    def _adopt_saved_masters(candidates: list) -> None:
+        """Keep a checkpoint's float32 master only where it rounds to the parameter's current value
+        (bitwise): otherwise the parameter was changed after the master was saved (trained on by
+        another optimizer, or loaded from elsewhere) and the master, already set from the
+        parameter, wins over the stale copy. One host read for all of them."""
+        if not candidates:
+            return
+        # bit patterns (masters exist for 2-byte dtypes only), so NaN == NaN and -0.0 != 0.0
+        agree = torch.stack([(saved.to(p.dtype).view(torch.int16) == p.detach().view(torch.int16)).all()
+                             for _, saved, p in candidates]).cpu()
+        for ok, (master, saved, _) in zip(agree.tolist(), candidates):
+            if ok:
+                master.copy_(saved)
+
+    def _wants_master(self, p: torch.Tensor) -> bool:
+        return self.master_weights and p.dtype != torch.float32
+
+    @torch.no_grad()
+    def refresh_master_weights(self) -> None:
+        """Copy every parameter that has a master weight into it (``master_weights=True``).
+
+        Call after changing such parameters outside the optimizer (loading or merging weights,
+        editing them in place); otherwise the next step would continue from the old master
+        values and overwrite the change.
+        """
+        for p in self.param_list:
+            st = self.state.get(p)
+            if st and "master_param" in st:
+                st["master_param"].copy_(p.detach())
 
     def _gather(self, gi: int, group: dict) -> tuple[Optional[_Plan], list[torch.Tensor]]:
         start, end = self._ranges[gi]
@@ -446,8 +493,8 @@ class FrozenAwareAdamW(Optimizer):
                 idx_global = idx_local + start
             scratch = torch.zeros(len(local), 3, dtype=STATS_DTYPE, device=dev)
             plan = _Plan(key[1], full, params, [s["exp_avg"] for s in states],
-                         [s["exp_avg_sq"] for s in states], idx_local, idx_global, scratch,
-                         backends.select(dev, "list", self.backend))
+                         [s["exp_avg_sq"] for s in states], [s.get("master_param") for s in states],
+                         idx_local, idx_global, scratch, backends.select(dev, "list", self.backend))
             self._plans[key] = plan
         return plan, grads
 
@@ -565,7 +612,11 @@ class FrozenAwareAdamW(Optimizer):
                 v = plan.hp[1]
                 hp = AdamWArgs(lr=v.lr, beta1=v.beta1, beta2=v.beta2, eps=v.eps, weight_decay=v.weight_decay,
                                step=step_t, grad_scale=None, found_inf=None)
-            plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out)
+            if plan.masters is None:
+                plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out)
+            else:
+                plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out,
+                                        masters=plan.masters)
             if not detect and not plan.full:
                 stats_all.index_copy_(0, plan.idx_global, out)
 
@@ -655,6 +706,7 @@ class FrozenAwareAdamW(Optimizer):
             frozen.copy_(extras["frozen"].to(device=dev, dtype=torch.bool))
             released = set(int(i) for i in extras.get("released", ()))
         host_frozen = frozen.cpu().numpy().astype(bool)
+        candidates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (master, saved, param)
         for gi, group in enumerate(self.param_groups):
             lr, betas = _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
             group["lr"], group["betas"] = lr, betas
@@ -674,12 +726,21 @@ class FrozenAwareAdamW(Optimizer):
                         raise ValueError(f"state of parameter {gidx} has no {k!r} but it is not frozen")
                     else:
                         released.add(gidx)
+                # master weights (torch's loader cast them to the param's dtype: take the saved ones)
+                st.pop("master_param", None)
+                if self._wants_master(p) and not host_frozen[gidx]:
+                    st["master_param"] = p.detach().to(torch.float32, copy=True)
+                    saved = orig.get("master_param")
+                    if (isinstance(saved, torch.Tensor) and saved.dtype == torch.float32
+                            and saved.shape == p.shape):
+                        candidates.append((st["master_param"], saved.detach().to(p.device), p))
                 if "step" not in st:
                     raise ValueError(f"state of parameter {gidx} has no 'step'")
                 v = st["step"]
                 steps[local] = v.detach().to(torch.float32) if isinstance(v, torch.Tensor) else float(v)
                 st["step"] = steps[local]
             self._group_steps[gi] = steps
+        self._adopt_saved_masters(candidates)
         self.frozen = frozen
         self._host_frozen = host_frozen
         self._released = released

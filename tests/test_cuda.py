@@ -401,16 +401,55 @@ def test_two_kernel_launches_per_op():
     assert sum("finish_kernel" in n for n in ours) == 2, names
 
 
-def test_optimizer_step_no_sync_across_freezes():
+@pytest.mark.parametrize("kind", ["list", "flat"])
+@pytest.mark.parametrize("pdt", [torch.bfloat16, torch.float16])
+def test_adamw_master_weights(kind, pdt):
+    """float32 masters: masters as the reference computes them, each param its master rounded,
+    frozen matrices (params and masters) bitwise untouched."""
+    sizes = [4097, 200_001, 3, 70_000]
+    base = _adamw_inputs(sizes, pdt, torch.bfloat16, seed=21)
+    masters = [p.float() * (1 + 1e-3 * torch.rand(p.shape, device=DEV, generator=_gen(22))) for p in base[0]]
+    frozen = torch.tensor([False, False, False, True], device=DEV)
+    hp = dict(step=3, lr=1e-3, weight_decay=0.05)
+
+    def run(name, tensors, ms):
+        if kind == "list":
+            return masked_adamw_(*tensors, frozen, master_params=ms, backend=name, **hp)
+        flat = [torch.cat(lst) for lst in tensors]
+        fm = torch.cat(ms)
+        stats = masked_adamw_(*flat, frozen, master_params=fm, segments=grades.SegmentTable.from_tensors(tensors[0]),
+                              backend=name, **hp)
+        for lst, f in zip(tensors + [ms], flat + [fm]):
+            for t, piece in zip(lst, f.split(sizes)):
+                t.copy_(piece)
+        return stats
+
+    ref, ref_m = _clone(base), [m.clone() for m in masters]
+    ref_stats = run("reference", ref, ref_m)
+    for name in _names(kind):
+        got, got_m = _clone(base), [m.clone() for m in masters]
+        _check_stats(run(name, got, got_m), ref_stats)
+        for i in range(len(sizes)):
+            if frozen[i]:
+                assert torch.equal(got[0][i], base[0][i]) and torch.equal(got_m[i], masters[i])
+                continue
+            torch.testing.assert_close(got_m[i], ref_m[i], rtol=1e-6, atol=1e-7)
+            assert torch.equal(got[0][i], got_m[i].to(pdt))
+            torch.testing.assert_close(got[2][i], ref[2][i], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_optimizer_step_no_sync_across_freezes(master_weights):
     """FrozenAwareAdamW.step() stays sync-free on the steps right after freezes the host learns of
     (plans are rebuilt then: index and participation tensors go up through pinned memory)."""
     gen = _gen(7)
-    params = [torch.nn.Parameter(_randn(n, gen=gen)) for n in (4097, 33, 100_001, 5, 777)]
-    opt = grades.FrozenAwareAdamW(params, lr=1e-3)
+    dt = torch.bfloat16 if master_weights else torch.float32
+    params = [torch.nn.Parameter(_randn(n, dt, gen=gen)) for n in (4097, 33, 100_001, 5, 777)]
+    opt = grades.FrozenAwareAdamW(params, lr=1e-3, master_weights=master_weights)
 
     def fill_grads(skip=()):
         for i, p in enumerate(params):
-            p.grad = None if i in skip else _randn(p.numel(), gen=gen)
+            p.grad = None if i in skip else _randn(p.numel(), dt, gen=gen)
 
     fill_grads()
     opt.step()  # lazy state and the first plan are built outside the guarded region
@@ -434,3 +473,6 @@ def test_optimizer_step_no_sync_across_freezes():
     torch.cuda.synchronize()
     assert opt.frozen.tolist() == [False, True, False, True, False]
     assert opt.last_participation.tolist() == [True, False, True, False, True]
+    if master_weights:
+        for i, p in enumerate(params):
+            assert i in (1, 3) or torch.equal(p, opt.state[p]["master_param"].to(dt))

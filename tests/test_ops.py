@@ -84,36 +84,42 @@ def check_stats(got, want, frozen=None, rtol=1e-5):
 class State:
     """params/grads/moments as lists, plus the flat-buffer view of the same data when ``kind == 'flat'``."""
 
-    def __init__(self, sizes, pdtype=torch.float32, gdtype=torch.float32, seed=0, kind="list"):
+    def __init__(self, sizes, pdtype=torch.float32, gdtype=torch.float32, seed=0, kind="list", masters=False):
         gen = torch.Generator().manual_seed(seed)
         self.kind = kind
         self.p = [torch.randn(n, generator=gen).to(pdtype) for n in sizes]
         self.g = [torch.randn(n, generator=gen).to(gdtype) for n in sizes]
         self.m = [0.1 * torch.randn(n, generator=gen) for n in sizes]
         self.v = [torch.rand(n, generator=gen) for n in sizes]
+        # float32 master weights: the params plus a little more precision than they hold
+        self.keys = "pgmvw" if masters else "pgmv"
+        if masters:
+            self.w = [p.float() * (1 + 1e-3 * torch.rand(p.shape, generator=gen)) for p in self.p]
 
     def clone(self):
         c = object.__new__(State)
-        c.kind = self.kind
-        for k in "pgmv":
-            setattr(c, k, [t.clone() for t in getattr(self, k)])
+        c.kind, c.keys = self.kind, self.keys
+        for k in self.keys:
+            setattr(c, k, [None if t is None else t.clone() for t in getattr(self, k)])
         return c
 
     def step(self, backend, frozen=None, **hp):
         if self.kind == "list":
+            if "w" in self.keys:
+                hp["master_params"] = self.w
             return grades.masked_adamw_(self.p, self.g, self.m, self.v, frozen, backend=backend, **hp)
         # a sharded layout: matrix i in two pieces, pieces in reverse order, a gap before each
-        pieces = {k: [] for k in "pgmv"}
+        pieces = {k: [] for k in self.keys}
         owner = []
         for i in range(len(self.p)):
             h = self.p[i].numel() // 2
             for sl in (slice(0, h), slice(h, None)):
                 owner.append(i)
-                for k in "pgmv":
+                for k in self.keys:
                     pieces[k].append(getattr(self, k)[i][sl])
         order = list(range(len(owner)))[::-1]
         bufs, rows = [], []
-        for k in "pgmv":
+        for k in self.keys:
             dtype = getattr(self, k)[0].dtype if self.p else torch.float32
             buf, r = flatten([pieces[k][j] for j in order], gap=5, dtype=dtype)
             bufs.append(buf)
@@ -121,8 +127,11 @@ class State:
         outside = torch.ones(bufs[0].numel(), dtype=torch.bool)
         for o, n, _ in rows:
             outside[o:o + n] = False
-        out = grades.masked_adamw_(*bufs, frozen, segments=rows, num_matrices=len(self.p), backend=backend, **hp)
-        for k, buf in zip("pgmv", bufs):
+        if "w" in self.keys:
+            hp["master_params"] = bufs[4]
+        out = grades.masked_adamw_(*bufs[:4], frozen, segments=rows, num_matrices=len(self.p), backend=backend,
+                                   **hp)
+        for k, buf in zip(self.keys, bufs):
             assert (buf[outside] == 7).all(), f"{backend} wrote outside the segments of {k}"
             for (o, n, _), j in zip(rows, order):
                 pieces[k][j].copy_(buf[o:o + n])  # back into the list tensors (views)
@@ -300,6 +309,49 @@ def test_adamw_dtypes_and_frozen(backend, kind, pdtype, gdtype):
         assert all(same_bits(a, b) for a, b in zip(getattr(st, k), getattr(before, k)))  # grads read only
 
 
+@pytest.mark.parametrize("pdtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("backend,kind", CASES)
+def test_adamw_master_weights(backend, kind, pdtype):
+    """float32 masters: updated like float32 params (and like the reference), the param is its
+    master rounded and is never read; frozen matrices and found_inf steps change nothing; a list
+    entry without a master is updated in place."""
+    sizes = [4097, 7, 1, 0, 300, 2049]
+    frozen = torch.tensor([False, True, False, True, False, False])
+    st = State(sizes, pdtype, torch.bfloat16, seed=15, kind=kind, masters=True)
+    if kind == "list":
+        st.w[2] = None  # mixed: this one is a plain in-place param
+    for i, p in enumerate(st.p):
+        if st.w[i] is not None and not frozen[i]:
+            p.fill_(float("nan"))  # a param with a master is written, not read
+    ref, before = st.clone(), st.clone()
+    hp = dict(lr=1e-3, weight_decay=0.05)
+    for step in range(1, 4):
+        out = st.step(backend, frozen, step=step, **hp)
+        want = ref.step("reference", frozen, step=step, **hp)
+        check_stats(out, want, frozen)
+    for i in range(len(sizes)):
+        if frozen[i]:
+            for k in "pmvw":
+                assert same_bits(getattr(st, k)[i], getattr(before, k)[i]), (k, i)
+            continue
+        torch.testing.assert_close(st.m[i], ref.m[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st.v[i], ref.v[i], rtol=1e-5, atol=1e-7)
+        if st.w[i] is None:
+            torch.testing.assert_close(st.p[i].float(), ref.p[i].float(), rtol=TOL[pdtype], atol=TOL[pdtype])
+            continue
+        torch.testing.assert_close(st.w[i], ref.w[i], rtol=1e-6, atol=1e-7)
+        assert same_bits(st.p[i], st.w[i].to(pdtype)), i
+        assert same_bits(ref.p[i], ref.w[i].to(pdtype)), i
+        if st.p[i].numel() > 100:
+            assert not torch.equal(st.w[i], before.w[i])
+    # found_inf: statistics only, no master, param or moment changes
+    snap = st.clone()
+    st.step(backend, frozen, step=4, found_inf=torch.tensor(1.0), **hp)
+    for k in "pmvw":
+        for a, b in zip(getattr(st, k), getattr(snap, k)):
+            assert (a is None and b is None) or same_bits(a, b), k
+
+
 @pytest.mark.parametrize("backend,kind", CASES)
 def test_adamw_grad_scale_and_found_inf(backend, kind):
     sizes = [4097, 33]
@@ -421,6 +473,25 @@ BAD = {
         p[:2] + [torch.randn(10, dtype=torch.cfloat)], g, m, v, step=1), _lists()), TypeError, "complex"),
     "sparse param": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p[:2] + [p[2].to_sparse()], g, m, v, step=1),
                               _lists()), TypeError, "dense"),
+    "master dtype": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, master_params=[None, None, torch.zeros(10, dtype=torch.bfloat16)]), _lists()),
+        TypeError, r"master_params\[2\] has dtype bfloat16"),
+    "master shape": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, master_params=[torch.zeros(10), None, torch.zeros(11)]), _lists()),
+        ValueError, r"master_params\[2\] has shape"),
+    "master count": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, master_params=[torch.zeros(10)]), _lists()), ValueError, "one entry per param"),
+    "master tensor with lists": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, master_params=torch.zeros(30)), _lists()), TypeError, "must be a list"),
+    "master is the param": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, master_params=[p[0], None, None]), _lists()), ValueError, "share memory"),
+    "flat master length": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, segments=ROWS, master_params=torch.zeros(29)), _flat()), ValueError, "30 elements"),
+    "flat master list": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, segments=ROWS, master_params=[torch.zeros(30)]), _flat()), TypeError, "one flat"),
+    "flat master dtype": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, segments=ROWS, master_params=torch.zeros(30, dtype=torch.float16)), _flat()),
+        TypeError, "float16"),
     "overlapping views (list)": (lambda: (lambda base: grades.masked_adamw_(
         [base[0:10]], [base[5:15]], [torch.zeros(10)], [torch.zeros(10)], step=1), [torch.randn(20)]),
         ValueError, "share memory"),

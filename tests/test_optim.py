@@ -276,11 +276,13 @@ def test_release_frozen_state_frees_moments():
     train(model, other, data[:1])
 
 
-def test_step_makes_no_host_sync(monkeypatch):
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_step_makes_no_host_sync(monkeypatch, master_weights):
     # The reference backend is written to run on any device without syncing, so it stands in for a
     # GPU backend here (the native CPU backend may read CPU scalars on the host, which is no sync).
-    model = tiny_llama()
-    opt = FrozenAwareAdamW(model.parameters(), lr=torch.tensor(1e-3), nonfinite="skip", backend="reference")
+    model = tiny_llama(dtype=torch.bfloat16 if master_weights else torch.float32)
+    opt = FrozenAwareAdamW(model.parameters(), lr=torch.tensor(1e-3), nonfinite="skip", backend="reference",
+                           master_weights=master_weights)
     data = batches(4)
     train(model, opt, data[:1])  # lazy state initialisation happens outside the guarded steps
     mask = torch.zeros(opt.num_params, dtype=torch.bool)
@@ -496,6 +498,119 @@ def test_low_precision_params_fp32_moments(dtype):
     assert opt.state[p]["exp_avg"].dtype == torch.float32 and p.dtype == dtype
     torch.testing.assert_close(p.float(), q.detach(), rtol=0, atol=float(torch.finfo(dtype).eps) * 4)
     torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+
+
+# ------------------------------------------------------------------ float32 master weights
+
+@pytest.mark.parametrize("backend", available_backends("cpu", "list"))
+def test_master_weights_track_fp32_adamw(backend):
+    """bfloat16 params with master weights follow torch.optim.AdamW on float32 copies of the
+    weights (fed the same gradients) to 1e-6, and each param is its master rounded. Without
+    masters, the small updates of this learning rate are rounded away and the run drifts."""
+    a = tiny_llama(dtype=torch.bfloat16)
+    ref = tiny_llama(dtype=torch.bfloat16).float()  # the same bf16 weights, held in float32
+    plain = tiny_llama(dtype=torch.bfloat16)
+    hp = dict(lr=2e-4, betas=(0.9, 0.99), weight_decay=0.1)
+    oa = FrozenAwareAdamW(groups_of(a, HPARAMS[0]["groups"]), master_weights=True, backend=backend, **hp)
+    oref = torch.optim.AdamW(groups_of(ref, HPARAMS[0]["groups"]), **hp)
+    oplain = FrozenAwareAdamW(groups_of(plain, HPARAMS[0]["groups"]), backend=backend, **hp)
+    for ids in batches(12):
+        for o in (oa, oref, oplain):
+            o.zero_grad(set_to_none=True)
+        loss_of(a, ids).backward()
+        for p, q, r in zip(a.parameters(), ref.parameters(), plain.parameters()):
+            q.grad, r.grad = p.grad.float(), p.grad.clone()
+        for o in (oa, oref, oplain):
+            o.step()
+    worst_master = worst_plain = 0.0
+    for p, q, r in zip(a.parameters(), ref.parameters(), plain.parameters()):
+        master = oa.state[p]["master_param"]
+        assert master.dtype == torch.float32 and torch.equal(p, master.to(torch.bfloat16))
+        scale = q.detach().abs().max()
+        worst_master = max(worst_master, float((master - q.detach()).abs().max() / scale))
+        worst_plain = max(worst_plain, float((r.detach().float() - q.detach()).abs().max() / scale))
+    assert worst_master <= 1e-6
+    assert worst_plain > 1000 * max(worst_master, 1e-9)  # what the masters are for
+
+
+def test_master_weights_state_dict():
+    """Masters travel in float32 under 'master_param'; a stale or missing master (a torch
+    checkpoint, or a parameter changed since) is started from the parameter instead."""
+    a = tiny_llama(dtype=torch.bfloat16)
+    oa = FrozenAwareAdamW(a.parameters(), lr=1e-3, master_weights=True)
+    data = batches(10)
+    train(a, oa, data[:4])
+    sd = copy.deepcopy(oa.state_dict())
+    assert all(st["master_param"].dtype == torch.float32 for st in sd["state"].values())
+    # ours -> ours: masters restored bitwise, identical continuation
+    b = copy.deepcopy(a)
+    ob = FrozenAwareAdamW(b.parameters(), lr=1e-3, master_weights=True)
+    ob.load_state_dict(copy.deepcopy(sd))
+    train_pair(a, oa, b, ob, data[4:7])
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q) and torch.equal(oa.state[p]["master_param"], ob.state[q]["master_param"])
+    # ours -> torch.optim.AdamW (trains on) -> ours: the carried-along master is stale and ignored
+    c = copy.deepcopy(a)
+    oc = torch.optim.AdamW(c.parameters(), lr=1e-3)
+    oc.load_state_dict(copy.deepcopy(oa.state_dict()))
+    train(c, oc, data[7:9])
+    od = FrozenAwareAdamW(c.parameters(), lr=1e-3, master_weights=True)
+    od.load_state_dict(copy.deepcopy(oc.state_dict()))
+    for p in c.parameters():
+        assert torch.equal(od.state[p]["master_param"], p.detach().float())
+    # a float32 master whose parameter was edited after saving: the parameter wins, alone
+    sd = copy.deepcopy(oa.state_dict())
+    e = copy.deepcopy(a)
+    edited = e.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        edited.add_(1.0)
+    oe = FrozenAwareAdamW(e.parameters(), lr=1e-3, master_weights=True)
+    oe.load_state_dict(sd)
+    for i, p in enumerate(e.parameters()):
+        want = p.detach().float() if p is edited else sd["state"][i]["master_param"]
+        assert torch.equal(oe.state[p]["master_param"], want)
+        assert p is edited or not torch.equal(want, p.detach().float())  # a master holds more than its param
+    # without master_weights the optimizer keeps none
+    of = FrozenAwareAdamW(copy.deepcopy(a).parameters(), lr=1e-3)
+    of.load_state_dict(copy.deepcopy(oa.state_dict()))
+    assert all("master_param" not in st for st in of.state.values())
+
+
+def test_master_weights_freeze_skip_release_refresh():
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = FrozenAwareAdamW(model.parameters(), lr=1e-3, master_weights=True, release_frozen_state=True)
+    data = batches(8)
+    train(model, opt, data[:2])
+    params = dict(model.named_parameters())
+    by_mask, by_host = params["model.layers.1.self_attn.v_proj.weight"], params["model.layers.0.mlp.up_proj.weight"]
+    # a device-side freeze: param and master untouched by later steps
+    mask = torch.zeros(opt.num_params, dtype=torch.bool)
+    mask[opt.param_index(by_mask)] = True
+    opt.freeze_mask_(mask)
+    w, mw = by_mask.detach().clone(), opt.state[by_mask]["master_param"].clone()
+    train(model, opt, data[2:4])
+    assert torch.equal(by_mask, w) and torch.equal(opt.state[by_mask]["master_param"], mw)
+    # a host-known freeze releases the master with the moments
+    opt.freeze([by_host])
+    assert "master_param" not in opt.state[by_host] and opt.released_bytes == 3 * 4 * by_host.numel()
+    # a non-finite gradient skips the step: params, moments and masters bitwise unchanged
+    before = _snapshot(model, opt)
+    opt.zero_grad()
+    loss_of(model, data[4]).backward()
+    params["model.layers.1.mlp.down_proj.weight"].grad.view(-1)[5] = float("nan")
+    opt.step()
+    _assert_same(before, _snapshot(model, opt))
+    assert int(opt.skipped_steps) == 1
+    # edits outside the optimizer: refresh_master_weights() makes the masters follow them
+    q = params["model.layers.0.self_attn.q_proj.weight"]
+    with torch.no_grad():
+        q.mul_(0.5)
+    opt.refresh_master_weights()
+    assert torch.equal(opt.state[q]["master_param"], q.detach().float())
+    train(model, opt, data[5:6])
+    assert torch.equal(q, opt.state[q]["master_param"].to(torch.bfloat16))
+    with pytest.raises(TypeError, match="master_weights must be a bool"):
+        FrozenAwareAdamW(model.parameters(), master_weights="yes")
 
 
 def test_add_param_group_and_zero_grad():

@@ -100,6 +100,26 @@ std::vector<MatrixHyper> make_matrix_hyper(int64_t M, double lr, double beta1, d
   return mh;
 }
 
+// The parameter a Source updates: `param` itself, or with master weights the float32 `master`
+// (read and written) and `param` as the copy that receives the rounded result.
+void set_param(Source& s, const at::Tensor& param, const at::Tensor* master, const char* what,
+               const char* master_what) {
+  if (master == nullptr) {
+    s.param = param.data_ptr();
+    s.param_elsize = param.element_size();
+    return;
+  }
+  check_dense_cpu(*master, master_what);
+  TORCH_CHECK(master->scalar_type() == at::kFloat, master_what, " must be float32, got ", master->scalar_type());
+  TORCH_CHECK(master->numel() == param.numel(), master_what, " has ", master->numel(), " elements, ", what,
+              " has ", param.numel());
+  dtype_code(param, what);
+  s.param = master->data_ptr();
+  s.param_elsize = 4;
+  s.copy = param.data_ptr();
+  s.copy_elsize = param.element_size();
+}
+
 bool found_inf_set(const c10::optional<at::Tensor>& found_inf) {
   return found_inf.has_value() && found_inf->item<double>() != 0.0;
 }
@@ -153,11 +173,14 @@ void adamw_list(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 const at::Tensor& chunks, const c10::optional<at::Tensor>& frozen, double lr, bool lr_is_tensor,
                 double beta1, double beta2, double eps, double weight_decay, double step,
                 const c10::optional<at::Tensor>& step_per_matrix, const c10::optional<at::Tensor>& grad_scale,
-                const c10::optional<at::Tensor>& found_inf, at::Tensor out) {
+                const c10::optional<at::Tensor>& found_inf, at::Tensor out,
+                const std::vector<c10::optional<at::Tensor>>& masters) {
   const int64_t M = check_table_and_out(chunks, out, frozen);
   TORCH_CHECK(static_cast<int64_t>(params.size()) == M && grads.size() == params.size() &&
                   exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
               "params, grads, exp_avgs, exp_avg_sqs must all have ", M, " tensors");
+  TORCH_CHECK(masters.empty() || masters.size() == params.size(), "masters must be empty or have ", M,
+              " entries, got ", masters.size());
   bool small_w = true;
   const Hyper h = make_hyper(lr, lr_is_tensor, beta1, beta2, eps, weight_decay, grad_scale, &small_w);
   const bool update = !found_inf_set(found_inf);
@@ -175,12 +198,12 @@ void adamw_list(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 "moments must be float32");
     src[i].grad = grads[i].data_ptr();
     src[i].grad_elsize = grads[i].element_size();
-    src[i].param = params[i].data_ptr();
-    src[i].param_elsize = params[i].element_size();
     src[i].exp_avg = exp_avgs[i].data_ptr<float>();
     src[i].exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
-    src[i].fn = select_kernel(update, dtype_code(params[i], "param"), dtype_code(grads[i], "grad"),
-                              grad_scale.has_value(), small_w);
+    const bool has_master = !masters.empty() && masters[i].has_value();
+    set_param(src[i], params[i], has_master ? &*masters[i] : nullptr, "param", "master param");
+    src[i].fn = select_kernel(update, has_master ? kF32 : dtype_code(params[i], "param"), dtype_code(grads[i], "grad"),
+                              grad_scale.has_value(), small_w, has_master ? dtype_code(params[i], "param") : kNoCopy);
     numels[i] = n;
   }
   check_rows(chunks, numels, true, M);
@@ -198,7 +221,7 @@ void adamw_flat(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
                 double lr, bool lr_is_tensor, double beta1, double beta2, double eps, double weight_decay,
                 double step, const c10::optional<at::Tensor>& step_per_matrix,
                 const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                at::Tensor out) {
+                at::Tensor out, const c10::optional<at::Tensor>& master) {
   const int64_t M = check_table_and_out(chunks, out, frozen);
   check_dense_cpu(param, "param buffer");
   check_dense_cpu(grad, "grad buffer");
@@ -214,12 +237,12 @@ void adamw_flat(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
   std::vector<Source> src(1);
   src[0].grad = grad.data_ptr();
   src[0].grad_elsize = grad.element_size();
-  src[0].param = param.data_ptr();
-  src[0].param_elsize = param.element_size();
   src[0].exp_avg = exp_avg.data_ptr<float>();
   src[0].exp_avg_sq = exp_avg_sq.data_ptr<float>();
-  src[0].fn = select_kernel(update, dtype_code(param, "param buffer"), dtype_code(grad, "grad buffer"),
-                            grad_scale.has_value(), small_w);
+  const at::Tensor* m = master.has_value() ? &*master : nullptr;
+  set_param(src[0], param, m, "param buffer", "master buffer");
+  src[0].fn = select_kernel(update, m ? kF32 : dtype_code(param, "param buffer"), dtype_code(grad, "grad buffer"),
+                            grad_scale.has_value(), small_w, m ? dtype_code(param, "param buffer") : kNoCopy);
   check_rows(chunks, {n}, false, M);
   if (!update) {
     launch(src, false, chunks, M, frozen, h, nullptr, out);
@@ -246,11 +269,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("chunks"),
         py::arg("frozen"), py::arg("lr"), py::arg("lr_is_tensor"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("step_per_matrix"),
-        py::arg("grad_scale"), py::arg("found_inf"), py::arg("out"));
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("out"),
+        py::arg("masters") = std::vector<c10::optional<at::Tensor>>{});
   m.def("adamw_flat", &grades_cpu::adamw_flat, "masked AdamW + statistics over flat buffers",
         py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("chunks"),
         py::arg("frozen"), py::arg("lr"), py::arg("lr_is_tensor"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("step_per_matrix"),
-        py::arg("grad_scale"), py::arg("found_inf"), py::arg("out"));
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("out"), py::arg("master") = py::none());
   grades_cpu::register_policy(m);
 }

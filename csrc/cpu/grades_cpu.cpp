@@ -245,8 +245,8 @@ int64_t count_nonfinite(const typename IO<GD>::T* g, int64_t len, const Hyper& h
 // ------------------------------------------------------------------------------------------------
 
 template <int GD, bool SCALE>
-void stats_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&, void*, float*, float*,
-                 Partial& out) {
+void stats_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&, void*, void*, float*,
+                 float*, Partial& out) {
   using GT = typename IO<GD>::T;
   const GT* g = static_cast<const GT*>(gv);
   Acc acc;
@@ -293,13 +293,18 @@ inline void adamw_block(f32x8* p, const f32x8* g, f32x8* m, f32x8* v, const VHyp
   }
 }
 
-template <int PD, int GD, bool SCALE, bool SMALL_W>
-void adamw_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper& mh, void* pv, float* m,
-                 float* v, Partial& out) {
+// CD: dtype of the low-precision copy written next to a float32 master param (kNoCopy: none).
+template <int PD, int GD, bool SCALE, bool SMALL_W, int CD>
+void adamw_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper& mh, void* pv, void* cv,
+                 float* m, float* v, Partial& out) {
   using GT = typename IO<GD>::T;
   using PT = typename IO<PD>::T;
+  constexpr int CIO = CD == kNoCopy ? kF32 : CD;  // a valid IO type also when there is no copy
+  using CT = typename IO<CIO>::T;
+  static_assert(CD == kNoCopy || PD == kF32, "a master param is float32");
   const GT* g = static_cast<const GT*>(gv);
   PT* p = static_cast<PT*>(pv);
+  CT* c = static_cast<CT*>(cv);
   const VHyper vh(h, mh);
   Acc acc;
   f32x8 gf[kV], pf[kV], mf[kV], vf[kV];
@@ -313,6 +318,7 @@ void adamw_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&
     Block<kF32>::load(v + i, vf);
     adamw_block<SMALL_W>(pf, gf, mf, vf, vh);
     Block<PD>::store(p + i, pf);
+    if (CD != kNoCopy) Block<CIO>::store(c + i, pf);
     Block<kF32>::store(m + i, mf);
     Block<kF32>::store(v + i, vf);
   }
@@ -326,6 +332,7 @@ void adamw_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&
     Block<kF32>::load_tail(v + full, n, vf);
     adamw_block<SMALL_W>(pf, gf, mf, vf, vh);
     Block<PD>::store_tail(p + full, n, pf);
+    if (CD != kNoCopy) Block<CIO>::store_tail(c + full, n, pf);
     Block<kF32>::store_tail(m + full, n, mf);
     Block<kF32>::store_tail(v + full, n, vf);
   }
@@ -338,24 +345,24 @@ ChunkFn pick_stats(bool scale) {
   return scale ? &stats_chunk<GD, true> : &stats_chunk<GD, false>;
 }
 
-template <int PD, int GD>
+template <int PD, int GD, int CD>
 ChunkFn pick_adamw2(bool scale, bool small_w) {
-  if (scale) return small_w ? &adamw_chunk<PD, GD, true, true> : &adamw_chunk<PD, GD, true, false>;
-  return small_w ? &adamw_chunk<PD, GD, false, true> : &adamw_chunk<PD, GD, false, false>;
+  if (scale) return small_w ? &adamw_chunk<PD, GD, true, true, CD> : &adamw_chunk<PD, GD, true, false, CD>;
+  return small_w ? &adamw_chunk<PD, GD, false, true, CD> : &adamw_chunk<PD, GD, false, false, CD>;
 }
 
-template <int PD>
+template <int PD, int CD>
 ChunkFn pick_adamw1(int gd, bool scale, bool small_w) {
   switch (gd) {
-    case kF32: return pick_adamw2<PD, kF32>(scale, small_w);
-    case kBF16: return pick_adamw2<PD, kBF16>(scale, small_w);
-    default: return pick_adamw2<PD, kF16>(scale, small_w);
+    case kF32: return pick_adamw2<PD, kF32, CD>(scale, small_w);
+    case kBF16: return pick_adamw2<PD, kBF16, CD>(scale, small_w);
+    default: return pick_adamw2<PD, kF16, CD>(scale, small_w);
   }
 }
 
 }  // namespace
 
-ChunkFn select_kernel(bool update, int pd, int gd, bool scale, bool small_w) {
+ChunkFn select_kernel(bool update, int pd, int gd, bool scale, bool small_w, int cd) {
   if (!update) {
     switch (gd) {
       case kF32: return pick_stats<kF32>(scale);
@@ -363,10 +370,18 @@ ChunkFn select_kernel(bool update, int pd, int gd, bool scale, bool small_w) {
       default: return pick_stats<kF16>(scale);
     }
   }
+  if (cd != kNoCopy) {  // float32 master + copy (the bindings guarantee pd == kF32)
+    if (pd != kF32) return nullptr;
+    switch (cd) {
+      case kF32: return pick_adamw1<kF32, kF32>(gd, scale, small_w);
+      case kBF16: return pick_adamw1<kF32, kBF16>(gd, scale, small_w);
+      default: return pick_adamw1<kF32, kF16>(gd, scale, small_w);
+    }
+  }
   switch (pd) {
-    case kF32: return pick_adamw1<kF32>(gd, scale, small_w);
-    case kBF16: return pick_adamw1<kBF16>(gd, scale, small_w);
-    default: return pick_adamw1<kF16>(gd, scale, small_w);
+    case kF32: return pick_adamw1<kF32, kNoCopy>(gd, scale, small_w);
+    case kBF16: return pick_adamw1<kBF16, kNoCopy>(gd, scale, small_w);
+    default: return pick_adamw1<kF16, kNoCopy>(gd, scale, small_w);
   }
 }
 
@@ -397,7 +412,8 @@ void run_chunks(const Source* sources, bool per_tensor_sources, const int64_t* r
     void* p = s.param ? static_cast<void*>(static_cast<char*>(s.param) + start * s.param_elsize) : nullptr;
     float* m = s.exp_avg ? s.exp_avg + start : nullptr;
     float* v = s.exp_avg_sq ? s.exp_avg_sq + start : nullptr;
-    s.fn(g, len, h, mh ? mh[id] : unit, p, m, v, part[c]);
+    void* cp = s.copy ? static_cast<void*>(static_cast<char*>(s.copy) + start * s.copy_elsize) : nullptr;
+    s.fn(g, len, h, mh ? mh[id] : unit, p, cp, m, v, part[c]);
   };
 
 #ifdef _OPENMP

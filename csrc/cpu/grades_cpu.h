@@ -41,8 +41,13 @@ struct MatrixHyper {
   float bc2_sqrt = 1.f;   // sqrt(1 - beta2^step)
 };
 
-// Processes one chunk: (grad, length, hyper, matrix hyper, param, exp_avg, exp_avg_sq, partial out).
-using ChunkFn = void (*)(const void*, int64_t, const Hyper&, const MatrixHyper&, void*, float*, float*,
+// dtype code of a Source without a low-precision copy of its (float32 master) parameter
+constexpr int kNoCopy = -1;
+
+// Processes one chunk: (grad, length, hyper, matrix hyper, param, param copy, exp_avg, exp_avg_sq,
+// partial out). With master weights, param is the float32 master and the updated value is also
+// written, rounded, to the copy (the model's low-precision parameter); otherwise copy is unused.
+using ChunkFn = void (*)(const void*, int64_t, const Hyper&, const MatrixHyper&, void*, void*, float*, float*,
                          Partial&);
 
 // Base pointers of one tensor (list input) or of the flat buffers, and the kernel for its dtypes.
@@ -53,11 +58,15 @@ struct Source {
   int64_t param_elsize = 4;
   float* exp_avg = nullptr;
   float* exp_avg_sq = nullptr;
+  void* copy = nullptr;  // low-precision copy of a float32 master param, or nullptr
+  int64_t copy_elsize = 2;
   ChunkFn fn = nullptr;
 };
 
-// Kernel for statistics only (update=false) or AdamW + statistics, for the given dtype codes.
-ChunkFn select_kernel(bool update, int param_dtype, int grad_dtype, bool scale, bool small_lerp_weight);
+// Kernel for statistics only (update=false) or AdamW + statistics, for the given dtype codes;
+// copy_dtype (kBF16/kF16, with param_dtype kF32) also writes the updated master to a copy.
+ChunkFn select_kernel(bool update, int param_dtype, int grad_dtype, bool scale, bool small_lerp_weight,
+                      int copy_dtype = kNoCopy);
 
 // Runs every chunk whose matrix is not frozen and writes per-matrix statistics.
 //   rows:    [C, 3] int64 (start, length, id) -- start in elements from the source's base pointers;

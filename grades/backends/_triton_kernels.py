@@ -118,13 +118,15 @@ def grad_stats_chunks_kernel(
 
 
 @triton.jit
-def _adamw_block(param_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, scale,
+def _adamw_block(param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, scale,
                  decay, step_size, bc2_sqrt, w1, beta2, one_minus_beta2, eps,
                  acc_sq, acc_abs, acc_bad,
                  HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LERP_HI: tl.constexpr,
-                 BF16_RNE: tl.constexpr):
+                 BF16_RNE: tl.constexpr, HAS_COPY: tl.constexpr):
     """Statistics plus one AdamW update of one block; parameter and moments written only where
-    ``mask & upd``. Same operation order as the reference ``adamw_update``."""
+    ``mask & upd``. Same operation order as the reference ``adamw_update``. With ``HAS_COPY`` the
+    parameter is a float32 master and the result is also stored, rounded, at ``copy_ptr``
+    (``BF16_RNE`` then applies to the copy)."""
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         g = tl.div_rn(g, scale)
@@ -148,11 +150,18 @@ def _adamw_block(param_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, scale,
     v = v * beta2 + (one_minus_beta2 * g) * g
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)
-    if BF16_RNE:
-        p_new = _bf16_rne(p)
+    if HAS_COPY:
+        tl.store(param_ptr + offs, p, mask=wmask)
+        if BF16_RNE:
+            tl.store(copy_ptr + offs, _bf16_rne(p), mask=wmask)
+        else:
+            tl.store(copy_ptr + offs, p.to(copy_ptr.dtype.element_ty), mask=wmask)
     else:
-        p_new = p.to(p_raw.dtype)
-    tl.store(param_ptr + offs, p_new, mask=wmask)
+        if BF16_RNE:
+            p_new = _bf16_rne(p)
+        else:
+            p_new = p.to(p_raw.dtype)
+        tl.store(param_ptr + offs, p_new, mask=wmask)
     tl.store(m_ptr + offs, m, mask=wmask)
     tl.store(v_ptr + offs, v, mask=wmask)
     return acc_sq, acc_abs, acc_bad
@@ -160,7 +169,8 @@ def _adamw_block(param_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, scale,
 
 @triton.jit
 def adamw_chunks_kernel(
-    param_ptr,     # [N] float32/bfloat16/float16, updated in place
+    param_ptr,     # [N] float32/bfloat16/float16, updated in place (float32 master if HAS_COPY)
+    copy_ptr,      # [N] float32/bfloat16/float16 receiving the rounded master; unused unless HAS_COPY
     grad_ptr,      # [N] float32/bfloat16/float16
     m_ptr,         # [N] float32 exp_avg, updated in place
     v_ptr,         # [N] float32 exp_avg_sq, updated in place
@@ -179,6 +189,7 @@ def adamw_chunks_kernel(
     COEF_FROM_PTR: tl.constexpr,
     LERP_HI: tl.constexpr,
     BF16_RNE: tl.constexpr,   # round bfloat16 params in integer arithmetic (interpreter only)
+    HAS_COPY: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -210,15 +221,15 @@ def adamw_chunks_kernel(
     for i in range(0, n_full):
         offs = start + i * BLOCK + lane
         acc_sq, acc_abs, acc_bad = _adamw_block(
-            param_ptr, grad_ptr, m_ptr, v_ptr, offs, full, upd, scale,
+            param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, offs, full, upd, scale,
             decay, step_size, bc2_sqrt, w1, beta2, one_minus_beta2, eps,
-            acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI, BF16_RNE)
+            acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI, BF16_RNE, HAS_COPY)
     tail = n_full * BLOCK
     offs = start + tail + lane
     acc_sq, acc_abs, acc_bad = _adamw_block(
-        param_ptr, grad_ptr, m_ptr, v_ptr, offs, tail + lane < n, upd, scale,
+        param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, offs, tail + lane < n, upd, scale,
         decay, step_size, bc2_sqrt, w1, beta2, one_minus_beta2, eps,
-        acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI, BF16_RNE)
+        acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI, BF16_RNE, HAS_COPY)
     _store_partial(part_ptr, pid, acc_sq, acc_abs, acc_bad)
 
 

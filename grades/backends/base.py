@@ -12,6 +12,12 @@ Sums include every element, so a NaN makes both sums NaN and an Inf makes them I
 ``torch.linalg.vector_norm`` would); the count says how many. A frozen matrix is neither read nor
 written (its row of ``out`` is zero). Backends must be deterministic (same input, bitwise same
 output) and must not synchronise with the host.
+
+The AdamW entry points also take optional float32 master weights (``masters``: a list with one
+tensor or ``None`` per matrix; ``master``: one flat buffer). A matrix with a master is updated in
+its master, and the parameter receives the result rounded to its own dtype; the parameter itself
+is not read. A backend without a fused form of this uses :meth:`Backend.adamw_list_via_masters`
+/ :meth:`Backend.adamw_flat_via_masters`: its update on the masters, then a copy.
 """
 from __future__ import annotations
 
@@ -72,10 +78,30 @@ class Backend:
 
     def adamw_list(self, params: list[torch.Tensor], grads: list[torch.Tensor],
                    exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                   frozen: Optional[torch.Tensor], hp: AdamWArgs, out: torch.Tensor) -> None:
+                   frozen: Optional[torch.Tensor], hp: AdamWArgs, out: torch.Tensor,
+                   masters: Optional[list[Optional[torch.Tensor]]] = None) -> None:
         raise NotImplementedError
 
     def adamw_flat(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                    exp_avg_sq: torch.Tensor, table, frozen: Optional[torch.Tensor], hp: AdamWArgs,
-                   out: torch.Tensor) -> None:
+                   out: torch.Tensor, master: Optional[torch.Tensor] = None) -> None:
         raise NotImplementedError
+
+    def adamw_list_via_masters(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters) -> None:
+        """Master weights without a fused kernel: the update on the masters (where given), then
+        one ``torch._foreach_copy_`` of every master into its parameter. A frozen or skipped
+        matrix's master did not change, so the copy rewrites its parameter with the bits it
+        already holds (the parameter is always its master rounded); that costs a read and a
+        write, not a change."""
+        targets = [p if mw is None else mw for p, mw in zip(params, masters)]
+        self.adamw_list(targets, grads, exp_avgs, exp_avg_sqs, frozen, hp, out)
+        pairs = [(p, mw) for p, mw in zip(params, masters) if mw is not None]
+        if pairs:
+            torch._foreach_copy_([p for p, _ in pairs], [mw for _, mw in pairs])
+
+    def adamw_flat_via_masters(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master) -> None:
+        """:meth:`adamw_list_via_masters` for flat buffers: the copy covers the segments only."""
+        self.adamw_flat(master, grad, exp_avg, exp_avg_sq, table, frozen, hp, out)
+        segs = [(o, n) for o, n, _ in table.array.tolist() if n]
+        if segs:
+            torch._foreach_copy_([param[o:o + n] for o, n in segs], [master[o:o + n] for o, n in segs])

@@ -88,10 +88,10 @@ class CpuBackend(Backend):
     def grad_stats_flat(self, buf, table, frozen, out) -> None:
         self._ext().grad_stats_flat(buf, self._flat_chunks(table), frozen, out)
 
-    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp: AdamWArgs, out) -> None:
+    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp: AdamWArgs, out, masters=None) -> None:
         self._ext().adamw_list(params, grads, exp_avgs, exp_avg_sqs, self._list_chunks(params), frozen,
-                               out=out, **self._hp_args(hp))
+                               out=out, masters=masters if masters is not None else [], **self._hp_args(hp))
 
-    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp: AdamWArgs, out) -> None:
+    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp: AdamWArgs, out, master=None) -> None:
         self._ext().adamw_flat(param, grad, exp_avg, exp_avg_sq, self._flat_chunks(table), frozen,
-                               out=out, **self._hp_args(hp))
+                               out=out, master=master, **self._hp_args(hp))

@@ -163,14 +163,19 @@ class CudaBackend(Backend):
                          float(hp.beta1), float(hp.beta2), float(hp.eps), float(hp.weight_decay),
                          step_t, step, hp.grad_scale, hp.found_inf)
 
-    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out) -> None:
+    # Master weights: the update on the float32 masters, then one multi-tensor copy (not fused).
+    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters=None) -> None:
+        if masters is not None:
+            return self.adamw_list_via_masters(params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters)
         mod = self._ext()
         host = mod.slot_table(grads, params, exp_avgs, exp_avg_sqs)
         lay = self._list_layout(host, out.device, "adamw")
         slots = lay.slots(host, out.device)
         self._adamw(mod, lay, slots, frozen, hp, out)
 
-    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out) -> None:
+    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master=None) -> None:
+        if master is not None:
+            return self.adamw_flat_via_masters(param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master)
         mod = self._ext()
         lay = self._flat_layout(table, grad.device, "adamw")
         slots = lay.slots(mod.slot_table([grad], [param], [exp_avg], [exp_avg_sq]), out.device)

@@ -43,17 +43,19 @@ def _matrix_stats_from_flat(buf: torch.Tensor, table, grad_scale=None) -> list[t
 
 
 def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                 hp: AdamWArgs, step, active) -> None:
+                 hp: AdamWArgs, step, active, master: Optional[torch.Tensor] = None) -> None:
     """One AdamW update of one tensor, in fp32, written back only where ``active``.
 
     Same arithmetic as ``torch.optim.AdamW``: decoupled weight decay ``p *= 1 - lr*wd``, then
     ``m = lerp(m, g, 1-beta1)``, ``v = beta2*v + (1-beta2)*g*g``,
     ``p -= (lr / (1-beta1^t)) * m / (sqrt(v) / sqrt(1-beta2^t) + eps)``.
+    With a float32 ``master`` the update starts from and is stored in the master, and ``p``
+    receives the result rounded to its dtype.
     """
     g32 = g.float()
     if hp.grad_scale is not None:
         g32 = g32 / hp.grad_scale
-    p32 = p.float()
+    p32 = p.float() if master is None else master
     lr = hp.lr
     step = torch.as_tensor(step, dtype=torch.float64, device=p.device)
     bc1 = 1 - hp.beta1 ** step
@@ -64,6 +66,8 @@ def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
     step_size = (lr / bc1).float()
     denom = new_v.sqrt() / bc2_sqrt.float() + hp.eps
     new_p = new_p - step_size * new_m / denom
+    if master is not None:
+        master.copy_(torch.where(active, new_p, master))
     p.copy_(torch.where(active, new_p.to(p.dtype), p))
     m.copy_(torch.where(active, new_m, m))
     v.copy_(torch.where(active, new_v, v))
@@ -99,14 +103,15 @@ class ReferenceBackend(Backend):
     def grad_stats_flat(self, buf, table, frozen, out) -> None:
         _masked_rows(_matrix_stats_from_flat(buf, table), frozen, out)
 
-    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out) -> None:
+    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters=None) -> None:
         _masked_rows([_stats_row(g, hp.grad_scale) for g in grads], frozen, out)
-        for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-            adamw_update(p, g, m, v, hp, _step_of(hp, i), _active(frozen, hp, i, p.device))
+        masters = masters if masters is not None else [None] * len(params)
+        for i, (p, g, m, v, mw) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, masters)):
+            adamw_update(p, g, m, v, hp, _step_of(hp, i), _active(frozen, hp, i, p.device), mw)
 
-    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out) -> None:
+    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master=None) -> None:
         _masked_rows(_matrix_stats_from_flat(grad, table, hp.grad_scale), frozen, out)
         for off, length, i in table.array.tolist():
             sl = slice(off, off + length)
             adamw_update(param[sl], grad[sl], exp_avg[sl], exp_avg_sq[sl], hp, _step_of(hp, i),
-                         _active(frozen, hp, i, param.device))
+                         _active(frozen, hp, i, param.device), None if master is None else master[sl])

@@ -191,7 +191,7 @@ class TritonBackend(Backend):
 
     def adamw_flat(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                    exp_avg_sq: torch.Tensor, table, frozen: Optional[torch.Tensor], hp: AdamWArgs,
-                   out: torch.Tensor) -> None:
+                   out: torch.Tensor, master: Optional[torch.Tensor] = None) -> None:
         _check_device(param.device)
         K = _kernels()
         plan, rows, ptr = _device_plan(table, param.device)
@@ -203,8 +203,10 @@ class TritonBackend(Backend):
         coef, stride, scalars = _coefficients(hp, table.num_matrices, param.device)
         decay, step_size, bc2_sqrt = scalars if scalars is not None else (1.0, 1.0, 1.0)
         w1 = 1.0 - hp.beta1
+        # with master weights the kernel updates the master and writes the parameter as its copy
+        target, copy = (param, param) if master is None else (master, param)
         K.adamw_chunks_kernel[(plan.num_chunks,)](
-            param, grad, exp_avg, exp_avg_sq, rows, fz, part,
+            target, copy, grad, exp_avg, exp_avg_sq, rows, fz, part,
             hp.grad_scale if hp.grad_scale is not None else part,
             hp.found_inf if hp.found_inf is not None else part,
             coef if coef is not None else part, stride,
@@ -213,5 +215,5 @@ class TritonBackend(Backend):
             HAS_FROZEN=has_frozen, HAS_SCALE=hp.grad_scale is not None,
             HAS_FOUND_INF=hp.found_inf is not None, COEF_FROM_PTR=coef is not None,
             LERP_HI=abs(w1) >= 0.5, BF16_RNE=bool(K.INTERPRETED) and param.dtype == torch.bfloat16,
-            ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
+            HAS_COPY=master is not None, ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
         _finish(part, ptr, out)
