@@ -19,7 +19,9 @@ in model order, by element count, i.e. whole early layers, as GradES freezes the
   policy does once its non-blocking copy of the mask arrives;
 * ``grades_master`` (``--dtype bf16`` only): ``master_weights=True``, ``nonfinite="ignore"``:
   float32 master weights updated and rounded into the bf16 parameters (28 bytes per parameter
-  against ``grades_ignore``'s 22).
+  against ``grades_ignore``'s 22); its anchor ``torch_fused_fp32`` is torch's fused AdamW on
+  float32 copies of the parameters (the same float32 math and 28 bytes per parameter, without
+  the bf16 copy torch has no way to write).
 
 All FrozenAwareAdamW variants return per-matrix gradient statistics; torch's do not. On CUDA the
 steps are timed with CUDA events, and host syncs inside ``step()`` are counted with
@@ -148,18 +150,16 @@ def run(args) -> dict:
     print(f"{len(params)} params, {total / 1e6:.1f}M elements, {args.dtype}, device {device_slug(device)}, "
           f"copy bandwidth {bw / 1e9:.1f} GB/s, grades backend {backends.select(device, 'list').name}",
           flush=True)
-    rows = []
+    measured: dict[tuple[str, float], dict] = {}  # (variant, fraction) -> times over rounds
 
     def record(name, frac, k, ms, syncs, nbytes=bytes_per_param):
-        frozen_elems = sum(numels[:k])
-        floor = (total - frozen_elems) * nbytes / bw * 1e3
-        rows.append(dict(optimizer=name, frozen_fraction=frac, frozen_params=k,
-                         frozen_element_fraction=frozen_elems / total, ms_per_step=ms, floor_ms=floor,
-                         syncs_per_step=syncs, bytes_per_param=nbytes))
-        print(f"  {name:22s} frozen {frac:4.2f}  {ms:9.3f} ms  (floor {floor:8.3f} ms, syncs/step {syncs:g})",
-              flush=True)
+        m = measured.setdefault((name, frac), dict(k=k, ms=[], syncs=[], nbytes=nbytes))
+        m["ms"].append(ms)
+        m["syncs"].append(syncs)
+        print(f"  round {rnd + 1}/{args.rounds}  {name:22s} frozen {frac:4.2f}  {ms:9.3f} ms  "
+              f"(syncs/step {syncs:g})", flush=True)
 
-    for frac in args.fractions:
+    for rnd, frac in ((r, f) for r in range(args.rounds) for f in args.fractions):
         k = frozen_prefix(numels, frac)
         for p, g in zip(params, grads):
             p.grad = g
@@ -171,6 +171,15 @@ def run(args) -> dict:
             ms, syncs = time_steps(opt.step, device, args.warmup, args.iters)
             record(name, frac, k, ms, syncs)
             del opt
+            gc.collect()
+        if dtype != torch.float32 and k < len(params):
+            p32 = [torch.nn.Parameter(p.detach().float()) for p in params[k:]]
+            for p, g in zip(p32, grads[k:]):
+                p.grad = g.float()
+            opt = torch.optim.AdamW(p32, lr=1e-4, fused=True)
+            ms, syncs = time_steps(opt.step, device, args.warmup, args.iters)
+            record("torch_fused_fp32", frac, k, ms, syncs, 28)
+            del opt, p32
             gc.collect()
         for p, g in zip(params, grads):
             p.grad = g
@@ -208,28 +217,43 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    rows = []
+    for (name, frac), m in measured.items():
+        frozen_elems = sum(numels[:m["k"]])
+        rows.append(dict(optimizer=name, frozen_fraction=frac, frozen_params=m["k"],
+                         frozen_element_fraction=frozen_elems / total,
+                         ms_per_step=statistics.median(m["ms"]), ms_per_round=m["ms"],
+                         floor_ms=(total - frozen_elems) * m["nbytes"] / bw * 1e3,
+                         syncs_per_step=max(m["syncs"]), bytes_per_param=m["nbytes"]))
     fused = {r["frozen_fraction"]: r["ms_per_step"] for r in rows if r["optimizer"] == "torch_fused"}
+    fused_rounds = {r["frozen_fraction"]: r["ms_per_round"] for r in rows if r["optimizer"] == "torch_fused"}
     for r in rows:
         r["ratio_vs_fused"] = r["ms_per_step"] / fused[r["frozen_fraction"]] if fused.get(r["frozen_fraction"]) else None
         r["ratio_vs_fused_unfrozen"] = r["ms_per_step"] / fused[0.0] if fused.get(0.0) else None
+        # the same ratio taken within each round (both measured seconds apart), then the median:
+        # less sensitive to a machine whose speed drifts between rounds
+        base = fused_rounds.get(r["frozen_fraction"])
+        r["ratio_vs_fused_paired"] = (statistics.median(a / b for a, b in zip(r["ms_per_round"], base))
+                                      if base and all(base) else None)
     return {
         "benchmark": "optim", "device": device_slug(device), "torch": torch.__version__,
         "grades": grades.__version__, "grades_backend": backends.select(device, "list").name,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
         "dtype": args.dtype, "layers": args.layers, "embedding": not args.no_embedding,
         "num_params": len(params), "num_elements": total, "bytes_per_param": bytes_per_param,
-        "copy_bandwidth_gbs": bw / 1e9, "warmup": args.warmup, "iters": args.iters, "results": rows,
+        "copy_bandwidth_gbs": bw / 1e9, "warmup": args.warmup, "iters": args.iters, "rounds": args.rounds,
+        "results": rows,
     }
 
 
 def table(result: dict) -> str:
     lines = [f"{'optimizer':22s} {'frozen':>6s} {'ms/step':>10s} {'floor ms':>9s} {'x fused':>8s} "
-             f"{'x fused@0':>9s} {'syncs':>5s}"]
+             f"{'paired':>7s} {'x fused@0':>9s} {'syncs':>5s}"]
     for r in result["results"]:
-        rf = r["ratio_vs_fused"]
-        r0 = r["ratio_vs_fused_unfrozen"]
+        rf, rp, r0 = r["ratio_vs_fused"], r.get("ratio_vs_fused_paired"), r["ratio_vs_fused_unfrozen"]
         lines.append(f"{r['optimizer']:22s} {r['frozen_fraction']:6.2f} {r['ms_per_step']:10.3f} "
                      f"{r['floor_ms']:9.3f} {'' if rf is None else f'{rf:8.2f}':>8s} "
+                     f"{'' if rp is None else f'{rp:7.2f}':>7s} "
                      f"{'' if r0 is None else f'{r0:9.2f}':>9s} {r['syncs_per_step']:5g}")
     return "\n".join(lines)
 
@@ -268,6 +292,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every measurement this many times, in turn, and report the median "
+                         "(evens out drift of a shared machine)")
     ap.add_argument("--smoke", action="store_true", help="1 layer, no embedding, 2 fractions, 2 iterations")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
     args = ap.parse_args(argv)
@@ -275,6 +302,7 @@ def main(argv=None) -> int:
         ap.error("--device cuda needs a CUDA GPU")
     if args.smoke:
         args.layers, args.no_embedding, args.fractions, args.warmup, args.iters = 1, True, [0.0, 0.5], 1, 2
+        args.rounds = 1
     result = run(args)
     print(table(result))
     out = results_dir(args.device, args.out)

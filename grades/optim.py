@@ -615,8 +615,9 @@ class FrozenAwareAdamW(Optimizer):
             if plan.masters is None:
                 plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out)
             else:
+                # each param is its master rounded (see refresh_master_weights, load_state_dict)
                 plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out,
-                                        masters=plan.masters)
+                                        masters=plan.masters, masters_in_sync=True)
             if not detect and not plan.full:
                 stats_all.index_copy_(0, plan.idx_global, out)
 

@@ -47,6 +47,18 @@ def test_bench_script_smoke(name, tmp_path):
         assert isinstance(data, (dict, list)) and data, f"{f} is empty"
 
 
+def test_optim_bf16_smoke(tmp_path):
+    """bench/optim.py --dtype bf16 adds the master-weight variant and its float32 anchor."""
+    cmd = [sys.executable, str(BENCH / "optim.py"), "--smoke", "--dtype", "bf16", "--device", "cpu",
+           "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    with open(tmp_path / "optim-bf16.json") as fh:
+        names = {row["optimizer"] for row in json.load(fh)["results"]}
+    assert {"grades_master", "torch_fused_fp32", "torch_fused"} <= names
+
+
 def test_run_all_rejects_bad_device():
     r = subprocess.run(["bash", str(BENCH / "run_all.sh"), "tpu"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "usage" in r.stderr

@@ -352,6 +352,48 @@ def test_adamw_master_weights(backend, kind, pdtype):
             assert (a is None and b is None) or same_bits(a, b), k
 
 
+@pytest.mark.parametrize("found", [None, 0.0, 1.0])
+@pytest.mark.parametrize("kind", ["list", "flat"])
+def test_master_weights_update_then_copy(kind, found):
+    """The update-then-copy form of master weights (what the CUDA C++ backend runs), driven here
+    through the reference backend: bitwise what the fused form gives, including frozen matrices
+    and found_inf steps whose params do not equal their masters rounded."""
+    sizes = [300, 7, 1, 4097]
+    frozen = torch.tensor([False, True, False, False])
+    ref = backends.get("reference")
+    hp = backends.AdamWArgs(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3,
+                            found_inf=None if found is None else torch.tensor(found))
+    fused, split = (State(sizes, torch.bfloat16, torch.bfloat16, seed=16, masters=True) for _ in range(2))
+    for st in (fused, split):
+        st.w[1].add_(0.25)  # the frozen matrix: a master its param is not the rounding of
+    in_sync = State(sizes, torch.bfloat16, torch.bfloat16, seed=16, masters=True)
+    for i, p in enumerate(in_sync.p):
+        p.copy_(in_sync.w[i])  # params equal their masters rounded: the optimizer's invariant
+    in_sync_fused = in_sync.clone()
+    out_a, out_b = (torch.zeros(len(sizes), 3, dtype=torch.float64) for _ in range(2))
+    if kind == "list":
+        ref.adamw_list(fused.p, fused.g, fused.m, fused.v, frozen, hp, out_a, masters=fused.w)
+        ref.adamw_list_via_masters(split.p, split.g, split.m, split.v, frozen, hp, out_b, split.w)
+        ref.adamw_list(in_sync_fused.p, in_sync_fused.g, in_sync_fused.m, in_sync_fused.v, frozen, hp, out_a,
+                       masters=in_sync_fused.w)
+        ref.adamw_list_via_masters(in_sync.p, in_sync.g, in_sync.m, in_sync.v, frozen, hp, out_b, in_sync.w,
+                                   masters_in_sync=True)
+        pairs = [(fused, split), (in_sync_fused, in_sync)]
+    else:
+        table = grades.SegmentTable.from_tensors(fused.p)
+        flat = [[torch.cat(getattr(st, k)) for k in "pgmvw"] for st in (fused, split)]
+        ref.adamw_flat(*flat[0][:4], table, frozen, hp, out_a, master=flat[0][4])
+        ref.adamw_flat_via_masters(*flat[1][:4], table, frozen, hp, out_b, flat[1][4])
+        pairs = [(flat[0], flat[1])]
+    assert same_bits(out_a, out_b)
+    for a, b in pairs:
+        for k in range(5):
+            x, y = (list(getattr(t, "pgmvw"[k])) if isinstance(t, State) else [t[k]] for t in (a, b))
+            assert all(same_bits(u, w) for u, w in zip(x, y)), "pgmvw"[k]
+    if kind == "list" and found != 1.0:
+        assert not same_bits(split.p[1], split.w[1].to(torch.bfloat16))  # frozen kept, although out of sync
+
+
 @pytest.mark.parametrize("backend,kind", CASES)
 def test_adamw_grad_scale_and_found_inf(backend, kind):
     sizes = [4097, 33]

@@ -79,7 +79,7 @@ class Backend:
     def adamw_list(self, params: list[torch.Tensor], grads: list[torch.Tensor],
                    exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                    frozen: Optional[torch.Tensor], hp: AdamWArgs, out: torch.Tensor,
-                   masters: Optional[list[Optional[torch.Tensor]]] = None) -> None:
+                   masters: Optional[list[Optional[torch.Tensor]]] = None, masters_in_sync: bool = False) -> None:
         raise NotImplementedError
 
     def adamw_flat(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
@@ -87,21 +87,43 @@ class Backend:
                    out: torch.Tensor, master: Optional[torch.Tensor] = None) -> None:
         raise NotImplementedError
 
-    def adamw_list_via_masters(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters) -> None:
+    def adamw_list_via_masters(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters,
+                               masters_in_sync: bool = False) -> None:
         """Master weights without a fused kernel: the update on the masters (where given), then
-        one ``torch._foreach_copy_`` of every master into its parameter. A frozen or skipped
-        matrix's master did not change, so the copy rewrites its parameter with the bits it
-        already holds (the parameter is always its master rounded); that costs a read and a
-        write, not a change."""
+        a copy of each updated master into its parameter.
+
+        A frozen matrix, or every matrix on a ``found_inf`` step, keeps its parameter: a
+        per-tensor ``torch.where`` on the device decides, without a host sync.
+        ``masters_in_sync=True`` is the caller's promise that every parameter already equals
+        its master rounded (``FrozenAwareAdamW`` keeps it so); then one ``torch._foreach_copy_``
+        copies them all, since rewriting a kept parameter from its unchanged master writes the
+        bits it already holds.
+        """
         targets = [p if mw is None else mw for p, mw in zip(params, masters)]
         self.adamw_list(targets, grads, exp_avgs, exp_avg_sqs, frozen, hp, out)
-        pairs = [(p, mw) for p, mw in zip(params, masters) if mw is not None]
+        pairs = [(i, p, mw) for i, (p, mw) in enumerate(zip(params, masters)) if mw is not None]
         if pairs:
-            torch._foreach_copy_([p for p, _ in pairs], [mw for _, mw in pairs])
+            _copy_unless_kept([p for _, p, _ in pairs], [mw for _, _, mw in pairs], [i for i, _, _ in pairs],
+                              frozen, hp.found_inf, masters_in_sync)
 
     def adamw_flat_via_masters(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master) -> None:
         """:meth:`adamw_list_via_masters` for flat buffers: the copy covers the segments only."""
         self.adamw_flat(master, grad, exp_avg, exp_avg_sq, table, frozen, hp, out)
-        segs = [(o, n) for o, n, _ in table.array.tolist() if n]
+        segs = [(o, n, i) for o, n, i in table.array.tolist() if n]
         if segs:
-            torch._foreach_copy_([param[o:o + n] for o, n in segs], [master[o:o + n] for o, n in segs])
+            _copy_unless_kept([param[o:o + n] for o, n, _ in segs], [master[o:o + n] for o, n, _ in segs],
+                              [i for _, _, i in segs], frozen, hp.found_inf, False)
+
+
+def _copy_unless_kept(params: list[torch.Tensor], masters: list[torch.Tensor], ids: list[int],
+                      frozen: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], in_sync: bool) -> None:
+    """``params[j] = masters[j]`` rounded, except where matrix ``ids[j]`` is frozen or ``found_inf``
+    is set (there the parameter keeps its bits). No host sync."""
+    if in_sync or (frozen is None and found_inf is None):
+        torch._foreach_copy_(params, masters)
+        return
+    keep = torch.zeros(max(ids) + 1, dtype=torch.bool, device=params[0].device) if frozen is None else frozen
+    if found_inf is not None:
+        keep = keep | (found_inf != 0)
+    for p, mw, i in zip(params, masters, ids):
+        p.copy_(torch.where(keep[i], p, mw.to(p.dtype)))

@@ -88,7 +88,8 @@ class CpuBackend(Backend):
     def grad_stats_flat(self, buf, table, frozen, out) -> None:
         self._ext().grad_stats_flat(buf, self._flat_chunks(table), frozen, out)
 
-    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp: AdamWArgs, out, masters=None) -> None:
+    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp: AdamWArgs, out, masters=None,
+                   masters_in_sync=False) -> None:
         self._ext().adamw_list(params, grads, exp_avgs, exp_avg_sqs, self._list_chunks(params), frozen,
                                out=out, masters=masters if masters is not None else [], **self._hp_args(hp))
 

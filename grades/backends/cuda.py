@@ -164,9 +164,11 @@ class CudaBackend(Backend):
                          step_t, step, hp.grad_scale, hp.found_inf)
 
     # Master weights: the update on the float32 masters, then one multi-tensor copy (not fused).
-    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters=None) -> None:
+    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters=None,
+                   masters_in_sync=False) -> None:
         if masters is not None:
-            return self.adamw_list_via_masters(params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters)
+            return self.adamw_list_via_masters(params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters,
+                                               masters_in_sync)
         mod = self._ext()
         host = mod.slot_table(grads, params, exp_avgs, exp_avg_sqs)
         lay = self._list_layout(host, out.device, "adamw")

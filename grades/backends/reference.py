@@ -103,7 +103,8 @@ class ReferenceBackend(Backend):
     def grad_stats_flat(self, buf, table, frozen, out) -> None:
         _masked_rows(_matrix_stats_from_flat(buf, table), frozen, out)
 
-    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters=None) -> None:
+    def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters=None,
+                   masters_in_sync=False) -> None:
         _masked_rows([_stats_row(g, hp.grad_scale) for g in grads], frozen, out)
         masters = masters if masters is not None else [None] * len(params)
         for i, (p, g, m, v, mw) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, masters)):
