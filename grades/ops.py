@@ -206,7 +206,7 @@ def masked_adamw_(
             not read); matrices without one are updated in place as usual. Frozen matrices and
             skipped steps leave masters untouched too. The native CPU backend and Triton write
             both in the same pass; the CUDA C++ backend updates the masters, then copies them
-            into the params with one multi-tensor copy.
+            into the params (per tensor, keeping frozen and ``found_inf`` params on the device).
         segments, num_matrices: the flat-buffer layout (see :func:`grad_stats`).
         out: optional preallocated float64 ``[M, 3]`` statistics tensor.
         backend: ``"auto"`` or a backend name.
