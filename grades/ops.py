@@ -243,10 +243,7 @@ def masked_adamw_(
         if m:
             b = backends.select(device, "list", backend)
             with torch.no_grad():  # params may be leaves that require grad
-                if masters is None:
-                    b.adamw_list(*lists, frozen, hp, out)
-                else:
-                    b.adamw_list(*lists, frozen, hp, out, masters=masters)
+                b.adamw_list(*lists, frozen, hp, out, masters=masters)
         return out
     bufs = []
     for x, n in zip((params, grads, exp_avgs, exp_avg_sqs), names):
@@ -283,10 +280,7 @@ def masked_adamw_(
         else:
             b = backends.select(device, "flat", backend)
             with torch.no_grad():
-                if master is None:
-                    b.adamw_flat(*bufs, table, frozen, hp, out)
-                else:
-                    b.adamw_flat(*bufs, table, frozen, hp, out, master=master)
+                b.adamw_flat(*bufs, table, frozen, hp, out, master=master)
     return out
 
 

@@ -612,12 +612,9 @@ class FrozenAwareAdamW(Optimizer):
                 v = plan.hp[1]
                 hp = AdamWArgs(lr=v.lr, beta1=v.beta1, beta2=v.beta2, eps=v.eps, weight_decay=v.weight_decay,
                                step=step_t, grad_scale=None, found_inf=None)
-            if plan.masters is None:
-                plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out)
-            else:
-                # each param is its master rounded (see refresh_master_weights, load_state_dict)
-                plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out,
-                                        masters=plan.masters, masters_in_sync=True)
+            # with master weights, each param is its master rounded (refresh_master_weights, load_state_dict)
+            plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out,
+                                    masters=plan.masters, masters_in_sync=True)
             if not detect and not plan.full:
                 stats_all.index_copy_(0, plan.idx_global, out)
 
