@@ -7,7 +7,7 @@ dtypes, devices and layouts are host metadata, and segment tables live on the ho
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -52,19 +52,62 @@ def check_same_device(tensors: Iterable[torch.Tensor], what: str, device: torch.
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a small host tensor to ``device`` without making the host wait: through pinned memory
     with a non-blocking copy on CUDA (torch keeps the pinned block alive until the copy is done)."""
+    if host.device.type != "cpu":
+        raise ValueError(f"upload copies host data, but got a tensor on {host.device}")
     if torch.device(device).type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
 
 
-def check_no_overlap(named: Sequence[tuple[str, torch.Tensor]]) -> None:
-    """No two of the (contiguous) tensors share a byte of memory: an in-place update must never
-    write what another argument reads. Empty tensors own no memory."""
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
-                   for name, t in named if t.numel())
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-        if start < end:
-            raise ValueError(f"{a} and {b} share memory; every tensor must occupy its own memory")
+class DeviceCopy:
+    """A cached device copy of host data that any CUDA stream may use.
+
+    The copy is enqueued on the stream current at construction. :meth:`get` from another stream
+    makes that stream wait for the copy (a device-side wait, no host sync) and tells the caching
+    allocator the tensor is in use there, so replacing the cache never frees memory a kernel on
+    another stream may still read. Off CUDA it is a plain holder.
+    """
+
+    __slots__ = ("tensor", "_event", "_streams")
+
+    def __init__(self, host: torch.Tensor, device: torch.device):
+        self.tensor = upload(host, device)
+        self._event = None
+        self._streams: set = set()
+        if self.tensor.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.tensor.device)
+            self._event = torch.cuda.Event()
+            self._event.record(stream)
+            self._streams.add(stream)
+
+    def get(self) -> torch.Tensor:
+        if self._event is not None:
+            stream = torch.cuda.current_stream(self.tensor.device)
+            if stream not in self._streams:
+                stream.wait_event(self._event)
+                self.tensor.record_stream(stream)
+                self._streams.add(stream)
+        return self.tensor
+
+
+def check_no_overlap(written: Sequence[tuple[str, Optional[torch.Tensor]]],
+                     read: Sequence[tuple[str, Optional[torch.Tensor]]] = ()) -> None:
+    """No tensor an op writes shares a byte of memory with any other argument, written or read
+    (tensors that are only read may share memory with each other). ``None`` entries and empty
+    tensors, which own no memory, are ignored."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), is_written, name)
+                   for is_written, named in ((True, written), (False, read))
+                   for name, t in named if t is not None and t.numel())
+    reach = reach_w = None  # (end, name) of the span reaching furthest so far; of the written ones
+    for start, end, is_written, name in spans:
+        prev = reach if is_written else reach_w
+        if prev is not None and start < prev[0]:
+            raise ValueError(f"{prev[1]} and {name} share memory; a tensor that is written must occupy "
+                             "its own memory")
+        if reach is None or end > reach[0]:
+            reach = (end, name)
+        if is_written and (reach_w is None or end > reach_w[0]):
+            reach_w = (end, name)
 
 
 def as_tensor_list(x: object, what: str) -> list[torch.Tensor]:
@@ -134,12 +177,20 @@ class SegmentTable:
             arr = segments.to(torch.int64).numpy()
         else:
             try:
-                arr = np.asarray(segments, dtype=np.int64)
+                arr = np.asarray(segments)
             except (TypeError, ValueError, OverflowError):
-                raise TypeError("segments must be rows of three integers (offset, length, matrix_id)") from None
-        arr = np.array(arr, dtype=np.int64, copy=True).reshape(-1, 3) if arr.size else np.zeros((0, 3), np.int64)
+                arr = None
+            if arr is None or (arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer))):
+                raise TypeError("segments must be rows of three integers (offset, length, matrix_id)"
+                                + ("" if arr is None else f", got values of dtype {arr.dtype}"))
+        if arr.size == 0:
+            arr = np.zeros((0, 3), np.int64)
         if arr.ndim != 2 or arr.shape[1] != 3:
-            raise ValueError(f"segments must have shape [S, 3], got {arr.shape}")
+            raise ValueError(f"segments must have shape [S, 3] (rows of offset, length, matrix_id), "
+                             f"got {list(arr.shape)}")
+        if arr.dtype == np.uint64 and (arr > np.iinfo(np.int64).max).any():
+            raise ValueError("segment values must fit in int64")
+        arr = np.array(arr, dtype=np.int64, copy=True)
         off, length, mid = arr[:, 0], arr[:, 1], arr[:, 2]
         if (off < 0).any():
             raise ValueError(f"segment {int(np.argmax(off < 0))} has a negative offset")
@@ -154,8 +205,10 @@ class SegmentTable:
         inferred = int(mid.max()) + 1 if len(mid) else 0
         if num_matrices is None:
             num_matrices = inferred
-        if not isinstance(num_matrices, (int, np.integer)) or num_matrices < 0:
-            raise ValueError(f"num_matrices must be a non-negative int, got {num_matrices!r}")
+        if isinstance(num_matrices, bool) or not isinstance(num_matrices, (int, np.integer)):
+            raise TypeError(f"num_matrices must be an int, got {type(num_matrices).__name__}")
+        if not 0 <= num_matrices < 2 ** 31:
+            raise ValueError(f"num_matrices must be in [0, 2**31), got {num_matrices}")
         if inferred > num_matrices:
             raise ValueError(f"segment matrix id {inferred - 1} is out of range for num_matrices={num_matrices}")
         nonempty = np.nonzero(length > 0)[0]
@@ -167,11 +220,12 @@ class SegmentTable:
                 a, b = int(order[bad[0]]), int(order[bad[0] + 1])
                 raise ValueError(f"segments {a} [{off[a]}, {off[a] + length[a]}) and {b} "
                                  f"[{off[b]}, {off[b] + length[b]}) overlap")
+        arr.flags.writeable = False  # the chunk lists and device plans cached below derive from it
         self.array = arr
         self.num_matrices = int(num_matrices)
         self.end = int((off + length).max()) if len(arr) else 0
         self._chunk_cache: dict[int, np.ndarray] = {}
-        self._device_cache: dict[tuple, torch.Tensor] = {}
+        self._device_cache: dict[tuple, DeviceCopy] = {}
         if numel is not None:
             self.check_numel(numel)
 
@@ -220,14 +274,19 @@ class SegmentTable:
             self._chunk_cache[chunk] = got
         return got
 
-    def device_tensor(self, name: str, device: torch.device, build) -> torch.Tensor:
-        """A cached device copy of some table-derived int64 array (built once per device)."""
+    def device_copy(self, name: str, device: torch.device, build) -> DeviceCopy:
+        """A cached device copy of some table-derived int64 array (``build()`` returns host data;
+        built and uploaded once per device)."""
         key = (name, str(device))
-        t = self._device_cache.get(key)
-        if t is None:
-            t = upload(torch.as_tensor(build(), dtype=torch.int64), device)
-            self._device_cache[key] = t
-        return t
+        c = self._device_cache.get(key)
+        if c is None:
+            c = DeviceCopy(torch.as_tensor(build(), dtype=torch.int64), device)
+            self._device_cache[key] = c
+        return c
+
+    def device_tensor(self, name: str, device: torch.device, build) -> torch.Tensor:
+        """:meth:`device_copy`'s tensor, ready for the current stream."""
+        return self.device_copy(name, device, build).get()
 
 
 def chunk_rows(offsets: np.ndarray, lengths: np.ndarray, matrix_ids: np.ndarray, chunk: int) -> np.ndarray:

@@ -71,6 +71,7 @@ def grad_stats(
         m = len(glist)
         frozen = check_frozen(frozen, m, device)
         out = check_out(out, m, device)
+        check_no_overlap([("out", out)], [(f"grads[{i}]", g) for i, g in enumerate(glist)] + [("frozen", frozen)])
         if m:
             b = backends.select(device, "list", backend)
             with torch.no_grad():
@@ -82,6 +83,7 @@ def grad_stats(
     table = resolve_segments(segments, buf.numel(), num_matrices)
     frozen = check_frozen(frozen, table.num_matrices, buf.device)
     out = check_out(out, table.num_matrices, buf.device)
+    check_no_overlap([("out", out)], [("grads (flat buffer)", buf), ("frozen", frozen)])
     if table.num_matrices:
         b = backends.select(buf.device, "flat", backend)
         if len(table) == 0:
@@ -134,6 +136,12 @@ def _adamw_args(device, num_matrices, lr, beta1, beta2, eps, weight_decay, step,
     return AdamWArgs(lr=lr_t, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step_t,
                      grad_scale=_check_scalar_tensor("grad_scale", grad_scale, device),
                      found_inf=_check_scalar_tensor("found_inf", found_inf, device))
+
+
+def _read_scalars(frozen: Optional[torch.Tensor], hp: AdamWArgs) -> list[tuple[str, Optional[torch.Tensor]]]:
+    """The device tensors of an update that it only reads besides the gradients."""
+    return [("frozen", frozen)] + [(k, v) for k in ("lr", "step", "grad_scale", "found_inf")
+                                   if isinstance(v := getattr(hp, k), torch.Tensor)]
 
 
 def _check_master_list(masters, params: list[torch.Tensor], device) -> Optional[list[Optional[torch.Tensor]]]:
@@ -235,11 +243,12 @@ def masked_adamw_(
                 if lst[i].shape != shape:
                     raise ValueError(f"{n}[{i}] has shape {tuple(lst[i].shape)} but params[{i}] has {tuple(shape)}")
         masters = _check_master_list(master_params, lists[0], device)
-        check_no_overlap([(f"{n}[{i}]", t) for n, lst in zip(names, lists) for i, t in enumerate(lst)]
-                         + [(f"master_params[{i}]", t) for i, t in enumerate(masters or ()) if t is not None])
         frozen = check_frozen(frozen, m, device)
         hp = _adamw_args(device, m, lr, beta1, beta2, eps, weight_decay, step, grad_scale, found_inf)
         out = check_out(out, m, device)
+        check_no_overlap([(f"{n}[{i}]", t) for n, lst in zip(names, lists) if n != "grads" for i, t in enumerate(lst)]
+                         + [(f"master_params[{i}]", t) for i, t in enumerate(masters or ())] + [("out", out)],
+                         [(f"grads[{i}]", t) for i, t in enumerate(lists[1])] + _read_scalars(frozen, hp))
         if m:
             b = backends.select(device, "list", backend)
             with torch.no_grad():  # params may be leaves that require grad
@@ -268,12 +277,13 @@ def masked_adamw_(
                              f"got shape {tuple(master.shape)}")
         if master.device != device:
             raise ValueError(f"master_params is on {master.device}, expected {device}")
-    check_no_overlap([(f"{n} (flat buffer)", t) for n, t in zip(names, bufs)]
-                     + ([("master_params (flat buffer)", master)] if master is not None else []))
     table = resolve_segments(segments, numel, num_matrices)
     frozen = check_frozen(frozen, table.num_matrices, device)
     hp = _adamw_args(device, table.num_matrices, lr, beta1, beta2, eps, weight_decay, step, grad_scale, found_inf)
     out = check_out(out, table.num_matrices, device)
+    check_no_overlap([(f"{n} (flat buffer)", t) for n, t in zip(names, bufs) if n != "grads"]
+                     + [("master_params (flat buffer)", master), ("out", out)],
+                     [("grads (flat buffer)", bufs[1])] + _read_scalars(frozen, hp))
     if table.num_matrices:
         if len(table) == 0:
             out.zero_()

@@ -23,7 +23,7 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import backends
-from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, upload
+from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, check_no_overlap, upload
 from .backends.base import AdamWArgs
 from .ops import _adamw_args
 
@@ -225,6 +225,13 @@ class FrozenAwareAdamW(Optimizer):
         self.frozen = torch.zeros(0, dtype=torch.bool)
         self.last_grad_stats = torch.zeros(0, 3, dtype=STATS_DTYPE)
         super().__init__(params, defaults)
+        if backend != "auto":  # a name that cannot run this optimizer fails here, not at the first step
+            b = backends.get(backend)
+            dev = self._device or torch.device("cpu")
+            if not b.supports(dev, "list"):
+                raise ValueError(f"backend {backend!r} cannot run FrozenAwareAdamW on {dev.type} parameters "
+                                 f"(it handles {', '.join(b.kinds)} inputs on {', '.join(b.device_types)}; "
+                                 "the optimizer passes lists of tensors)")
         # Tells torch.amp.GradScaler to hand us grad_scale/found_inf instead of unscaling itself.
         self._step_supports_amp_scaling = True
         dev = self._device or torch.device("cpu")
@@ -297,7 +304,11 @@ class FrozenAwareAdamW(Optimizer):
         self._clear_plans()
         self.last_participation = torch.zeros(end, dtype=torch.bool, device=dev)  # no step yet
 
-    def _check_params(self, params: list) -> None:
+    def _check_params(self, params: list, joined: bool = False) -> None:
+        """What a parameter must be to join (``joined``: to stay, after its ``.data`` changed)."""
+        if not joined and len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter group contains the same parameter more than once; the fused "
+                             "update would apply it twice (pass each parameter once)")
         for p in params:
             if p.is_complex():
                 raise TypeError(f"FrozenAwareAdamW supports real parameters only, got a {p.dtype} "
@@ -312,7 +323,11 @@ class FrozenAwareAdamW(Optimizer):
                                  "needs contiguous parameters")
             dev = self._device or (self.param_list[0].device if self.param_list else p.device)
             if p.device != dev:
-                raise ValueError(f"all parameters must be on one device: got {p.device} and {dev}")
+                raise ValueError(f"all parameters must be on one device: got {p.device} and {dev}"
+                                 + (" (the optimizer's state lives there: create the optimizer after moving "
+                                    "the model)" if joined else ""))
+            if joined:
+                continue
             if id(p) in self._index:
                 raise ValueError("some parameters appear in more than one parameter group")
 
@@ -459,10 +474,14 @@ class FrozenAwareAdamW(Optimizer):
         start, end = self._ranges[gi]
         local, grads = [], []
         host_frozen = self._host_frozen
+        dev = self.frozen.device
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None or host_frozen[start + i]:
                 continue
+            if not p.is_contiguous() or p.dtype not in SUPPORTED_DTYPES or p.device != dev:
+                # its .data was replaced since it joined (checked then)
+                self._check_params([p], joined=True)
             # the checks grades.masked_adamw_ would make of a gradient (parameters and moments
             # were checked when they joined, and the native backends check sizes again)
             if g.layout != torch.strided:
@@ -484,9 +503,10 @@ class FrozenAwareAdamW(Optimizer):
         plan = self._plans.get(key)
         if plan is None:
             params = [group["params"][i] for i in local]
+            # the fused update writes every parameter once: no two may share memory
+            check_no_overlap([(f"parameter {start + i}", p) for i, p in zip(local, params)])
             states = [self._init_state(gi, i, p) for i, p in zip(local, params)]
             full = len(local) == end - start
-            dev = self.frozen.device
             idx_local = idx_global = None
             if not full:
                 idx_local = upload(torch.tensor(local, dtype=torch.long), dev)
@@ -531,6 +551,24 @@ class FrozenAwareAdamW(Optimizer):
             plan, grads = self._gather(gi, group)
             if plan is not None:
                 work.append((gi, group, plan, grads))
+        if found_inf is not None and grad_scale is not None:
+            grad_scale = grad_scale.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(())
+        # every hyperparameter of every group is checked before anything changes (the detection pass
+        # included): found_inf joins below
+        checked = []
+        for gi, group, plan, grads in work:
+            beta1, beta2 = group["betas"]
+            lr = self._lr_of(group)
+            if isinstance(lr, torch.Tensor) or grad_scale is not None:
+                hp = _adamw_args(dev, len(plan.params), lr, beta1, beta2, group["eps"], group["weight_decay"],
+                                 1.0, grad_scale, None)
+            else:  # number hyperparameters that rarely change: checked once per plan
+                key = (lr, beta1, beta2, group["eps"], group["weight_decay"])
+                if plan.hp is None or plan.hp[0] != key:
+                    plan.hp = (key, _adamw_args(dev, len(plan.params), *key, 1.0, None, None))
+                hp = plan.hp[1]
+            checked.append(hp)
+
         all_full = len(work) == len(self.param_groups) and all(w[2].full for w in work)
         if not all_full:
             stats_all.zero_()  # rows of parameters without a gradient (or host-frozen) read zero
@@ -548,8 +586,6 @@ class FrozenAwareAdamW(Optimizer):
         if found_inf is not None:
             # GradScaler protocol: the scaler has already checked the gradients; one pass.
             found = found_inf.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(())
-            if grad_scale is not None:
-                grad_scale = grad_scale.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(())
             detect = False
         elif self.nonfinite == "ignore":
             found, detect = None, False
@@ -587,7 +623,7 @@ class FrozenAwareAdamW(Optimizer):
                 found = (stats_all[:, 2].sum(dtype=torch.int64) > 0).to(torch.float32)
 
         ok = None if found is None else found == 0
-        for (gi, group, plan, grads), fz in zip(work, frozens):
+        for (gi, group, plan, grads), fz, hp in zip(work, frozens, checked):
             active = fz.logical_not()
             if ok is not None:
                 active.logical_and_(ok)
@@ -598,23 +634,21 @@ class FrozenAwareAdamW(Optimizer):
             else:
                 steps.index_add_(0, plan.idx_local, active.to(torch.float32))
                 step_t = steps.index_select(0, plan.idx_local)
-            beta1, beta2 = group["betas"]
             out = plan.discard if detect else rows_of(gi, plan)
             # grades.masked_adamw_ without its per-tensor argument checks, done once per plan
-            lr = self._lr_of(group)
-            if isinstance(lr, torch.Tensor) or grad_scale is not None or found is not None:
-                hp = _adamw_args(dev, len(plan.params), lr, beta1, beta2, group["eps"], group["weight_decay"],
-                                 step_t, grad_scale, found)
-            else:
-                key = (lr, beta1, beta2, group["eps"], group["weight_decay"])
-                if plan.hp is None or plan.hp[0] != key:
-                    plan.hp = (key, _adamw_args(dev, len(plan.params), *key, 1.0, None, None))
-                v = plan.hp[1]
-                hp = AdamWArgs(lr=v.lr, beta1=v.beta1, beta2=v.beta2, eps=v.eps, weight_decay=v.weight_decay,
-                               step=step_t, grad_scale=None, found_inf=None)
-            # with master weights, each param is its master rounded (refresh_master_weights, load_state_dict)
-            plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out,
-                                    masters=plan.masters, masters_in_sync=True)
+            hp = AdamWArgs(lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay,
+                           step=step_t, grad_scale=hp.grad_scale, found_inf=found)
+            try:
+                # with master weights, each param is its master rounded (refresh_master_weights,
+                # load_state_dict)
+                plan.backend.adamw_list(plan.params, grads, plan.exp_avgs, plan.exp_avg_sqs, fz, hp, out,
+                                        masters=plan.masters, masters_in_sync=True)
+            except Exception:  # the backend checks before it writes: take the counts back
+                if plan.full:
+                    steps.sub_(active)
+                else:
+                    steps.index_add_(0, plan.idx_local, active.to(torch.float32).neg_())
+                raise
             if not detect and not plan.full:
                 stats_all.index_copy_(0, plan.idx_global, out)
 
@@ -664,10 +698,14 @@ class FrozenAwareAdamW(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.AdamW's state dict (per parameter ``step``, ``exp_avg``, ``exp_avg_sq``),
         plus ``"grades"``: ``frozen`` (bool ``[num_params]``), ``last_grad_stats``,
-        ``skipped_steps`` and ``released`` (indices whose moments were freed)."""
+        ``skipped_steps`` and ``released`` (indices whose moments were freed).
+
+        A parameter whose state was released has no entry at all, as torch writes for a
+        parameter that never had a gradient, so ``torch.optim.AdamW`` can load the dict and would
+        start such a parameter afresh."""
         sd = super().state_dict()
         sd["state"] = {k: ({**v, "step": v["step"].clone()} if isinstance(v, dict) and "step" in v else v)
-                       for k, v in sd["state"].items()}
+                       for k, v in sd["state"].items() if k not in self._released}
         sd["grades"] = {"frozen": self.frozen.clone(), "last_grad_stats": self.last_grad_stats.clone(),
                         "skipped_steps": self.skipped_steps.clone(), "released": sorted(self._released)}
         return sd
@@ -676,38 +714,124 @@ class FrozenAwareAdamW(Optimizer):
         """Load a state dict of this optimizer or of ``torch.optim.AdamW`` (any of its variants).
 
         Moments are kept in float32 whatever the parameter dtype; steps are moved to the
-        parameters' device. Without a ``"grades"`` entry nothing is frozen.
+        parameters' device. Without a ``"grades"`` entry nothing is frozen. Everything is checked
+        before anything changes: a state dict that does not fit raises ``ValueError`` (or
+        ``TypeError``) and leaves the optimizer as it was. (One host read of the frozen mask and
+        the step counts.)
         """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
         sd = dict(state_dict)
         extras = sd.pop("grades", None)
-        # foreach/fused/capturable/differentiable pick an implementation, not the math: a state
-        # dict of any torch AdamW variant loads. amsgrad/maximize change the update: refused.
+        sd["param_groups"] = self._check_loaded_groups(sd["param_groups"])
+        host_frozen = self._check_loaded_state(sd, extras)
+        saved = (self.state, self.param_groups, list(self._group_steps), self.frozen, self._host_frozen,
+                 self._released, self.last_grad_stats, self.skipped_steps, self.released_bytes)
+        try:
+            self._load_checked(sd, extras, host_frozen)
+        except BaseException:
+            (self.state, self.param_groups, self._group_steps, self.frozen, self._host_frozen,
+             self._released, self.last_grad_stats, self.skipped_steps, self.released_bytes) = saved
+            self._clear_plans()
+            raise
+
+    def _check_loaded_groups(self, saved_groups: Any) -> list[dict]:
+        """The saved param groups, checked (torch's messages for a mismatch) and normalised."""
+        if not isinstance(saved_groups, (list, tuple)) or not all(isinstance(g, dict) for g in saved_groups):
+            raise ValueError("not an optimizer state dict: 'param_groups' must be a list of dicts")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
         groups = []
-        for g in sd["param_groups"]:
+        for gi, (g, mine) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(g.get("params", ())) != len(mine["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
+                                 "of optimizer's group")
+            missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in g]
+            if missing:
+                raise ValueError(f"not an AdamW state dict: parameter group {gi} has no {missing[0]!r}")
             g = dict(g)
+            # foreach/fused/capturable/differentiable pick an implementation, not the math: a state
+            # dict of any torch AdamW variant loads. amsgrad/maximize change the update: refused.
             for k in ("capturable", "differentiable"):
                 g[k] = _FIXED_OPTIONS[k]
             for k in _IMPL_SWITCHES:
                 g[k] = g.get(k) if isinstance(g.get(k), bool) else None
             g["decoupled_weight_decay"] = True
             _check_options(g)
+            g["lr"], g["betas"] = _check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"])
             groups.append(g)
-        sd["param_groups"] = groups
+        return groups
+
+    def _check_loaded_state(self, sd: dict, extras: Any) -> np.ndarray:
+        """Check the per-parameter state and the ``"grades"`` extras against this optimizer's
+        parameters before anything is loaded; returns the host copy of the frozen mask."""
+        n = self.num_params
+        host_frozen = np.zeros(n, dtype=bool)
+        if extras is not None:
+            if not isinstance(extras, dict):
+                raise ValueError(f"state dict entry 'grades' must be a dict, got {type(extras).__name__}")
+            want = {"frozen": (n,), "last_grad_stats": (n, 3), "skipped_steps": ()}
+            for k, shape in want.items():
+                v = extras.get(k)
+                if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
+                    got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                    raise ValueError(f"state dict entry grades[{k!r}] must be a tensor of shape {list(shape)} "
+                                     f"for {n} parameters, got {got}")
+            host_frozen = extras["frozen"].detach().to("cpu").numpy().astype(bool)
+            for i in extras.get("released", ()):
+                if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < n:
+                    raise ValueError(f"state dict entry grades['released'] holds {i!r}, not a parameter index "
+                                     f"in [0, {n})")
+        src = sd["state"]
+        if not isinstance(src, dict):
+            raise ValueError("not an optimizer state dict: 'state' must be a dict")
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
+        steps = []
+        for gidx, (sid, p) in enumerate(zip(saved_ids, self.param_list)):
+            st = src.get(sid)
+            if not st:
+                continue
+            if not isinstance(st, dict):
+                raise ValueError(f"state of parameter {gidx} must be a dict, got {type(st).__name__}")
+            if "step" not in st:
+                raise ValueError(f"state of parameter {gidx} has no 'step'")
+            v = st["step"]
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex():
+                steps.append(v.detach().reshape(()))
+            elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+                steps.append(torch.tensor(float(v), dtype=torch.float64))
+            else:
+                raise ValueError(f"state of parameter {gidx}: 'step' must be a number or a 1-element tensor")
+            for k in ("exp_avg", "exp_avg_sq"):
+                t = st.get(k)
+                if t is None:
+                    if not host_frozen[gidx]:
+                        raise ValueError(f"state of parameter {gidx} has no {k!r} but it is not frozen")
+                elif not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point():
+                    got = f"shape {tuple(t.shape)}, {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"state of parameter {gidx}: {k!r} must be a floating-point tensor of the "
+                                     f"parameter's shape {tuple(p.shape)}, got {got}")
+        if steps:
+            dev = steps[0].device  # one host read for all of them
+            bad = torch.stack([t.to(device=dev, dtype=torch.float64) for t in steps]).cpu()
+            bad = torch.nonzero(~(torch.isfinite(bad) & (bad >= 0))).flatten().tolist()
+            if bad:
+                raise ValueError(f"state dict holds {len(bad)} step count(s) that are negative or not finite")
+        return host_frozen
+
+    def _load_checked(self, sd: dict, extras: Optional[dict], host_frozen: np.ndarray) -> None:
         src = sd["state"]
         saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
         super().load_state_dict(sd)
         dev = self.frozen.device
         n = self.num_params
-        frozen = torch.zeros(n, dtype=torch.bool, device=dev)
+        frozen = torch.from_numpy(host_frozen).to(dev)
         released: set[int] = set()
         if extras is not None:
-            frozen.copy_(extras["frozen"].to(device=dev, dtype=torch.bool))
             released = set(int(i) for i in extras.get("released", ()))
-        host_frozen = frozen.cpu().numpy().astype(bool)
         candidates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (master, saved, param)
+        group_steps = []
         for gi, group in enumerate(self.param_groups):
-            lr, betas = _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-            group["lr"], group["betas"] = lr, betas
             s, e = self._ranges[gi]
             steps = torch.zeros(e - s, dtype=torch.float32, device=dev)
             for local, p in enumerate(group["params"]):
@@ -720,9 +844,7 @@ class FrozenAwareAdamW(Optimizer):
                 for k in ("exp_avg", "exp_avg_sq"):
                     if k in orig:
                         st[k] = orig[k].detach().to(device=p.device, dtype=torch.float32, copy=True)
-                    elif not host_frozen[gidx]:
-                        raise ValueError(f"state of parameter {gidx} has no {k!r} but it is not frozen")
-                    else:
+                    else:  # frozen (checked above)
                         released.add(gidx)
                 # master weights (torch's loader cast them to the param's dtype: take the saved ones)
                 st.pop("master_param", None)
@@ -732,12 +854,11 @@ class FrozenAwareAdamW(Optimizer):
                     if (isinstance(saved, torch.Tensor) and saved.dtype == torch.float32
                             and saved.shape == p.shape):
                         candidates.append((st["master_param"], saved.detach().to(p.device), p))
-                if "step" not in st:
-                    raise ValueError(f"state of parameter {gidx} has no 'step'")
                 v = st["step"]
-                steps[local] = v.detach().to(torch.float32) if isinstance(v, torch.Tensor) else float(v)
+                steps[local] = v.detach().reshape(()).to(torch.float32) if isinstance(v, torch.Tensor) else float(v)
                 st["step"] = steps[local]
-            self._group_steps[gi] = steps
+            group_steps.append(steps)
+        self._group_steps = group_steps
         self._adopt_saved_masters(candidates)
         self.frozen = frozen
         self._host_frozen = host_frozen

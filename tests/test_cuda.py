@@ -375,6 +375,41 @@ def test_no_host_sync():
     torch.cuda.synchronize()
 
 
+def test_cached_tables_shared_across_streams():
+    """A segment table's plan and a list layout's tables, first uploaded on one stream, are used at
+    once from another stream (which must wait for the upload, not read a half-copied plan)."""
+    g = _gen(18)
+    sizes = [4097, 300_001, 9]
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    for name in _names("flat"):
+        torch.cuda.synchronize()
+        buf = _randn(sum(sizes), gen=g)
+        table = grades.SegmentTable.from_tensors([buf[:n] for n in sizes])  # fresh: nothing cached
+        ref = grad_stats(buf, segments=table, backend="reference")
+        torch.cuda.synchronize()
+        with torch.cuda.stream(s1):
+            a = grad_stats(buf, segments=table, backend=name)
+        with torch.cuda.stream(s2):
+            b = grad_stats(buf, segments=table, backend=name)
+        torch.cuda.synchronize()
+        _check_stats(a, ref)
+        _check_stats(b, ref)
+    for name in _names("list"):
+        grads = [_randn(n, gen=g) for n in [n + 1 for n in sizes]]  # sizes no other test uses
+        others = [_randn(t.numel(), gen=g) for t in grads]  # the same layout, other pointers
+        ref_a, ref_b = (grad_stats(x, backend="reference") for x in (grads, others))
+        torch.cuda.synchronize()
+        with torch.cuda.stream(s1):
+            a = grad_stats(grads, backend=name)
+        with torch.cuda.stream(s2):
+            b = grad_stats(others, backend=name)  # replaces the layout's slot table
+        with torch.cuda.stream(s1):
+            a2 = grad_stats(grads, backend=name)
+        torch.cuda.synchronize()
+        for got, ref in ((a, ref_a), (b, ref_b), (a2, ref_a)):
+            _check_stats(got, ref)
+
+
 def test_two_kernel_launches_per_op():
     from torch.profiler import ProfilerActivity, profile
     grads = [torch.randn(n, device=DEV) for n in [10, 100_000, 5, 1_000_000] * 25]

@@ -540,6 +540,21 @@ BAD = {
     "overlapping views (flat)": (lambda: (lambda base, p, g: grades.masked_adamw_(
         p, g, base[0:30], base[10:40], step=1, segments=ROWS), [torch.rand(40), torch.randn(30), torch.randn(30)]),
         ValueError, "share memory"),
+    "out aliases a moment": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, out=m[0][:18].view(torch.float64).view(3, 3)), _lists(size=20)),
+        ValueError, r"(out and exp_avgs\[0\]|exp_avgs\[0\] and out) share memory"),
+    "grad_scale is a param element": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, segments=ROWS, grad_scale=p[0]), _flat()), ValueError, "share memory"),
+    "stats out aliases a gradient": (lambda: (lambda p, g, m, v: grades.grad_stats(
+        g, out=g[1][:18].view(torch.float64).view(3, 3)), _lists(size=20)), ValueError, "share memory"),
+    "segments not [S, 3]": (lambda: (lambda p, g, m, v: grades.grad_stats(
+        g, segments=[[0, 8], [8, 8], [0, 1]]), _flat()), ValueError, r"shape \[S, 3\]"),
+    "segments of floats": (lambda: (lambda p, g, m, v: grades.grad_stats(
+        g, segments=[(0.5, 10, 0)]), _flat()), TypeError, "three integers"),
+    "num_matrices a bool": (lambda: (lambda p, g, m, v: grades.grad_stats(
+        g, segments=ROWS, num_matrices=True), _flat()), TypeError, "num_matrices must be an int"),
+    "matrix id beyond 2**31": (lambda: (lambda p, g, m, v: grades.grad_stats(
+        g, segments=[(0, 10, 10 ** 12)]), _flat()), ValueError, r"num_matrices must be in"),
 }
 
 
@@ -608,3 +623,40 @@ def test_strict_selects_native_cpu(monkeypatch):
         assert backends.select(torch.device("cpu"), kind).name == "cpu"
     out = grades.grad_stats([torch.ones(5)])  # and the public op runs through it
     assert out.tolist() == [[5.0, 5.0, 0.0]]
+
+
+def test_cuda_backend_device_tables_from_host_data():
+    """The CUDA backend's cached plans and slot tables are built on the host and uploaded once; the
+    meta device takes the same host-side path without a GPU. (A plan built as a device tensor and
+    uploaded again once made every flat call fail on a GPU: pinning a device tensor raises.)"""
+    from grades._validate import upload
+    from grades.backends.cuda import CHUNK, CudaBackend
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match="host data"):
+        upload(torch.zeros(2, device=meta), meta)
+    be = CudaBackend()
+    n0, n1 = 2 * CHUNK + 17, 5
+    table = grades.SegmentTable([(0, n0, 0), (n0, n1, 1)])
+    lay = be._flat_layout(table, meta, "stats")
+    assert be._flat_layout(table, meta, "adamw").plan is lay.plan  # one plan per table and device
+    chunks = 3 + 1
+    slots, plan = lay.tables(torch.zeros(1, 7, dtype=torch.int64), meta)
+    assert plan.device == meta and plan.shape == (4 * chunks + 3 + chunks,) and slots.shape == (1, 7)
+    host = torch.zeros(2, 7, dtype=torch.int64)
+    host[:, 6] = torch.tensor([n0, n1])
+    lst = be._list_layout(host, meta, "stats")
+    assert be._list_layout(host.clone(), meta, "stats") is lst  # keyed by sizes
+    s1, p1 = lst.tables(host, meta)
+    s2, p2 = lst.tables(host.clone(), meta)
+    assert s2 is s1 and p2 is p1  # same pointers: nothing uploaded again
+    moved = host.clone()
+    moved[0, 0] = 64
+    assert lst.tables(moved, meta)[0] is not s1
+
+
+def test_segment_table_is_read_only():
+    """Cached chunk lists and device plans derive from the rows, so the rows cannot change."""
+    table = grades.SegmentTable([(0, 10, 0), (10, 5, 1)])
+    with pytest.raises(ValueError, match="read-only"):
+        table.array[0, 1] = 12
+    assert grades.SegmentTable(table).array.tolist() == [[0, 10, 0], [10, 5, 1]]

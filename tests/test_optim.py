@@ -683,3 +683,171 @@ def test_bad_inputs():
     amsgrad_sd = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], amsgrad=True).state_dict()
     with pytest.raises(ValueError, match="amsgrad"):
         opt.load_state_dict(amsgrad_sd)
+
+
+def _trained_pair(seed=0, **kw):
+    """Two identical tiny models with identical optimizers, both after the same two steps."""
+    pairs = []
+    for _ in range(2):
+        model = tiny_llama(seed)
+        opt = FrozenAwareAdamW(groups_of(model, [dict(lr=1e-3), dict(weight_decay=0.1)]), **kw)
+        train(model, opt, batches(2))
+        pairs.append((model, opt))
+    return pairs
+
+
+def _same_training_state(a, b):
+    """Two (model, optimizer) pairs hold bitwise the same params, state and extras."""
+    (ma, oa), (mb, ob) = a, b
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(pa.detach(), pb.detach())
+        sa, sb = oa.state[pa], ob.state[pb]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    for k in ("frozen", "last_grad_stats", "skipped_steps"):
+        assert torch.equal(getattr(oa, k), getattr(ob, k)), k
+    assert [g["lr"] for g in oa.param_groups] == [g["lr"] for g in ob.param_groups]
+
+
+def _bad_state_dicts(good, opt):
+    n = opt.num_params
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1).state_dict()
+    cases = {}
+
+    def case(name, exc, msg):
+        def deco(edit):
+            sd = copy.deepcopy(good)
+            edit(sd)
+            cases[name] = (sd, exc, msg)
+        return deco
+
+    @case("missing exp_avg (after an lr change in the same dict)", ValueError, "no 'exp_avg'")
+    def _(sd):
+        sd["param_groups"][0]["lr"] = 0.5
+        del sd["state"][n - 1]["exp_avg"]
+
+    @case("exp_avg of another shape, same size", ValueError, "parameter's shape")
+    def _(sd):
+        sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].reshape(-1)
+
+    @case("non-finite step", ValueError, "step count")
+    def _(sd):
+        sd["state"][1]["step"] = torch.tensor(float("nan"))
+
+    @case("negative lr", ValueError, "Invalid learning rate")
+    def _(sd):
+        sd["param_groups"][-1]["lr"] = -1.0
+
+    @case("frozen mask of another length", ValueError, r"grades\['frozen'\]")
+    def _(sd):
+        sd["grades"]["frozen"] = torch.zeros(n + 1, dtype=torch.bool)
+
+    @case("statistics of another shape", ValueError, r"grades\['last_grad_stats'\]")
+    def _(sd):
+        sd["grades"]["last_grad_stats"] = torch.zeros(n, 2, dtype=torch.float64)
+
+    @case("released index out of range", ValueError, "released")
+    def _(sd):
+        sd["grades"]["released"] = [n]
+
+    @case("different group sizes", ValueError, "doesn't match the size")
+    def _(sd):
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+
+    cases["an SGD state dict"] = (sgd, ValueError, "parameter groups|no 'betas'")
+    return cases
+
+
+def test_failed_load_state_dict_leaves_the_optimizer_as_it_was():
+    """Every state dict that does not fit is refused before anything changes: training then goes
+    on bitwise like a twin optimizer that never saw the failed loads."""
+    (ma, oa), (mb, ob) = _trained_pair()
+    good = copy.deepcopy(oa.state_dict())
+    for name, (sd, exc, msg) in _bad_state_dicts(good, oa).items():
+        with pytest.raises(exc, match=msg):
+            oa.load_state_dict(sd)
+        _same_training_state((ma, oa), (mb, ob))
+    data = batches(3, seed=5)
+    train(ma, oa, data)
+    train(mb, ob, data)
+    _same_training_state((ma, oa), (mb, ob))
+
+
+def test_step_checks_every_group_before_changing_anything():
+    (ma, oa), (mb, ob) = _trained_pair()
+    data = batches(1, seed=7)
+    for bad in (float("nan"), float("inf")):
+        oa.param_groups[-1]["lr"] = bad  # the last group: earlier ones must not move either
+        oa.zero_grad()
+        loss_of(ma, data[0]).backward()
+        with pytest.raises(ValueError, match="lr"):
+            oa.step()
+        oa.param_groups[-1]["lr"] = ob.param_groups[-1]["lr"]
+        _same_training_state((ma, oa), (mb, ob))
+    train(ma, oa, data)
+    train(mb, ob, data)
+    _same_training_state((ma, oa), (mb, ob))
+
+
+def test_parameters_that_share_memory_are_refused():
+    p = torch.nn.Parameter(torch.randn(8))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="more than once"):
+        FrozenAwareAdamW([p, p])  # torch only warns: the fused update would apply p twice
+    base = torch.randn(12)
+    a, b = torch.nn.Parameter(base[:8]), torch.nn.Parameter(base[4:])
+    opt = FrozenAwareAdamW([a, b])
+    a.grad, b.grad = torch.ones(8), torch.ones(8)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert torch.equal(a.detach(), base[:8]) and not opt.state[a] and not opt.state[b]
+
+
+def test_parameter_data_replaced_after_construction():
+    p, q = torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(5))
+    opt = FrozenAwareAdamW([{"params": [q]}, {"params": [p]}])
+    p.grad, q.grad = torch.ones(4, 6), torch.ones(5)
+    opt.step()
+    steps = [opt.state[x]["step"].clone() for x in (p, q)]
+    q_before = q.detach().clone()
+    p.data = torch.randn(6, 4).t()  # same shape, not contiguous
+    p.grad = torch.ones(4, 6)
+    with pytest.raises(ValueError, match="not contiguous"):
+        opt.step()
+    assert torch.equal(q.detach(), q_before)  # the earlier group did not move
+    assert [opt.state[x]["step"].item() for x in (p, q)] == [s.item() for s in steps]
+    p.data = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
+        opt.step()
+
+
+def test_backend_name_checked_at_construction():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="unknown backend"):
+        FrozenAwareAdamW([p], backend="bogus")
+    with pytest.raises(ValueError, match="lists of tensors"):
+        FrozenAwareAdamW([p], backend="triton")  # Triton has a flat-buffer path only
+    with pytest.raises(ValueError, match="cannot run"):
+        FrozenAwareAdamW([p], backend="cuda")
+
+
+def test_released_state_loads_into_torch_adamw_and_back():
+    """With release_frozen_state, a frozen parameter has no state entry in the state dict (as if
+    it never had a gradient): torch's AdamW loads it and trains on, and so does ours."""
+    model = tiny_llama()
+    opt = FrozenAwareAdamW(model.parameters(), release_frozen_state=True)
+    data = batches(4)
+    train(model, opt, data[:2])
+    p = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    opt.freeze([p])
+    sd = copy.deepcopy(opt.state_dict())
+    assert opt.param_index(p) not in sd["state"] and sd["grades"]["released"] == [opt.param_index(p)]
+    ref = torch.optim.AdamW(model.parameters())
+    ref.load_state_dict(copy.deepcopy(sd))
+    train(model, ref, data[2:3])  # torch starts p afresh
+    assert ref.state[p]["step"].item() == 1
+    back = FrozenAwareAdamW(model.parameters(), release_frozen_state=True)
+    back.load_state_dict(sd)
+    w = p.detach().clone()
+    train(model, back, data[3:])
+    assert bool(back.frozen[back.param_index(p)]) and torch.equal(p.detach(), w)

@@ -75,8 +75,9 @@ struct GcAdamW {
   const float* found_inf;   // 0-dim float32 (non-zero: no updates), or nullptr
 };
 
-//: Elements per chunk the host should use (any chunk length up to 2^31-1 is handled correctly;
-//: this is the size the kernels are tuned for).
+//: Elements per chunk the host should use: the size the kernels are tuned for. Chunk lengths are
+//: `int` inside the kernels, with `int` loop indices stepping by the block size, so any length up
+//: to 2^30 is handled correctly.
 constexpr int64_t kChunkElems = 32768;
 
 //: Per-matrix statistics of gradients. `out` is float64 [M, 3]; `workspace` must hold C partials.

@@ -8,7 +8,8 @@ segment of a flat buffer (flat form) is cut into chunks of ``CHUNK`` elements; t
 * a *slot table* (int64 ``[S, 7]``): data pointers, dtype codes and sizes, rebuilt on the host each call
   and uploaded only when the pointers changed.
 
-Uploads are non-blocking copies from pinned memory, so no op synchronises with the host. Each op is
+Uploads are non-blocking copies from pinned memory, so no op synchronises with the host; the cached
+tables are :class:`~grades._validate.DeviceCopy` objects, which any CUDA stream may use. Each op is
 exactly two kernel launches: one block per chunk (statistics, and for AdamW the update, in one pass
 over the gradient), then one warp per matrix adding the chunk partials in float64.
 """
@@ -21,17 +22,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._validate import chunk_rows, upload
+from .._validate import DeviceCopy, chunk_rows
 from .base import AdamWArgs, Backend
 
-#: elements per chunk (one thread block each); must stay below 2**31
+#: elements per chunk (one thread block each); at most 2**30 (the kernels index chunks with int)
 CHUNK = 32768
 _LAYOUT_CACHE_SIZE = 64
-
-
-def _upload(arr: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Copy a host int64 array to ``device`` without synchronising."""
-    return upload(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)), device)
 
 
 def _plan_array(rows: np.ndarray, slots: np.ndarray, num_matrices: int) -> np.ndarray:
@@ -54,23 +50,25 @@ def _plan_array(rows: np.ndarray, slots: np.ndarray, num_matrices: int) -> np.nd
 
 
 class _Layout:
-    """A device-resident plan plus the last uploaded slot table for one tensor layout."""
+    """A device-resident plan plus the last uploaded slot table for one tensor layout. Both are
+    :class:`DeviceCopy` objects: a layout may be shared by calls on different CUDA streams."""
 
     __slots__ = ("plan", "num_chunks", "num_matrices", "slots_host", "slots_dev")
 
-    def __init__(self, plan: torch.Tensor, num_chunks: int, num_matrices: int):
+    def __init__(self, plan: DeviceCopy, num_chunks: int, num_matrices: int):
         self.plan = plan
         self.num_chunks = num_chunks
         self.num_matrices = num_matrices
         self.slots_host: Optional[torch.Tensor] = None
-        self.slots_dev: Optional[torch.Tensor] = None
+        self.slots_dev: Optional[DeviceCopy] = None
 
-    def slots(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Device copy of the slot table ``host``, re-uploaded only when a pointer or dtype changed."""
+    def tables(self, host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slots, plan)`` on the device for the current stream; the slot table ``host`` is
+        re-uploaded only when a pointer or dtype changed."""
         if self.slots_dev is None or self.slots_host is None or not torch.equal(self.slots_host, host):
-            self.slots_dev = upload(host, device)
+            self.slots_dev = DeviceCopy(host, device)
             self.slots_host = host
-        return self.slots_dev
+        return self.slots_dev.get(), self.plan.get()
 
 
 class CudaBackend(Backend):
@@ -114,7 +112,7 @@ class CudaBackend(Backend):
             return lay
         m = len(numels)
         rows = chunk_rows(np.zeros(m, np.int64), numels, np.arange(m, dtype=np.int64), CHUNK)
-        plan = _upload(_plan_array(rows, rows[:, 2], m), device)
+        plan = DeviceCopy(torch.from_numpy(_plan_array(rows, rows[:, 2], m)), device)
         lay = _Layout(plan, len(rows), m)
         self._list_layouts[key] = lay
         while len(self._list_layouts) > _LAYOUT_CACHE_SIZE:
@@ -123,11 +121,9 @@ class CudaBackend(Backend):
 
     def _flat_layout(self, table, device: torch.device, kind: str) -> _Layout:
         rows = table.chunks(CHUNK)
-        # table.device_tensor caches per table and device; handing it a tensor already on the
-        # device (uploaded without a sync) makes its own copy a no-op.
-        plan = table.device_tensor(
-            f"cuda_plan_{CHUNK}", device,
-            lambda: _upload(_plan_array(rows, np.zeros(len(rows), np.int64), table.num_matrices), device))
+        # cached on the table, per device, for every kind of call
+        plan = table.device_copy(f"cuda_plan_{CHUNK}", device,
+                                 lambda: _plan_array(rows, np.zeros(len(rows), np.int64), table.num_matrices))
         holder = self._flat_layouts.get(table)
         if holder is None:
             holder = {}
@@ -145,21 +141,22 @@ class CudaBackend(Backend):
         mod = self._ext()
         host = mod.slot_table(grads, [], [], [])
         lay = self._list_layout(host, out.device, "stats")
-        slots = lay.slots(host, out.device)
-        mod.grad_stats(slots, lay.plan, lay.num_chunks, lay.num_matrices, frozen, None, out)
+        slots, plan = lay.tables(host, out.device)
+        mod.grad_stats(slots, plan, lay.num_chunks, lay.num_matrices, frozen, None, out)
 
     def grad_stats_flat(self, buf, table, frozen, out) -> None:
         mod = self._ext()
         lay = self._flat_layout(table, buf.device, "stats")
-        slots = lay.slots(mod.slot_table([buf], [], [], []), out.device)
-        mod.grad_stats(slots, lay.plan, lay.num_chunks, lay.num_matrices, frozen, None, out)
+        slots, plan = lay.tables(mod.slot_table([buf], [], [], []), out.device)
+        mod.grad_stats(slots, plan, lay.num_chunks, lay.num_matrices, frozen, None, out)
 
-    def _adamw(self, mod, lay: _Layout, slots: torch.Tensor, frozen, hp: AdamWArgs, out) -> None:
+    def _adamw(self, mod, lay: _Layout, host: torch.Tensor, frozen, hp: AdamWArgs, out) -> None:
+        slots, plan = lay.tables(host, out.device)
         lr_t = hp.lr if isinstance(hp.lr, torch.Tensor) else None
         lr = 0.0 if lr_t is not None else float(hp.lr)
         step_t = hp.step if isinstance(hp.step, torch.Tensor) else None
         step = 0.0 if step_t is not None else float(hp.step)
-        mod.masked_adamw(slots, lay.plan, lay.num_chunks, lay.num_matrices, frozen, out, lr_t, lr,
+        mod.masked_adamw(slots, plan, lay.num_chunks, lay.num_matrices, frozen, out, lr_t, lr,
                          float(hp.beta1), float(hp.beta2), float(hp.eps), float(hp.weight_decay),
                          step_t, step, hp.grad_scale, hp.found_inf)
 
@@ -172,13 +169,11 @@ class CudaBackend(Backend):
         mod = self._ext()
         host = mod.slot_table(grads, params, exp_avgs, exp_avg_sqs)
         lay = self._list_layout(host, out.device, "adamw")
-        slots = lay.slots(host, out.device)
-        self._adamw(mod, lay, slots, frozen, hp, out)
+        self._adamw(mod, lay, host, frozen, hp, out)
 
     def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master=None) -> None:
         if master is not None:
             return self.adamw_flat_via_masters(param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master)
         mod = self._ext()
         lay = self._flat_layout(table, grad.device, "adamw")
-        slots = lay.slots(mod.slot_table([grad], [param], [exp_avg], [exp_avg_sq]), out.device)
-        self._adamw(mod, lay, slots, frozen, hp, out)
+        self._adamw(mod, lay, mod.slot_table([grad], [param], [exp_avg], [exp_avg_sq]), frozen, hp, out)
