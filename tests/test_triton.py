@@ -301,6 +301,37 @@ def test_adamw_small_beta1_lerp_branch(dev):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("beta1", [0.1, 0.3, 0.6, 0.9])
+def test_adamw_first_moment_bitwise_equal_reference(dev, beta1):
+    """exp_avg is torch.lerp bitwise: one fused multiply-add with the float32 weight, on either of
+    lerp's two formulas (the weight 1 - beta1 below and above 0.5)."""
+    rows = [(0, 3000, 0), (3001, 1100, 1)]
+    a = adamw_state(4101, torch.float32, torch.float32, dev, seed=21)
+    b = [t.clone() for t in a]
+    for step in (1, 2, 3):
+        kw = dict(step=step, lr=1e-2, beta1=beta1, beta2=0.99, weight_decay=0.01)
+        run_adamw(a, rows, "triton", **kw)
+        run_adamw(b, rows, "reference", **kw)
+    assert torch.equal(a[2], b[2])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter divides by zero in numpy
+@pytest.mark.parametrize("scale", [0.0, NAN])
+def test_adamw_grad_scale_zero_or_nan(dev, scale):
+    """A GradScaler scale of 0 or NaN: the statistics are the reference's (Inf/NaN where a gradient
+    is divided by it, counted exactly), and a frozen matrix's row is still zero."""
+    rows = [(0, 1000, 0), (1000, 3000, 1), (4000, 400, 2)]
+    frozen = torch.tensor([False, True, False], device=dev)
+    a = adamw_state(4400, torch.float32, torch.float32, dev, seed=22)
+    b = [t.clone() for t in a]
+    kw = dict(step=1, lr=1e-3, frozen=frozen, grad_scale=_scalar(scale, dev))
+    got, want = run_adamw(a, rows, "triton", **kw), run_adamw(b, rows, "reference", **kw)
+    check_stats(got, want)
+    assert torch.equal(got[1].cpu(), torch.zeros(3, dtype=torch.float64))
+    for x, y in zip(a, b):
+        assert torch.equal(x[1000:4000], y[1000:4000])
+
+
 @pytest.mark.parametrize("size", [0, 1, 7, 4097])
 def test_adamw_sizes(dev, size):
     rows = [(3, size, 0)]

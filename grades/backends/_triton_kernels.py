@@ -14,7 +14,9 @@ chunks of one matrix stored next to each other in segment-table order. Work happ
    writes the matrix's row of the ``[M, 3]`` output.
 
 Both phases use fixed shapes and fixed orders and no atomics, so results are bitwise reproducible
-for a given device and compile. Offsets are int64 throughout (buffers may exceed 2**31 elements).
+for a given device and compile. The backend launches them with ``enable_fp_fusion=False``: every
+multiply and add is rounded on its own, as in the reference, except the explicit ``tl.fma`` of
+the moment's lerp, which is how torch computes ``lerp``. Offsets are int64 throughout (buffers may exceed 2**31 elements).
 
 Importing this module defines the kernels: ``TRITON_INTERPRET=1`` must already be set if they are
 to run on CPU tensors through Triton's interpreter.
@@ -129,7 +131,8 @@ def _adamw_block(param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, s
     (``BF16_RNE`` then applies to the copy)."""
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        g = tl.div_rn(g, scale)
+        # masked lanes stay 0 (0 / 0 would be NaN when a GradScaler's scale has fallen to 0)
+        g = tl.where(mask, tl.div_rn(g, scale), 0.0)
     acc_sq += g * g
     acc_abs += tl.abs(g)
     acc_bad += (~(tl.abs(g) <= FINITE_MAX)).to(tl.int32)
@@ -142,11 +145,12 @@ def _adamw_block(param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, s
     m = tl.load(m_ptr + offs, mask=wmask, other=0.0)
     v = tl.load(v_ptr + offs, mask=wmask, other=0.0)
     p = p * decay
-    # torch.lerp(m, g, w1): the branch is chosen on the host from the (scalar) weight
+    # torch.lerp(m, g, w1), one fused multiply-add as torch computes it; the branch is chosen on
+    # the host from the float32 weight (w1 - 1 is exact for w1 >= 0.5)
     if LERP_HI:
-        m = g - (g - m) * (1.0 - w1)
+        m = tl.fma(w1 - 1.0, g - m, g)
     else:
-        m = m + w1 * (g - m)
+        m = tl.fma(w1, g - m, m)
     v = v * beta2 + (one_minus_beta2 * g) * g
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)

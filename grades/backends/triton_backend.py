@@ -17,6 +17,7 @@ for flat inputs on CUDA; on CPU only when asked for by name.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -96,6 +97,10 @@ def _check_device(device: torch.device) -> None:
         raise RuntimeError(f"the Triton backend does not run on {device.type} tensors")
 
 
+def _current_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _frozen_arg(frozen: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if frozen is None:
         return placeholder, False
@@ -104,7 +109,8 @@ def _frozen_arg(frozen: Optional[torch.Tensor], placeholder: torch.Tensor) -> tu
 
 def _finish(part: torch.Tensor, ptr: torch.Tensor, out: torch.Tensor) -> None:
     K = _kernels()
-    K.reduce_partials_kernel[(out.shape[0],)](part, ptr, out, RBLOCK=K.RBLOCK, num_warps=4)
+    K.reduce_partials_kernel[(out.shape[0],)](part, ptr, out, RBLOCK=K.RBLOCK, num_warps=4,
+                                              enable_fp_fusion=False)
 
 
 def _coefficients(hp: AdamWArgs, num_matrices: int, device: torch.device):
@@ -177,43 +183,47 @@ class TritonBackend(Backend):
     def grad_stats_flat(self, buf: torch.Tensor, table, frozen: Optional[torch.Tensor],
                         out: torch.Tensor) -> None:
         _check_device(buf.device)
-        K = _kernels()
-        plan, rows, ptr = _device_plan(table, buf.device)
-        if plan.num_chunks == 0:
-            out.zero_()
-            return
-        part = torch.empty((plan.num_chunks, 3), dtype=torch.float64, device=buf.device)
-        fz, has_frozen = _frozen_arg(frozen, rows)
-        K.grad_stats_chunks_kernel[(plan.num_chunks,)](
-            buf, rows, fz, part,
-            HAS_FROZEN=has_frozen, ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
-        _finish(part, ptr, out)
+        with _current_device(buf.device):  # Triton launches on the current CUDA device
+            K = _kernels()
+            plan, rows, ptr = _device_plan(table, buf.device)
+            if plan.num_chunks == 0:
+                out.zero_()
+                return
+            part = torch.empty((plan.num_chunks, 3), dtype=torch.float64, device=buf.device)
+            fz, has_frozen = _frozen_arg(frozen, rows)
+            K.grad_stats_chunks_kernel[(plan.num_chunks,)](
+                buf, rows, fz, part,
+                HAS_FROZEN=has_frozen, ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS,
+                enable_fp_fusion=False)
+            _finish(part, ptr, out)
 
     def adamw_flat(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                    exp_avg_sq: torch.Tensor, table, frozen: Optional[torch.Tensor], hp: AdamWArgs,
                    out: torch.Tensor, master: Optional[torch.Tensor] = None) -> None:
         _check_device(param.device)
-        K = _kernels()
-        plan, rows, ptr = _device_plan(table, param.device)
-        if plan.num_chunks == 0:
-            out.zero_()
-            return
-        part = torch.empty((plan.num_chunks, 3), dtype=torch.float64, device=param.device)
-        fz, has_frozen = _frozen_arg(frozen, rows)
-        coef, stride, scalars = _coefficients(hp, table.num_matrices, param.device)
-        decay, step_size, bc2_sqrt = scalars if scalars is not None else (1.0, 1.0, 1.0)
-        w1 = 1.0 - hp.beta1
-        # with master weights the kernel updates the master and writes the parameter as its copy
-        target, copy = (param, param) if master is None else (master, param)
-        K.adamw_chunks_kernel[(plan.num_chunks,)](
-            target, copy, grad, exp_avg, exp_avg_sq, rows, fz, part,
-            hp.grad_scale if hp.grad_scale is not None else part,
-            hp.found_inf if hp.found_inf is not None else part,
-            coef if coef is not None else part, stride,
-            float(decay), float(step_size), float(bc2_sqrt),
-            float(w1), float(hp.beta2), float(1.0 - hp.beta2), float(hp.eps),
-            HAS_FROZEN=has_frozen, HAS_SCALE=hp.grad_scale is not None,
-            HAS_FOUND_INF=hp.found_inf is not None, COEF_FROM_PTR=coef is not None,
-            LERP_HI=abs(w1) >= 0.5, BF16_RNE=bool(K.INTERPRETED) and param.dtype == torch.bfloat16,
-            HAS_COPY=master is not None, ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS)
-        _finish(part, ptr, out)
+        with _current_device(param.device):  # Triton launches on the current CUDA device
+            K = _kernels()
+            plan, rows, ptr = _device_plan(table, param.device)
+            if plan.num_chunks == 0:
+                out.zero_()
+                return
+            part = torch.empty((plan.num_chunks, 3), dtype=torch.float64, device=param.device)
+            fz, has_frozen = _frozen_arg(frozen, rows)
+            coef, stride, scalars = _coefficients(hp, table.num_matrices, param.device)
+            decay, step_size, bc2_sqrt = scalars if scalars is not None else (1.0, 1.0, 1.0)
+            w1 = float(np.float32(1.0 - hp.beta1))  # torch's lerp takes the weight in float32
+            # with master weights the kernel updates the master and writes the parameter as its copy
+            target, copy = (param, param) if master is None else (master, param)
+            K.adamw_chunks_kernel[(plan.num_chunks,)](
+                target, copy, grad, exp_avg, exp_avg_sq, rows, fz, part,
+                hp.grad_scale if hp.grad_scale is not None else part,
+                hp.found_inf if hp.found_inf is not None else part,
+                coef if coef is not None else part, stride,
+                float(decay), float(step_size), float(bc2_sqrt),
+                float(w1), float(hp.beta2), float(1.0 - hp.beta2), float(hp.eps),
+                HAS_FROZEN=has_frozen, HAS_SCALE=hp.grad_scale is not None,
+                HAS_FOUND_INF=hp.found_inf is not None, COEF_FROM_PTR=coef is not None,
+                LERP_HI=abs(w1) >= 0.5, BF16_RNE=bool(K.INTERPRETED) and param.dtype == torch.bfloat16,
+                HAS_COPY=master is not None, ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS,
+                enable_fp_fusion=False)
+            _finish(part, ptr, out)
