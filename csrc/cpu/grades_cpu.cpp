@@ -217,6 +217,18 @@ inline void unscale(f32x8* g, const Hyper& h) {
   }
 }
 
+// The padded tail of a chunk: lanes past the n loaded ones stay zero (0 / scale is NaN for a
+// GradScaler scale of 0 or NaN, and would count as non-finite gradients).
+template <bool SCALE>
+inline void unscale_tail(f32x8* g, const Hyper& h, int n) {
+  if (SCALE) {
+    unscale<SCALE>(g, h);
+    for (int k = 0; k < kV; ++k)
+      for (int i = 0; i < kW; ++i)
+        if (k * kW + i >= n) g[k][i] = 0.0f;
+  }
+}
+
 // Exact number of non-finite values of one (unscaled) gradient chunk. Only called for chunks whose
 // sums came out non-finite; reads the gradient chunk a second time.
 template <int GD, bool SCALE>
@@ -231,7 +243,7 @@ int64_t count_nonfinite(const typename IO<GD>::T* g, int64_t len, const Hyper& h
   }
   if (full < len) {
     Block<GD>::load_tail(g + full, static_cast<int>(len - full), gf);
-    unscale<SCALE>(gf, h);
+    unscale_tail<SCALE>(gf, h, static_cast<int>(len - full));
     for (int k = 0; k < kV; ++k) nf[k] -= nonfinite_mask(gf[k]);
   }
   int64_t n = 0;
@@ -260,7 +272,7 @@ void stats_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&
   }
   if (full < len) {
     Block<GD>::load_tail(g + full, static_cast<int>(len - full), gf);
-    unscale<SCALE>(gf, h);
+    unscale_tail<SCALE>(gf, h, static_cast<int>(len - full));
     acc.add(gf);
   }
   acc.finish(out);
@@ -325,7 +337,7 @@ void adamw_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&
   if (full < len) {
     const int n = static_cast<int>(len - full);
     Block<GD>::load_tail(g + full, n, gf);
-    unscale<SCALE>(gf, h);
+    unscale_tail<SCALE>(gf, h, n);
     acc.add(gf);
     Block<PD>::load_tail(p + full, n, pf);
     Block<kF32>::load_tail(m + full, n, mf);
