@@ -104,13 +104,18 @@ class GradESConfig:
             listed; a key naming a type no component has is an error).
         rel_tau: automatic mode: each component's threshold is ``rel_tau`` times its own
             statistic level at the end of the grace period (a running mean of the last grace
-            steps, recorded on the device); a number or a per-type mapping, in ``(0, 1]``.
+            steps, recorded on the device); a number or a per-type mapping, in ``(0, 1]``. A
+            component without a single valid reading during the grace period (no gradient, or
+            only steps with non-finite gradients or statistics) has no level to measure: it gets
+            no threshold and never freezes (so ``stop_ratio=1`` is never reached); GradES warns,
+            naming such components, when the grace period ends.
         statistic: ``"l1"`` (sum of |g|, the paper's), ``"l2"`` (sqrt of sum g^2), ``"mean_abs"``
             (l1 / numel) or ``"rms"`` (sqrt(sum g^2 / numel)).
         ema: decay in ``[0, 1)`` of an exponential moving average (bias-corrected, per step) applied
             to the statistic before thresholding; ``None`` or ``0`` uses each step's raw value
             (the paper's rule). Default :data:`DEFAULT_EMA`.
-        alpha: grace period as a fraction of ``total_steps``, in ``[0, 1)``.
+        alpha: grace period as a fraction of ``total_steps``, in ``[0, 1)`` (``alpha > 0`` gives at
+            least one grace step, however short the run).
         grace_steps: grace period in optimizer steps (overrides ``alpha``); less than
             ``total_steps`` when both are given.
         total_steps: planned number of optimizer steps (needed with ``alpha > 0`` unless
@@ -178,6 +183,22 @@ class GradESConfig:
             if self.stop_ratio > self.max_frozen_ratio:
                 raise ValueError(f"stop_ratio={self.stop_ratio} can never be reached with "
                                  f"max_frozen_ratio={self.max_frozen_ratio}; lower it or set stop_ratio=None")
+        # plain Python numbers from here on (NumPy scalars from a sweep grid would break the JSON
+        # of checkpoints and histories)
+        for name in ("grace_steps", "total_steps", "patience", "check_interval", "history_every", "history_max"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, int(v))
+        for name in ("ema", "alpha", "max_frozen_ratio", "stop_ratio"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, float(v))
+        for name in ("tau", "rel_tau"):
+            v = getattr(self, name)
+            if isinstance(v, Mapping):
+                setattr(self, name, {str(k): float(x) for k, x in v.items()})
+            elif v is not None:
+                setattr(self, name, float(v))
 
     @property
     def auto(self) -> bool:
@@ -194,7 +215,7 @@ class GradESConfig:
         if total is None:
             raise ValueError(f"alpha={self.alpha} needs the planned number of steps: pass total_steps "
                              "(or grace_steps) in GradESConfig")
-        return int(self.alpha * total)
+        return max(1, int(self.alpha * total))  # alpha > 0 means a grace period, even in a short run
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -311,6 +332,31 @@ def _reduce_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: attribute GradES sets on a parameter it freezes: its ``requires_grad`` from before, given back
+#: when a loaded state has the component unfrozen (also by another GradES on the same model)
+_REQUIRES_GRAD_ATTR = "_grades_requires_grad"
+_NONE = object()
+
+
+def _name_list(names: Sequence[str], k: int = 5) -> str:
+    more = f" and {len(names) - k} more" if len(names) > k else ""
+    return ", ".join(names[:k]) + more
+
+
+def _check_coefficient(name: str, v: Any) -> None:
+    """``v`` must be a real number or a one-element real tensor (``ValueError``/``TypeError``
+    naming ``name`` otherwise; metadata only, no host sync)."""
+    if isinstance(v, torch.Tensor):
+        if v.dtype == torch.bool or v.is_complex():
+            raise TypeError(f"{name} must be a real number or a one-element real tensor, got a {v.dtype} tensor")
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape "
+                             f"{tuple(v.shape)}")
+        return
+    if not _is_real(v):
+        raise TypeError(f"{name} must be a real number or a one-element tensor, got {type(v).__name__} {v!r:.40}")
+
+
 def _unclip(stats: torch.Tensor, coef: Union[float, torch.Tensor]) -> torch.Tensor:
     """Statistics of ``g / coef`` from those of ``g`` (``coef``: the factor gradient clipping
     multiplied the gradients by). A coefficient that is not a finite number > 0 (the total norm
@@ -337,11 +383,25 @@ def _unclip(stats: torch.Tensor, coef: Union[float, torch.Tensor]) -> torch.Tens
     return torch.cat([stats[:, :1] / (c * c), stats[:, 1:2] / c, stats[:, 2:] + bad], dim=1)
 
 
+def _clip_coefficient_tensor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """:func:`clip_coefficient` of a norm on an accelerator: tensor ops in its dtype, no host sync
+    (``clamp`` keeps a NaN, so a NaN norm gives a NaN coefficient, an invalid step)."""
+    return (max_norm / (total_norm.detach() + 1e-6)).clamp(max=1.0)
+
+
+def _clip_coefficient_float(total_norm: float, max_norm: float) -> float:
+    """:func:`clip_coefficient` of a host value, in double: like the tensor formula, a NaN ratio
+    stays NaN (Python's ``min(1.0, nan)`` would give 1.0 and count the step as valid)."""
+    x = max_norm / (float(total_norm) + 1e-6)
+    return 1.0 if x >= 1.0 else x
+
+
 def clip_coefficient(total_norm: Union[float, torch.Tensor], max_norm: float) -> Union[float, torch.Tensor]:
     """The factor ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` multiplied the gradients
     by, from the total norm it returned: ``min(1, max_norm / (total_norm + 1e-6))`` (for a norm on
     an accelerator a device tensor computed in its dtype as torch does, no host sync; for a CPU
-    tensor or a number, a float). Pass it to
+    tensor or a number, a float). A NaN norm gives NaN, an infinite one 0: either marks the
+    step invalid in :meth:`GradES.step`. Pass it to
     :meth:`GradES.step` so that decisions see the unclipped gradient."""
     if isinstance(total_norm, torch.Tensor):
         if _is_dtensor(total_norm):
@@ -349,8 +409,8 @@ def clip_coefficient(total_norm: Union[float, torch.Tensor], max_norm: float) ->
         if total_norm.device.type == "cpu":  # a host value: plain float math, no tensor ops
             total_norm = float(total_norm)
         else:
-            return (max_norm / (total_norm.detach() + 1e-6)).clamp(max=1.0)
-    return min(1.0, max_norm / (float(total_norm) + 1e-6))
+            return _clip_coefficient_tensor(total_norm, max_norm)
+    return _clip_coefficient_float(total_norm, max_norm)
 
 
 class GradListSource:
@@ -608,6 +668,8 @@ class GradES:
         self._native: Any = None
         self._new_frozen = torch.zeros(C, dtype=torch.bool) if self.host_math else None
         self._warned_no_grad = False
+        #: device path: host copy (and event) of "no valid reading in the grace period" per component
+        self._grace_probe: Optional[tuple[torch.Tensor, Any]] = None
         self._slots = [_Slot(C, dev) for _ in range(2)]
         self._slot_i = 0
         self._pending: list[_Slot] = []
@@ -647,11 +709,41 @@ class GradES:
                     pass
             rows.append(np.asarray(r, dtype=np.int64))
         self._opt_rows = rows
+        self._opt_n = n
         self._opt_host_mask = np.zeros(n, dtype=bool)
         comp_of = torch.full((n,), len(self.components), dtype=torch.long)
         for ci, r in enumerate(rows):
             comp_of[torch.from_numpy(r)] = ci
         self._opt_map = comp_of.to(self.device)
+
+    def _optimizer_changed(self) -> None:
+        """The FrozenAwareAdamW's parameter list changed after this policy was built (e.g.
+        ``add_param_group``): take in rows appended after the ones this policy knows (the tracked
+        parameters keep theirs); anything else is refused, before the step is counted."""
+        opt, n_old = self.optimizer, self._opt_n
+        n = len(opt.param_list)
+        moved = []
+        for c, r in zip(self.components, self._opt_rows):
+            for p, row in zip(c.params, r.tolist()):
+                try:
+                    now = int(opt.param_index(p))
+                except (KeyError, ValueError):
+                    now = -1
+                if now != row:
+                    moved.append(c.name)
+        if n < n_old or moved:
+            raise ValueError(f"the optimizer's parameter list changed after GradES was built ({n_old} -> {n} "
+                             "parameters" + (f"; the parameters of {sorted(set(moved))[:5]} moved or left it"
+                                             if moved else "") +
+                             "); GradES only follows parameter groups added with add_param_group: build GradES "
+                             "again after changing the optimizer's parameters")
+        old_mask = self._opt_host_mask
+        self._init_optimizer_map()
+        self._opt_host_mask[:n_old] = old_mask
+        if isinstance(self.source, OptimizerSource):
+            self.source = OptimizerSource(self.components, opt, self.device)
+        if self._native not in (None, False):
+            self._native = None  # rebuilt at the next step for the new number of rows
 
     @property
     def last_stats(self) -> Optional[np.ndarray]:
@@ -717,6 +809,9 @@ class GradES:
                 ``clip_grad_norm_(params, max_norm)`` returned and the ``max_norm`` it clipped
                 to (the coefficient is then :func:`clip_coefficient` of them).
         """
+        # every argument is checked before anything changes: a rejected call counts no step
+        if clip_coef is not None and type(clip_coef) is not float:
+            _check_coefficient("clip_coef", clip_coef)
         if total_norm is not None or max_norm is not None:
             if clip_coef is not None:
                 raise ValueError("give clip_coef or total_norm and max_norm, not both")
@@ -724,6 +819,11 @@ class GradES:
                     or not max_norm > 0):
                 raise ValueError(f"total_norm and max_norm go together, with max_norm > 0; got "
                                  f"total_norm={total_norm!r}, max_norm={max_norm!r}")
+            if type(total_norm) is not float:
+                _check_coefficient("total_norm", total_norm)
+        if self.frozen_aware and len(self.optimizer.param_list) != self._opt_n:
+            self._optimizer_changed()
+        if total_norm is not None:
             if type(total_norm) is not torch.Tensor:  # a number, or a DTensor (its full value)
                 clip_coef, total_norm = clip_coefficient(total_norm, float(max_norm)), None
         if self.host_math and self._step_native(clip_coef, total_norm, max_norm):
@@ -791,6 +891,8 @@ class GradES:
         self.step_count = self.last_stats_step = t
         if flags:
             self._native_followup(t, flags)
+        if t == self.grace and self.config.auto:
+            self._warn_no_reading(self._views["ref_w"] <= 0)
         return True
 
     def _native_followup(self, t: int, flags: int) -> None:
@@ -809,6 +911,18 @@ class GradES:
             else:
                 self._history.grow()
 
+    def _warn_no_reading(self, missing: np.ndarray) -> None:
+        """At the end of the grace period (automatic mode): warn about components that had no
+        valid reading in it (``missing``, bool ``[C]``): they have no threshold and never freeze."""
+        if not missing.any():
+            return
+        names = [c.name for c, m in zip(self.components, missing.tolist()) if m]
+        warnings.warn(f"GradES: the grace period ended (step {self.grace}) without a valid reading for {len(names)} "
+                      f"of {len(self.components)} component(s) ({_name_list(names)}): no gradient reached them, "
+                      "or only non-finite ones, so their automatic threshold could not be measured and they will "
+                      "never freeze; check that they are trained, or lengthen the grace period",
+                      RuntimeWarning, stacklevel=4)
+
     def _warn_no_grad(self) -> None:
         if not self._warned_no_grad and not self._host_frozen.any():
             self._warned_no_grad = True
@@ -818,9 +932,8 @@ class GradES:
 
     def _step_general(self, clip_coef: Union[None, float, torch.Tensor]) -> None:
         self.poll()
-        self.step_count += 1
-        t = self.step_count
-        stats = self.source.compute(self.frozen)
+        t = self.step_count + 1
+        stats = self.source.compute(self.frozen)  # may name a problem: then no step is counted
         participation = getattr(self.source, "participation", None)
         took = participation() if callable(participation) else None
         if getattr(self.source, "all_missing", False):
@@ -833,6 +946,7 @@ class GradES:
             buf = torch.cat([stats, missing[:, None]], dim=1)
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
             stats, took = buf[:, :3], buf[:, 3] == 0
+        self.step_count = t
         if self.host_math:
             self._step_host(t, stats, took)
             return
@@ -843,7 +957,9 @@ class GradES:
     def _step_device(self, t: int, stats: torch.Tensor, took: Optional[torch.Tensor]) -> None:
         cfg = self.config
         live = ~self.frozen
-        valid = stats[:, 2].sum() == 0
+        # a step is a valid reading when no gradient held a non-finite value and no sum overflowed
+        # (a finite gradient beyond ~1e19 gives an infinite float32 sum of squares)
+        valid = (stats[:, 2].sum() == 0) & torch.isfinite(stats[:, :2]).all()
         if self.frozen_aware:
             skipped = getattr(self.optimizer, "last_step_skipped", None)
             if isinstance(skipped, torch.Tensor):
@@ -870,6 +986,14 @@ class GradES:
                     # had a gradient gets a negative one (it cannot freeze)
                     level = self._ref / self._ref_w.clamp_min(1e-300)
                     self._thresh.mul_(torch.where(self._ref_w > 0, level, torch.full_like(level, -1.0)))
+                    # which components had no valid reading: a non-blocking copy, looked at in poll()
+                    cuda = self.device.type == "cuda"
+                    host = torch.empty(len(self.components), dtype=torch.bool, pin_memory=cuda)
+                    host.copy_(self._ref_w <= 0, non_blocking=cuda)
+                    event = torch.cuda.Event() if cuda else None
+                    if event is not None:
+                        event.record()
+                    self._grace_probe = (host, event)
         elif (t - self.grace) % cfg.check_interval == 0:
             below = (cur < self._thresh) & live
             self._counter.copy_(torch.where(ok, torch.where(below, self._counter + 1, 0), self._counter))
@@ -890,7 +1014,7 @@ class GradES:
         s = stats.numpy()
         frozen = v["frozen"]
         live = ~frozen
-        valid = not s[:, 2].any()
+        valid = not s[:, 2].any() and bool(np.isfinite(s[:, :2]).all())
         if self.frozen_aware:
             skipped = getattr(self.optimizer, "last_step_skipped", None)
             if isinstance(skipped, torch.Tensor) and bool(skipped):
@@ -920,6 +1044,7 @@ class GradES:
                     level = ref / np.maximum(ref_w, 1e-300)
                     th = v["thresh"]
                     th[:] = th * np.where(ref_w > 0, level, -1.0)
+                    self._warn_no_reading(ref_w <= 0)
         elif (t - self.grace) % cfg.check_interval == 0:
             counter = v["counter"]
             below = (cur < v["thresh"]) & live
@@ -954,21 +1079,31 @@ class GradES:
         while self._pending and self._pending[0].ready():
             slot = self._pending.pop(0)
             self._learn(slot)
+        if self._grace_probe is not None and (self._grace_probe[1] is None or self._grace_probe[1].query()):
+            host, self._grace_probe = self._grace_probe[0], None
+            self._warn_no_reading(host.numpy())
 
     def wait(self) -> None:
         """Wait for the outstanding decision copies and take them in (a host sync; for the end of
         training, checkpoints and tests)."""
         for slot in self._pending:
             slot.synchronize()
+        if self._grace_probe is not None and self._grace_probe[1] is not None:
+            self._grace_probe[1].synchronize()
         self.poll()
 
     def fast_forward(self, step: int) -> None:
         """Continue counting from optimizer step ``step`` without saved state (a resumed run whose
         GradES state is lost): nothing is frozen and patience counts start at zero. In automatic
         mode a grace period that had already ended starts again at ``step``, so that each
-        component's level is measured anew."""
-        if not isinstance(step, numbers.Integral) or step < self.step_count:
-            raise ValueError(f"step must be an integer >= the current step {self.step_count}, got {step!r}")
+        component's level is measured anew. Only on a policy that has not stepped yet
+        (``ValueError`` otherwise)."""
+        if self.step_count > 0:
+            raise ValueError(f"fast_forward() starts a policy whose state was lost at a later step, but this one "
+                             f"has already counted {self.step_count} steps (its grace period and thresholds are "
+                             "set); build a new GradES to start afresh, or load_state_dict() a saved state")
+        if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
         self.wait()
         if self.config.auto and step >= self.grace:
             self.grace = step + self.grace
@@ -988,6 +1123,8 @@ class GradES:
             for i in new.tolist():
                 c = self.components[i]
                 for p in c.params:
+                    if not hasattr(p, _REQUIRES_GRAD_ATTR):
+                        setattr(p, _REQUIRES_GRAD_ATTR, bool(p.requires_grad))
                     p.requires_grad_(False)
                     p.grad = None
                 self._host_freeze_step[i] = int(fstep[i])
@@ -1087,34 +1224,165 @@ class GradES:
                 "history": list(self.history), "freeze_events": list(self.freeze_events),
                 "hist_stride": self._hist_stride}
 
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output: re-freezes the saved components (device mask,
-        ``requires_grad`` and optimizer) so training continues as if never interrupted.
-        (Version-1 states, with one EMA/reference weight for all components, load too.)"""
-        names = [c.name for c in self.components]
-        if list(sd.get("component_names", [])) != names:
-            raise ValueError("the saved GradES state belongs to different components "
-                             f"({len(sd.get('component_names', []))} saved vs {len(names)} here)")
-        dev = self.device
+    #: per-component fields of :meth:`state_dict`: (NumPy kinds accepted, dtype stored)
+    _STATE_FIELDS = {"frozen": ("bi", bool), "counter": ("iu", np.int64), "ema": ("biuf", np.float64),
+                     "ema_w": ("biuf", np.float64), "ref": ("biuf", np.float64), "ref_w": ("biuf", np.float64),
+                     "thresh": ("biuf", np.float64), "freeze_step": ("iu", np.int64),
+                     "last_stat": ("biuf", np.float64)}
 
-        def put(dst: torch.Tensor, v: Any) -> None:
-            dst.copy_(torch.as_tensor(v, dtype=dst.dtype).to(dev))
+    def _check_state(self, sd: Any) -> dict:
+        """:meth:`load_state_dict`'s input, checked and converted (nothing is changed here):
+        ``ValueError`` naming the first field that is missing or does not fit."""
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"a GradES state must be a mapping (GradES.state_dict() output), got {type(sd).__name__}")
+        names = [c.name for c in self.components]
+        C = len(names)
+        saved = sd.get("component_names")
+        if not isinstance(saved, (list, tuple)) or list(saved) != names:
+            n = len(saved) if isinstance(saved, (list, tuple)) else "no"
+            raise ValueError(f"the saved GradES state belongs to different components ({n} saved vs {C} here)")
+        version = sd.get("version", 2)
+        if version not in (1, 2):
+            raise ValueError(f"unknown GradES state version {version!r} (this GradES reads 1 and 2)")
+        missing = [k for k in (*self._STATE_FIELDS, "step", "invalid_steps") if k not in sd]
+        if missing:
+            raise ValueError(f"the saved GradES state lacks {missing}")
+        out: dict = {}
+        for k, (kinds, dtype) in self._STATE_FIELDS.items():
+            v = sd[k]
+            if version == 1 and k in ("ema_w", "ref_w") and _is_real(v):
+                v = [v] * C  # version 1: one weight for all components
+            try:
+                a = np.asarray(v)
+            except Exception as e:  # ragged nesting and the like
+                raise ValueError(f"GradES state field {k!r} is not a list of {C} numbers: {e}") from None
+            if a.shape != (C,) or a.dtype.kind not in kinds:
+                what = "booleans" if dtype is bool else "integers" if dtype is np.int64 else "numbers"
+                raise ValueError(f"GradES state field {k!r} must be a list of {C} {what} (one per component), "
+                                 f"got {a.dtype} of shape {a.shape}")
+            a = a.astype(dtype)
+            if dtype is np.float64 and np.isnan(a).any():
+                raise ValueError(f"GradES state field {k!r} holds NaN")
+            if dtype is bool and not np.isin(np.asarray(v, dtype=np.float64), (0, 1)).all():
+                raise ValueError(f"GradES state field {k!r} must hold booleans")
+            out[k] = a
+        if (out["counter"] < 0).any() or (out["freeze_step"] < -1).any():
+            raise ValueError("GradES state fields 'counter' (>= 0) and 'freeze_step' (>= -1) hold invalid values")
+
+        def integer(k: str, v: Any, low: int, optional: bool = False) -> Optional[int]:
+            if v is None and optional:
+                return None
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+                raise ValueError(f"GradES state field {k!r} must be an integer >= {low}, got {v!r}")
+            return int(v)
+        out["step"] = integer("step", sd["step"], 0)
+        out["invalid_steps"] = integer("invalid_steps", sd["invalid_steps"], 0)
+        out["grace"] = integer("grace", sd.get("grace", self.grace), 0)
+        out["hist_stride"] = integer("hist_stride", sd.get("hist_stride", 1), 1)
+        out["stopped_at"] = integer("stopped_at", sd.get("stopped_at"), 0, optional=True)
+        stop = sd.get("should_stop", False)
+        if not isinstance(stop, (bool, np.bool_)):
+            raise ValueError(f"GradES state field 'should_stop' must be a bool, got {stop!r}")
+        out["should_stop"] = bool(stop)
+        for k in ("history", "freeze_events"):
+            v = sd.get(k, [])
+            if not isinstance(v, (list, tuple)) or not all(isinstance(e, Mapping) for e in v):
+                raise ValueError(f"GradES state field {k!r} must be a list of mappings")
+            out[k] = [dict(e) for e in v]
+        for i, h in enumerate(out["history"]):
+            try:
+                stat = np.asarray(h["stat"], dtype=np.float64)
+                integer("history step", h["step"], 0)
+                integer("history frozen", h["frozen"], 0)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"GradES state field 'history' sample {i} is not a {{step, frozen, stat}} "
+                                 f"sample: {e}") from None
+            if stat.shape != (C,):
+                raise ValueError(f"GradES state field 'history' sample {i} has {stat.size} statistics for "
+                                 f"{C} components")
+        return out
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output exactly: re-freezes the saved components (device
+        mask, ``requires_grad`` and optimizer), and gives the components *not* frozen in the saved
+        state back the ``requires_grad`` their parameters had before GradES froze them (loading an
+        earlier state after later freezes, in the same process). So training continues as if
+        never interrupted. (Version-1 states, with one EMA/reference weight for all components,
+        load too.)
+
+        Everything is checked before anything changes: a state that does not fit raises
+        ``ValueError`` naming the field (``TypeError`` for a non-mapping) and leaves this policy
+        as it was. A :class:`~grades.FrozenAwareAdamW` cannot unfreeze a parameter by itself:
+        when its mask still freezes a component the loaded state has not frozen, a
+        ``RuntimeWarning`` says so; load the optimizer state dict saved with this state (its
+        ``["grades"]["frozen"]`` mask replaces the optimizer's), as the Trainer does on resume.
+        """
+        v = self._check_state(sd)
         self.wait()
-        put(self.frozen, sd["frozen"])
-        put(self._counter, sd["counter"])
-        put(self._ema, sd["ema"])
-        put(self._ema_w, sd["ema_w"])
-        put(self._ref, sd["ref"])
-        put(self._ref_w, sd["ref_w"])
-        put(self._thresh, sd["thresh"])
-        put(self._freeze_step, sd["freeze_step"])
-        put(self._last_stat, sd["last_stat"])
-        put(self._invalid_steps, sd["invalid_steps"])
-        self.step_count = int(sd["step"])
-        self.grace = int(sd.get("grace", self.grace))
+        snap = self._snapshot()
+        try:
+            self._apply_state(v)
+        except BaseException:
+            self._restore(snap)
+            raise
+        if self.frozen_aware:
+            self._warn_optimizer_mask()
+
+    _STATE_TENSORS = ("frozen", "_counter", "_ema", "_ema_w", "_ref", "_ref_w", "_thresh", "_freeze_step",
+                      "_last_stat", "_invalid_steps")
+
+    def _snapshot(self) -> dict:
+        rg = [(p, p.requires_grad, getattr(p, _REQUIRES_GRAD_ATTR, _NONE)) for c in self.components for p in c.params]
+        return {"tensors": [getattr(self, n).clone() for n in self._STATE_TENSORS],
+                "host": (self.step_count, self.grace, self._host_frozen.copy(), self._n_host_frozen,
+                         self._host_freeze_step.copy(), list(self.freeze_events), self.should_stop, self.stopped_at,
+                         self._last_stats, self._last_stats_live, self.last_stats_step, self._hist_stride,
+                         self._opt_host_mask.copy() if self.frozen_aware else None),
+                "history": self._history.as_list(), "requires_grad": rg,
+                "opt_frozen": self.optimizer.frozen.clone() if self.frozen_aware else None}
+
+    def _restore(self, snap: dict) -> None:
+        for n, t in zip(self._STATE_TENSORS, snap["tensors"]):
+            getattr(self, n).copy_(t)
+        (self.step_count, self.grace, self._host_frozen, self._n_host_frozen, self._host_freeze_step,
+         self.freeze_events, self.should_stop, self.stopped_at, self._last_stats, self._last_stats_live,
+         self.last_stats_step, self._hist_stride, opt_mask) = snap["host"]
+        if opt_mask is not None:
+            self._opt_host_mask = opt_mask
+            self.optimizer.frozen.copy_(snap["opt_frozen"])
+        self._history.set_every(self.config.history_every * self._hist_stride)
+        self._history.load(snap["history"])
+        for p, rg, attr in snap["requires_grad"]:
+            p.requires_grad_(rg)
+            if attr is _NONE:
+                if hasattr(p, _REQUIRES_GRAD_ATTR):
+                    delattr(p, _REQUIRES_GRAD_ATTR)
+            else:
+                setattr(p, _REQUIRES_GRAD_ATTR, attr)
+
+    def _apply_state(self, v: dict) -> None:
+        dev = self.device
+        for name, key in (("frozen", "frozen"), ("_counter", "counter"), ("_ema", "ema"), ("_ema_w", "ema_w"),
+                          ("_ref", "ref"), ("_ref_w", "ref_w"), ("_thresh", "thresh"),
+                          ("_freeze_step", "freeze_step"), ("_last_stat", "last_stat")):
+            dst = getattr(self, name)
+            dst.copy_(torch.from_numpy(v[key]).to(device=dev, dtype=dst.dtype))
+        self._invalid_steps.fill_(v["invalid_steps"])
+        self.step_count = v["step"]
+        self.grace = v["grace"]
+        # components not frozen in the loaded state: their parameters' requires_grad as it was
+        # before GradES (this instance or an earlier one on the same model) froze them
+        for c, f in zip(self.components, v["frozen"]):
+            if not f:
+                for p in c.params:
+                    if hasattr(p, _REQUIRES_GRAD_ATTR):
+                        p.requires_grad_(bool(getattr(p, _REQUIRES_GRAD_ATTR)))
+                        delattr(p, _REQUIRES_GRAD_ATTR)
         self._host_frozen[:] = False
+        self._host_freeze_step[:] = -1
         self._n_host_frozen = 0
         self.freeze_events = []
+        self.should_stop, self.stopped_at = False, None
         if self.frozen_aware:
             self._opt_host_mask[:] = False
             self._freeze_in_optimizer(self.frozen)
@@ -1122,12 +1390,27 @@ class GradES:
         slot.start(self.step_count, self._last_stat, self.frozen, self._freeze_step)
         slot.synchronize()
         self._learn(slot)
-        self.history = [dict(h) for h in sd.get("history", [])]
-        self._hist_stride = int(sd.get("hist_stride", 1))
+        if self._native not in (None, False):
+            self._last_stats_live = True  # the native rule keeps the state current
+        self._hist_stride = v["hist_stride"]
         self._history.set_every(self.config.history_every * self._hist_stride)
-        self.freeze_events = [dict(e) for e in sd.get("freeze_events", [])]
-        self.should_stop = bool(sd.get("should_stop", False))
-        self.stopped_at = sd.get("stopped_at")
+        self.history = v["history"]
+        self.freeze_events = v["freeze_events"]
+        self.should_stop = v["should_stop"]
+        self.stopped_at = v["stopped_at"]
+
+    def _warn_optimizer_mask(self) -> None:
+        """Warn when the FrozenAwareAdamW's mask freezes parameters of components that are not
+        frozen here (it has no way to unfreeze them but loading its own state dict)."""
+        opt_frozen = self.optimizer.frozen.detach().to("cpu").numpy()
+        stuck = [c.name for c, r, f in zip(self.components, self._opt_rows, self._host_frozen)
+                 if not f and len(r) and opt_frozen[r].any()]
+        if stuck:
+            warnings.warn(f"GradES.load_state_dict: the FrozenAwareAdamW still freezes {len(stuck)} component(s) "
+                          f"that the loaded GradES state has not frozen ({_name_list(stuck)}); GradES cannot unset "
+                          "an optimizer's frozen mask, so these matrices are not updated. Load the optimizer state "
+                          "dict saved together with this GradES state (its ['grades']['frozen'] mask replaces the "
+                          "optimizer's), before or after this call", RuntimeWarning, stacklevel=3)
 
 
 class _History:

@@ -200,6 +200,44 @@ def test_trainer_resume_from_checkpoint_elsewhere_keeps_frozen_set_and_counters(
     assert not tr2.model.model.layers[1].self_attn.v_proj.weight.requires_grad
 
 
+def test_trainer_resume_in_the_same_process_unfreezes_what_froze_later(tmp_path):
+    """The same Trainer resumed from checkpoint-8 (before the freezes at 9) after its run froze
+    everything: the callback's new GradES gives the parameters their requires_grad back, and the
+    rerun freezes at the same steps as the first."""
+    tr, cb = resume_trainer(tmp_path / "a")
+    tr.train()
+    want = cb.gs.history_dict()["freeze_steps"]
+    assert set(want.values()) == {9} and len(want) == 14
+    seen = {}
+
+    class AtStart(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            seen.setdefault("frozen_at_first_step", sum(not p.requires_grad for p in model.parameters()))
+    tr.add_callback(AtStart())
+    seen["frozen_before"] = sum(not p.requires_grad for p in tr.model.parameters())
+    tr.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
+    assert seen == {"frozen_before": 14, "frozen_at_first_step": 0}
+    assert cb.gs.history_dict()["freeze_steps"] == want and cb.gs.step_count == 14
+    seen.clear()
+    tr.train()                     # a fresh run on the same model: nothing frozen at its start
+    assert seen == {"frozen_at_first_step": 0}
+
+
+def test_trainer_small_max_steps_and_numpy_config_values(tmp_path):
+    """The default configuration (alpha=0.3) in a run of 2 steps has one grace step; NumPy-typed
+    settings (from a sweep grid) still give checkpoints the Trainer can write as JSON."""
+    tr = Trainer(model=tiny_llama(VOCAB), args=args(tmp_path / "a", 2), train_dataset=RandomLM(),
+                 callbacks=[cb := GradESCallback()])
+    tr.train()
+    assert cb.gs.grace == 1 and cb.gs.step_count == 2
+    cfg = GradESConfig(rel_tau=np.float64(0.5), patience=np.int64(2), grace_steps=np.int64(2))
+    tr = Trainer(model=tiny_llama(VOCAB), args=args(tmp_path / "b", 3, save_strategy="steps", save_steps=3),
+                 train_dataset=RandomLM(), callbacks=[GradESCallback(cfg)])
+    tr.train()
+    saved = json.loads((tmp_path / "b" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["GradESCallback"]["args"]["config"]["patience"] == 2
+
+
 def test_trainer_resume_without_saved_state_warns_and_restarts_the_grace_period(tmp_path):
     tr1, _ = resume_trainer(tmp_path / "a", steps=8)
     tr1.train()

@@ -1,6 +1,7 @@
 """GradES policy: configuration checks, discovery, device decisions, host follow-up, state."""
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -374,8 +375,10 @@ def test_decision_paths_agree(cfg, optim, comps):
     """The rule runs natively (C++) on host state on CPU, in NumPy where the extension is missing,
     and as tensor ops on GPUs: the three give bitwise the same state, history and freezes, with
     statistics from the optimizer's pass or from the gradients, one- and two-matrix components, a
-    skipped (non-finite) step, steps in which a matrix has no gradient, and clip coefficients
-    (one of them infinite, which makes its step invalid)."""
+    skipped (non-finite) step, steps in which a matrix has no gradient, clip coefficients
+    (one of them infinite, which makes its step invalid), a NaN total norm (invalid too) and a
+    finite gradient whose float32 sum of squares overflows during the grace period (an invalid
+    reading, which must not reach the EMA or the automatic threshold)."""
     out = {}
     for path in DECISION_PATHS:
         m = Toy(seed=5)
@@ -389,6 +392,8 @@ def test_decision_paths_agree(cfg, optim, comps):
                 m.layers[0].mlp.up_proj.weight.grad[0, 0] = float("inf")
             if s in (2, 9, 10, 11):
                 m.layers[1].self_attn.q_proj.weight.grad = None
+            if s == 1:  # finite, but its square overflows float32: sum g^2 = inf
+                m.layers[0].mlp.down_proj.weight.grad[0, 0] = 2e19
             opt.step()
             clip = {3: 0.5, 4: torch.tensor(0.25), 12: float("inf"), 13: 1.0}.get(s)
             if s in (5, 6, 14):  # the total norm clip_grad_norm_ returned (a tensor, a float, a NaN)
@@ -404,7 +409,8 @@ def test_decision_paths_agree(cfg, optim, comps):
         b, hb = out[path]
         assert a == b, path
         assert ha == hb, path
-    assert a["invalid_steps"] == (2 if optim == "frozen_aware" else 1)
+    assert a["invalid_steps"] == (4 if optim == "frozen_aware" else 3)  # steps 2, 13, 15 (and 8)
+    assert all(np.isfinite(a[k]).all() for k in ("ema", "ref", "thresh", "last_stat"))
     assert any(f >= 0 for f in a["freeze_step"])
     if comps == "matrices":
         q = [c["name"] for c in ha["components"]].index("layers.1.self_attn.q_proj")
@@ -642,3 +648,287 @@ def test_dtensor_group_accepts_one_sharded_mesh_dimension_only():
                           ([DT(a, Partial())], "Shard or Replicate")]:
         with pytest.raises(ValueError, match=match):
             _dtensor_group(params)
+
+
+# ---------------------------------------------------------------- state loading, rejected input, odd readings
+
+
+def _trained(optim="torch", steps=4, cfg=None, path=None):
+    m = Toy(seed=5)
+    opt = (grades.FrozenAwareAdamW if optim == "frozen_aware" else torch.optim.AdamW)(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, cfg or GradESConfig(tau=1e9, grace_steps=2, patience=1, stop_ratio=None))
+    if path is not None:
+        use_path(gs, path)
+    train(m, opt, gs, steps)
+    return m, opt, gs
+
+
+def _set(sd, key, value):
+    sd = json.loads(json.dumps(sd))
+    if value is _DEL:
+        del sd[key]
+    else:
+        sd[key] = value(sd[key]) if callable(value) else value
+    return sd
+
+
+_DEL = object()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("thresh", lambda v: v[:-1]), ("thresh", [123.0]), ("counter", lambda v: v + [0]), ("ref_w", _DEL),
+    ("component_names", _DEL), ("step", "abc"), ("step", -1), ("frozen", lambda v: ["x"] * len(v)),
+    ("frozen", lambda v: [2] * len(v)), ("counter", lambda v: [0.5] * len(v)), ("ema", lambda v: [None] * len(v)),
+    ("history", [{"step": 1}]), ("history", lambda v: v + [{"step": 9, "frozen": 0, "stat": [1.0]}]),
+    ("invalid_steps", [1]), ("should_stop", "yes"), ("version", 7), ("ema", lambda v: [float("nan")] * len(v)),
+])
+@pytest.mark.parametrize("optim", ["torch", "frozen_aware"])
+def test_load_state_dict_rejects_a_bad_state_and_changes_nothing(key, value, optim):
+    """Every field is checked before anything is written: a ValueError naming the field, and the
+    policy (state, freezes, requires_grad, optimizer mask) exactly as before."""
+    m, opt, gs = _trained(optim)
+    before = gs.state_dict()
+    assert sum(before["frozen"]) == len(before["frozen"])
+    bad = _set(before, "frozen", lambda v: [False] * len(v))   # would unfreeze, if anything were written
+    bad["counter"] = [7] * len(bad["counter"])
+    bad = _set(bad, key, value)
+    with pytest.raises(ValueError, match=key if key != "component_names" else "different components"):
+        gs.load_state_dict(bad)
+    assert gs.state_dict() == before
+    assert gs.frozen_fraction == 1.0 and all(not p.requires_grad for c in gs.components for p in c.params)
+    if optim == "frozen_aware":
+        assert bool(opt.frozen[[opt.param_index(c.params[0]) for c in gs.components]].all())
+    with pytest.raises(TypeError, match="mapping"):
+        gs.load_state_dict([("step", 1)])
+
+
+def test_load_state_dict_restores_what_it_failed_to_write(monkeypatch):
+    """An error while writing (after the checks) puts everything back."""
+    m, opt, gs = _trained("frozen_aware")
+    before = gs.state_dict()
+    early = _set(before, "frozen", lambda v: [False] * len(v))
+
+    apply = GradES._apply_state
+
+    def boom(self, v):
+        apply(self, v)                                  # everything written, then a failure
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(GradES, "_apply_state", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        gs.load_state_dict(early)
+    assert gs.state_dict() == before
+    assert all(not p.requires_grad for c in gs.components for p in c.params)
+
+
+@pytest.mark.parametrize("optim", ["torch", "frozen_aware"])
+def test_load_state_dict_rolls_back_later_freezes_exactly(optim):
+    """Loading an earlier state (with the model and optimizer states of that step) after later
+    freezes gives requires_grad back, and training then repeats the first run bitwise. A
+    FrozenAwareAdamW cannot unfreeze by itself: GradES warns until its own state dict is loaded."""
+    import copy
+    m = Toy(seed=5)
+    extra = m.layers[0].self_attn.q_proj.weight
+    extra.requires_grad_(False)          # frozen by the user, not by GradES: stays so
+    comps = discover_components(m)
+    opt = (grades.FrozenAwareAdamW if optim == "frozen_aware" else torch.optim.AdamW)(
+        [p for p in m.parameters() if p is not extra], lr=1e-2)
+    if optim == "frozen_aware":
+        comps = [c for c in comps if c.params[0] is not extra]
+    gs = GradES(m, opt, GradESConfig(rel_tau=0.9, grace_steps=3, patience=1, ema=None, stop_ratio=None),
+                components=comps)
+    train(m, opt, gs, 3)
+    saved = (json.loads(json.dumps(gs.state_dict())), copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict()))
+    train(m, opt, gs, 10, start=3)
+    first = gs.state_dict()
+    assert sum(first["frozen"]) >= 2
+    m.load_state_dict(saved[1])
+    if optim == "frozen_aware":
+        with pytest.warns(RuntimeWarning, match="cannot unset"):
+            gs.load_state_dict(saved[0])
+        opt.load_state_dict(copy.deepcopy(saved[2]))    # as the Trainer does on resume
+        assert not bool(opt.frozen.any())
+    else:
+        gs.load_state_dict(saved[0])
+        opt.load_state_dict(copy.deepcopy(saved[2]))
+    assert gs.frozen_components == [] and not extra.requires_grad
+    assert all(p.requires_grad for c in gs.components for p in c.params if p is not extra)
+    assert all(not hasattr(p, "_grades_requires_grad") for p in m.parameters())
+    assert gs.history_dict()["freeze_steps"] == {}
+    train(m, opt, gs, 10, start=3)
+    assert gs.state_dict() == first
+
+
+@pytest.mark.parametrize("path", DECISION_PATHS)
+def test_add_param_group_after_grades_is_followed(path):
+    """Parameters added to a FrozenAwareAdamW after GradES was built: the steps go on counting
+    and deciding (the new rows are not tracked); a changed list otherwise is refused uncounted."""
+    m = Toy(seed=5)
+    rest = [p for n, p in m.named_parameters() if "proj" not in n]
+    opt = grades.FrozenAwareAdamW([p for n, p in m.named_parameters() if "proj" in n], lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(tau=1e9, grace_steps=3, patience=1, stop_ratio=None))
+    use_path(gs, path)
+    train(m, opt, gs, 2)
+    opt.add_param_group({"params": rest, "lr": 1e-3})
+    train(m, opt, gs, 2, start=2)
+    assert gs.step_count == 4 and gs.frozen_fraction == 1.0 and gs.history_dict()["freeze_steps"]
+    assert bool(opt.frozen[[opt.param_index(c.params[0]) for c in gs.components]].all())
+    assert not bool(opt.frozen[[opt.param_index(p) for p in rest]].any())
+    opt.param_list.pop()                               # a shrunk list: refused, not counted
+    with pytest.raises(ValueError, match="parameter list changed after GradES was built"):
+        gs.step()
+    assert gs.step_count == 4
+
+
+def test_numpy_config_values_become_plain_python():
+    cfg = GradESConfig(rel_tau={"attention": np.float32(0.5), "default": np.float64(0.4)}, alpha=np.float64(0.3),
+                       total_steps=np.int64(10), patience=np.int64(2), check_interval=np.int32(2),
+                       ema=np.float64(0.5), max_frozen_ratio=np.float64(1.0), history_max=np.int64(100))
+    d = cfg.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert type(cfg.patience) is int and type(cfg.alpha) is float and type(cfg.rel_tau["attention"]) is float
+    cfg2 = GradESConfig(tau=np.float64(2.0), grace_steps=np.int64(1))
+    assert type(cfg2.tau) is float and type(cfg2.grace_steps) is int
+    m = Toy()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, cfg)
+    train(m, opt, gs, 3)
+    json.dumps(gs.state_dict())
+    json.dumps(gs.history_dict())
+
+
+@pytest.mark.parametrize("total", [1, 2, 3])
+def test_short_runs_get_a_grace_step(total):
+    """alpha > 0 with a run shorter than 1 / alpha: one grace step, not zero (which the automatic
+    threshold cannot work with)."""
+    assert GradESConfig(total_steps=total).grace() == 1
+    m = Toy()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(total_steps=total))
+    assert gs.grace == 1
+    train(m, opt, gs, total)
+    assert GradESConfig(alpha=0.0, tau=1.0).grace(3) == 0
+
+
+@pytest.mark.parametrize("path", DECISION_PATHS)
+@pytest.mark.parametrize("optim", ["torch", "frozen_aware"])
+def test_a_rejected_step_changes_nothing(path, optim):
+    """Bad arguments give the same TypeError/ValueError on every path, before anything counts."""
+    m = Toy(seed=5)
+    opt = (grades.FrozenAwareAdamW if optim == "frozen_aware" else torch.optim.AdamW)(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(tau=1.0, grace_steps=3))
+    use_path(gs, path)
+    train(m, opt, gs, 1)
+    x, y = data(1)
+    ((m(x) - y) ** 2).mean().backward()
+    opt.step()
+    before = gs.state_dict()
+    cases = [(dict(clip_coef="abc"), TypeError, "clip_coef"), (dict(clip_coef=[0.5]), TypeError, "clip_coef"),
+             (dict(clip_coef=torch.tensor([0.5, 0.5])), ValueError, "clip_coef"),
+             (dict(clip_coef=torch.tensor(True)), TypeError, "clip_coef"),
+             (dict(total_norm=torch.tensor([1.0, 2.0]), max_norm=1.0), ValueError, "total_norm"),
+             (dict(total_norm="1", max_norm=1.0), TypeError, "total_norm"),
+             (dict(total_norm=1.0, max_norm=0.0), ValueError, "max_norm"),
+             (dict(clip_coef=0.5, total_norm=1.0, max_norm=1.0), ValueError, "not both")]
+    for kw, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            gs.step(**kw)
+        assert gs.step_count == 1, kw
+    assert gs.state_dict() == before
+    gs.step(clip_coef=np.float64(0.5))
+    gs.step(total_norm=torch.tensor([2.0]), max_norm=np.float32(1.0))  # one element is fine
+    assert gs.step_count == 3
+
+
+@pytest.mark.parametrize("path", DECISION_PATHS)
+def test_a_source_error_counts_no_step(path):
+    """A statistics source that names a problem (here a float64 gradient) leaves the count alone."""
+    m = Toy(seed=5).double()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(tau=1.0, grace_steps=3))
+    use_path(gs, path)
+    x, y = data(0)
+    ((m(x.double()) - y.double()) ** 2).mean().backward()
+    with pytest.raises(TypeError, match="float64"):
+        gs.step()
+    assert gs.step_count == 0
+
+
+@pytest.mark.parametrize("path", DECISION_PATHS)
+@pytest.mark.parametrize("statistic", ["l1", "l2"])
+def test_an_overflowing_sum_is_an_invalid_reading(path, statistic):
+    """A finite gradient entry of 2e19 squares to more than float32 holds: sum g^2 = inf. That
+    reading does not count (like a non-finite gradient), so it neither poisons the EMA nor the
+    automatic threshold measured in the grace period."""
+    def run(spike):
+        m = Toy(seed=5)
+        gs = GradES(m, None, GradESConfig(grace_steps=3, patience=1, statistic=statistic, stop_ratio=None))
+        use_path(gs, path)
+        for s in range(6):
+            x, y = data(s)
+            ((m(x) - y) ** 2).mean().backward()
+            if s == 1 and spike:
+                m.layers[0].self_attn.q_proj.weight.grad[0, 0] = 2e19
+            if s == 1 and not spike:
+                m.layers[0].self_attn.q_proj.weight.grad[0, 0] = float("nan")
+            gs.step()
+            m.zero_grad(set_to_none=True)
+        return gs.state_dict()
+    spiked, nan = run(True), run(False)
+    assert spiked["invalid_steps"] == 1
+    assert spiked == nan
+
+
+def test_nan_total_norm_marks_the_step_invalid_in_both_formulas():
+    """clip_coefficient of a NaN norm: NaN from the host formula as from the tensor formula a
+    GPU norm takes (run here on a CPU tensor), and the two agree on other norms."""
+    from grades.policy import _clip_coefficient_float, _clip_coefficient_tensor, clip_coefficient
+    nan = float("nan")
+    assert np.isnan(clip_coefficient(nan, 1.0)) and np.isnan(clip_coefficient(torch.tensor(nan), 1.0))
+    for norm in (nan, float("inf"), 0.0, 0.5, 1.0, 7.5, 1e30):
+        host = _clip_coefficient_float(norm, 1.0)
+        dev = float(_clip_coefficient_tensor(torch.tensor(norm, dtype=torch.float64), 1.0))
+        assert host == dev or (np.isnan(host) and np.isnan(dev)), norm
+    for path in DECISION_PATHS:
+        for kw in (dict(total_norm=torch.tensor(nan), max_norm=1.0), dict(total_norm=nan, max_norm=1.0),
+                   dict(clip_coef=_clip_coefficient_tensor(torch.tensor(nan), 1.0))):
+            m = Toy()
+            gs = GradES(m, None, GradESConfig(tau=1e9, grace_steps=0, patience=1, ema=None))
+            use_path(gs, path)
+            x, y = data(0)
+            ((m(x) - y) ** 2).mean().backward()
+            gs.step(**kw)
+            assert gs.state_dict()["invalid_steps"] == 1 and gs.frozen_fraction == 0.0, (path, kw)
+
+
+def test_fast_forward_only_on_a_fresh_policy():
+    m, opt, gs = _trained(steps=2)
+    with pytest.raises(ValueError, match="already counted 2 steps"):
+        gs.fast_forward(5)
+    gs2 = GradES(m, opt, GradESConfig(rel_tau=0.5, grace_steps=3))
+    with pytest.raises(ValueError, match="non-negative integer"):
+        gs2.fast_forward(True)
+    gs2.fast_forward(5)
+    assert gs2.step_count == 5 and gs2.grace == 8
+
+
+@pytest.mark.parametrize("path", DECISION_PATHS)
+def test_grace_period_without_a_valid_reading_warns(path):
+    """A matrix with no valid reading during the grace period has no automatic threshold (it can
+    never freeze): the end of the grace period says which."""
+    m = Toy(seed=5)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(grace_steps=2, patience=1))
+    use_path(gs, path)
+
+    def hook(s):
+        if s < 2:
+            m.layers[1].mlp.up_proj.weight.grad = None
+    with pytest.warns(RuntimeWarning, match=r"without a valid reading for 1 of 8 component\(s\) \(layers.1.mlp.up_proj\)"):
+        train(m, opt, gs, 4, hook=hook)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m2 = Toy(seed=5)
+        opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+        gs2 = GradES(m2, opt2, GradESConfig(grace_steps=2, patience=1))
+        use_path(gs2, path)
+        train(m2, opt2, gs2, 4)

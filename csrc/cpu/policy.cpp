@@ -79,6 +79,7 @@ class HostPolicy {
   //             all its rows did);  took: [C] bool or None -- the same per component;
   //   clip:     the factor the gradients were multiplied by (statistics are divided by it; a
   //             value that is not finite and > 0 makes the step invalid), or None;
+  //   (a step is also invalid when any component's sum g^2 or sum |g| is not finite)
   //   total_norm, max_norm: instead of clip, the total norm clip_grad_norm_ returned (a host
   //             tensor) and the norm it clipped to;
   //   skipped:  bool tensor, the optimizer skipped this step (non-finite gradients): the step is
@@ -99,7 +100,7 @@ class HostPolicy {
                   "total_norm must be a one-element CPU tensor, got ", total_norm->sizes(), " on ",
                   total_norm->device());
       const double x = max_norm / (total_norm->item<double>() + 1e-6);
-      clip = x < 1.0 ? x : 1.0;  // a NaN ratio gives 1, as Python's min(1.0, nan) does
+      clip = x >= 1.0 ? 1.0 : x;  // a NaN ratio stays NaN (an invalid step), as torch's clamp keeps it
     }
     bool skipped = false;
     if (skipped_flag.has_value()) {
@@ -167,7 +168,9 @@ class HostPolicy {
         s1 = s1 / c;
         s2 = s2 + bad;
       }
-      if (s2 != 0.0) valid = false;
+      // a valid reading: no non-finite gradient value and no overflowed sum (a finite gradient
+      // beyond ~1e19 gives an infinite float32 sum of squares)
+      if (s2 != 0.0 || !std::isfinite(s0) || !std::isfinite(s1)) valid = false;
       stats_[3 * i] = s0;
       stats_[3 * i + 1] = s1;
       stats_[3 * i + 2] = s2;

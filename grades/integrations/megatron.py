@@ -72,6 +72,15 @@ class FlatGradSource:
     """A :class:`~grades.policy.StatsSource` reading one flat gradient buffer in one
     :func:`grades.grad_stats` call.
 
+    A flat buffer cannot tell "no gradient" from a zero gradient: a zeroed segment looks the
+    same whether backward never reached the matrix (an unrouted expert, a skipped branch, a
+    frozen-by-the-user parameter) or wrote zeros. So this source has no ``participation()``:
+    every component counts as taking part in every step, and a matrix without a gradient reads
+    a statistic of 0, which is below any threshold and, after ``patience`` such checks, freezes
+    it (the per-tensor sources skip such steps instead). Where matrices can miss steps, track
+    them with the default source (``param.grad``), give a source with a ``participation()`` that
+    knows which ones ran, or leave them out of the components.
+
     Args:
         buffer: the 1-D gradient buffer (or a rank's slice of it).
         table: a segment table whose matrix ids are component indices; ``None`` to build it from

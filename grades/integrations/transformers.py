@@ -174,10 +174,15 @@ class GradESCallback(TrainerCallback, ExportableState):
         if cfg.total_steps is None and state.max_steps and state.max_steps > 0:
             cfg = dataclasses.replace(cfg, total_steps=int(state.max_steps))  # checks grace_steps < max_steps
         components = self.components
-        if components is None and self.gs is not None and self.gs.model is model:
+        same_model = self.gs is not None and self.gs.model is model
+        if components is None and same_model:
             components = self.gs.components  # same model again: keep the components already frozen
         self.gs = GradES(model, optimizer, cfg, components=components)
         saved = self._saved_state(state)
+        if saved is None and same_model:
+            # a fresh start on a model an earlier run froze matrices of: give them back their
+            # requires_grad (loading a state does this itself)
+            self.gs.load_state_dict(self.gs.state_dict())
         if state.stateful_callbacks is not None:
             # a checkpoint written without this callback has no entry, and the Trainer's next
             # checkpoint save expects one for every ExportableState callback
