@@ -213,6 +213,8 @@ class FrozenAwareAdamW(Optimizer):
             raise TypeError(f"master_weights must be a bool, got {type(master_weights).__name__}")
         self.master_weights = master_weights
         self.released_bytes = 0
+        #: number of completed step() calls (host int; GradES uses it to see a new step)
+        self._step_calls = 0
         self.param_list: list[torch.Tensor] = []
         self._index: dict[int, int] = {}
         self._ranges: list[tuple[int, int]] = []
@@ -664,6 +666,7 @@ class FrozenAwareAdamW(Optimizer):
             stats_all[:, :2].masked_fill_(live[:, None], math.nan)
         else:
             self.last_step_skipped = self._false
+        self._step_calls += 1
         return loss
 
     def _participation(self, work: list) -> torch.Tensor:

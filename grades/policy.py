@@ -668,6 +668,9 @@ class GradES:
         self._native: Any = None
         self._new_frozen = torch.zeros(C, dtype=torch.bool) if self.host_math else None
         self._warned_no_grad = False
+        self._warned_no_new_step = False
+        #: FrozenAwareAdamW._step_calls at the last counted step (a repeated call sees no new one)
+        self._opt_calls: Optional[int] = None
         #: device path: host copy (and event) of "no valid reading in the grace period" per component
         self._grace_probe: Optional[tuple[torch.Tensor, Any]] = None
         self._slots = [_Slot(C, dev) for _ in range(2)]
@@ -821,17 +824,33 @@ class GradES:
                                  f"total_norm={total_norm!r}, max_norm={max_norm!r}")
             if type(total_norm) is not float:
                 _check_coefficient("total_norm", total_norm)
-        if self.frozen_aware and len(self.optimizer.param_list) != self._opt_n:
-            self._optimizer_changed()
+        calls = None
+        if self.frozen_aware:
+            if len(self.optimizer.param_list) != self._opt_n:
+                self._optimizer_changed()
+            calls = getattr(self.optimizer, "_step_calls", None)
+            if calls is not None and calls == self._opt_calls:
+                self._warn_no_new_step()  # e.g. called once per micro-batch: nothing new to count
+                return
         if total_norm is not None:
             if type(total_norm) is not torch.Tensor:  # a number, or a DTensor (its full value)
                 clip_coef, total_norm = clip_coefficient(total_norm, float(max_norm)), None
         if self.host_math and self._step_native(clip_coef, total_norm, max_norm):
+            self._opt_calls = calls
             return
         if total_norm is not None:
             clip_coef = clip_coefficient(total_norm, float(max_norm))
         with torch.no_grad():
             self._step_general(clip_coef)
+        self._opt_calls = calls
+
+    def _warn_no_new_step(self) -> None:
+        if not self._warned_no_new_step:
+            self._warned_no_new_step = True
+            warnings.warn("GradES.step(): the FrozenAwareAdamW has not stepped since the last call, so there are "
+                          "no new statistics; this call (and any like it) is ignored. Call gs.step() once per "
+                          "optimizer step, after optimizer.step() (not once per micro-batch)",
+                          RuntimeWarning, stacklevel=3)
 
     def _native_rule(self) -> Any:
         """The CPU extension's :class:`HostPolicy` bound to this policy's state, or ``False`` when

@@ -496,6 +496,32 @@ def test_step_after_zero_grad_warns_once_and_freezes_nothing():
     assert gs.frozen_fraction == 0.0 and not gs.should_stop
 
 
+@pytest.mark.parametrize("path", ["native", "numpy", "device"])
+def test_a_call_without_a_new_optimizer_step_is_ignored(path):
+    """gs.step() once per micro-batch (or twice by mistake) with a FrozenAwareAdamW: the calls
+    that see no new optimizer step count nothing (one warning), so decisions equal a run that
+    calls it once per step."""
+    runs = []
+    for repeat in (1, 3):
+        m = Toy()
+        opt = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)
+        gs = GradES(m, opt, GradESConfig(tau=0.05, grace_steps=2, patience=1))
+        use_path(gs, path)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            for s in range(8):
+                x, y = data(s)
+                ((m(x) - y) ** 2).mean().backward()
+                opt.step()
+                for _ in range(repeat):
+                    gs.step()
+                opt.zero_grad(set_to_none=True)
+        assert sum("has not stepped since the last call" in str(r.message) for r in rec) == (repeat > 1)
+        assert gs.step_count == 8
+        runs.append(gs.state_dict())
+    assert json.dumps(runs[0], sort_keys=True, default=str) == json.dumps(runs[1], sort_keys=True, default=str)
+
+
 @pytest.mark.parametrize("unclip", [False, True])
 def test_clipping_spike_in_one_matrix_does_not_freeze_the_others(unclip):
     """Learning rate 0 (stationary statistics), clip_grad_norm_(..., 1.0) every step, and at step 6
@@ -835,6 +861,7 @@ def test_a_rejected_step_changes_nothing(path, optim):
         assert gs.step_count == 1, kw
     assert gs.state_dict() == before
     gs.step(clip_coef=np.float64(0.5))
+    opt.step()  # one counted gs.step() per optimizer step (with a FrozenAwareAdamW a repeat is ignored)
     gs.step(total_norm=torch.tensor([2.0]), max_norm=np.float32(1.0))  # one element is fine
     assert gs.step_count == 3
 
