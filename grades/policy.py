@@ -1241,7 +1241,23 @@ class GradES:
                 "last_stat": lst(self._last_stat), "invalid_steps": int(self._invalid_steps),
                 "should_stop": self.should_stop, "stopped_at": self.stopped_at,
                 "history": list(self.history), "freeze_events": list(self.freeze_events),
-                "hist_stride": self._hist_stride}
+                "hist_stride": self._hist_stride, "config": self.config.to_dict()}
+
+    #: config fields that shape the decisions a saved state carries on (thresholds, EMA levels,
+    #: counters): loading a state saved under other values is worth a warning
+    _DECISION_FIELDS = ("statistic", "tau", "rel_tau", "ema", "patience", "check_interval", "max_frozen_ratio",
+                        "stop_ratio")
+
+    def _warn_config_change(self, saved: Any) -> None:
+        if not isinstance(saved, Mapping):
+            return  # a state written before configs were saved with it
+        now = self.config.to_dict()
+        diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in self._DECISION_FIELDS
+                if k in saved and saved[k] != now[k]]
+        if diff:
+            warnings.warn("GradES.load_state_dict: the state was saved under another configuration ("
+                          + "; ".join(diff) + "); its thresholds, EMA levels and counters continue as saved",
+                          RuntimeWarning, stacklevel=3)
 
     #: per-component fields of :meth:`state_dict`: (NumPy kinds accepted, dtype stored)
     _STATE_FIELDS = {"frozen": ("bi", bool), "counter": ("iu", np.int64), "ema": ("biuf", np.float64),
@@ -1337,6 +1353,7 @@ class GradES:
         ``["grades"]["frozen"]`` mask replaces the optimizer's), as the Trainer does on resume.
         """
         v = self._check_state(sd)
+        self._warn_config_change(sd.get("config"))
         self.wait()
         snap = self._snapshot()
         try:

@@ -959,3 +959,23 @@ def test_grace_period_without_a_valid_reading_warns(path):
         gs2 = GradES(m2, opt2, GradESConfig(grace_steps=2, patience=1))
         use_path(gs2, path)
         train(m2, opt2, gs2, 4)
+
+
+def test_loading_a_state_saved_under_another_config_warns():
+    m = Toy()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(tau=0.05, grace_steps=2, patience=2, statistic="l1"))
+    train(m, opt, gs, 3)
+    sd = json.loads(json.dumps(gs.state_dict()))  # as a checkpoint stores it
+    same = GradES(m, opt, GradESConfig(tau=0.05, grace_steps=2, patience=2, statistic="l1"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(sd)
+    other = GradES(m, opt, GradESConfig(tau=0.1, grace_steps=2, patience=2, statistic="l2"))
+    with pytest.warns(RuntimeWarning, match=r"statistic: 'l1' -> 'l2'; tau: 0.05 -> 0.1"):
+        other.load_state_dict(sd)
+    assert other.state_dict()["thresh"] == sd["thresh"]  # the saved state carries on
+    del sd["config"]  # a state saved before configs travelled with it: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.load_state_dict(sd)
