@@ -97,8 +97,21 @@ def _check_device(device: torch.device) -> None:
         raise RuntimeError(f"the Triton backend does not run on {device.type} tensors")
 
 
-def _current_device(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+@contextlib.contextmanager
+def _launch(device: torch.device, table, frozen: Optional[torch.Tensor], out: torch.Tensor):
+    """What both ops launch with, under the tensors' CUDA device (Triton launches on the current
+    one): ``(kernels, plan, chunk rows, matrix ptr, partials, frozen arg, has_frozen)``, or
+    ``None`` when the table has no chunks (``out`` is then zeroed)."""
+    _check_device(device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        K = _kernels()
+        plan, rows, ptr = _device_plan(table, device)
+        if plan.num_chunks == 0:
+            out.zero_()
+            yield None
+            return
+        part = torch.empty((plan.num_chunks, 3), dtype=torch.float64, device=device)
+        yield (K, plan, rows, ptr, part) + _frozen_arg(frozen, rows)
 
 
 def _frozen_arg(frozen: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -182,15 +195,10 @@ class TritonBackend(Backend):
 
     def grad_stats_flat(self, buf: torch.Tensor, table, frozen: Optional[torch.Tensor],
                         out: torch.Tensor) -> None:
-        _check_device(buf.device)
-        with _current_device(buf.device):  # Triton launches on the current CUDA device
-            K = _kernels()
-            plan, rows, ptr = _device_plan(table, buf.device)
-            if plan.num_chunks == 0:
-                out.zero_()
+        with _launch(buf.device, table, frozen, out) as got:
+            if got is None:
                 return
-            part = torch.empty((plan.num_chunks, 3), dtype=torch.float64, device=buf.device)
-            fz, has_frozen = _frozen_arg(frozen, rows)
+            K, plan, rows, ptr, part, fz, has_frozen = got
             K.grad_stats_chunks_kernel[(plan.num_chunks,)](
                 buf, rows, fz, part,
                 HAS_FROZEN=has_frozen, ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS,
@@ -200,15 +208,10 @@ class TritonBackend(Backend):
     def adamw_flat(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                    exp_avg_sq: torch.Tensor, table, frozen: Optional[torch.Tensor], hp: AdamWArgs,
                    out: torch.Tensor, master: Optional[torch.Tensor] = None) -> None:
-        _check_device(param.device)
-        with _current_device(param.device):  # Triton launches on the current CUDA device
-            K = _kernels()
-            plan, rows, ptr = _device_plan(table, param.device)
-            if plan.num_chunks == 0:
-                out.zero_()
+        with _launch(param.device, table, frozen, out) as got:
+            if got is None:
                 return
-            part = torch.empty((plan.num_chunks, 3), dtype=torch.float64, device=param.device)
-            fz, has_frozen = _frozen_arg(frozen, rows)
+            K, plan, rows, ptr, part, fz, has_frozen = got
             coef, stride, scalars = _coefficients(hp, table.num_matrices, param.device)
             decay, step_size, bc2_sqrt = scalars if scalars is not None else (1.0, 1.0, 1.0)
             w1 = float(np.float32(1.0 - hp.beta1))  # torch's lerp takes the weight in float32
