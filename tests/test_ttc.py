@@ -604,7 +604,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert ttc_main([str(tmp_path)]) == 2
     assert "cannot read" in capsys.readouterr().err
     bad = small_jsonl(tmp_path)
-    bad.write_bytes(bad.read_bytes() + b'{"checkpoint": "\xe9arly"}\n')
+    bad.write_bytes(bad.read_bytes() + b'{"checkpoint": "early", "note": "\xe9"}\n')
     assert ttc_main([str(bad)]) == 0
     assert "line 11: not valid UTF-8 (byte 0xe9" in capsys.readouterr().err
     huge = _line("x", 1, 0, [("1", True)]).replace('"train_flops": 1', '"train_flops": 1' + "0" * 400)
@@ -691,3 +691,122 @@ def test_empty_checkpoints_refused():
         select([a, b], k_max=1)
     with pytest.raises(ValueError, match="no problems given"):
         pass_at_k([], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# input validation (review fixes)
+# ---------------------------------------------------------------------------------------------
+def test_checkpoint_only_on_non_utf8_lines_is_refused(tmp_path, capsys):
+    p = small_jsonl(tmp_path)
+    p.write_bytes(p.read_bytes() + b'{"checkpoint": "final", "train_flops": 9e12, "problem": 0, '
+                  b'"samples": [{"answer": "\xe9", "correct": true}]}\n')
+    with pytest.raises(SamplesFormatError, match="checkpoint 'final' appears only on malformed lines.*UTF-8"):
+        load_samples(p)
+    assert ttc_main([str(p)]) == 2
+    assert "checkpoint 'final' appears only on malformed lines" in capsys.readouterr().err
+
+
+def test_select_tied_reference_does_not_depend_on_order():
+    a = samples_from_completions("Y", 4e12, [0, 1], [["a", "b"]] * 2, [[True, False]] * 2)
+    b = samples_from_completions("X", 4e12, [0, 1], [["a", "a"]] * 2, [[True, True]] * 2)
+    early = samples_from_completions("W", 1e12, [0, 1], [["a", "b"]] * 2, [[True, False]] * 2)
+    for cks in ([a, b], [b, a], [early, a, b], [a, early, b]):
+        s = select(cks, k_max=1)
+        assert (s.reference, s.target) == ("X", 1.0)  # the tied checkpoint whose name sorts first
+    # ties below the reference do not depend on the order either
+    c = samples_from_completions("V", 1e12, [0, 1], [["a", "b"]] * 2, [[True, False]] * 2)
+    s1, s2 = select([early, c, b], k_max=1, target=0.5), select([c, early, b], k_max=1, target=0.5)
+    assert s1.min_train.checkpoint == s2.min_train.checkpoint == "V"
+
+
+def test_cli_plot_extension_checked_up_front_and_json_valid(tmp_path, capsys):
+    p = small_jsonl(tmp_path)
+    out = tmp_path / "o.json"
+    assert ttc_main([str(p), "--plot", str(tmp_path / "out.txt"), "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported file extension 'txt'" in err and "Traceback" not in err and not out.exists()
+    # the JSON is written even when the plot cannot be
+    assert ttc_main([str(p), "--plot", str(tmp_path / "no" / "x.png"), "--json", str(out)]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"invalid JSON token {c}"))
+    assert ttc_main([str(p), "--strategies", "pass,majority", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["strategies"] == ["pass@k", "majority@k"]
+
+
+def test_non_finite_tolerance_and_totals_refused(tmp_path, capsys):
+    p = small_jsonl(tmp_path)
+    assert ttc_main([str(p), "--tolerance", "inf"]) == 2
+    assert "tolerance must be a finite number" in capsys.readouterr().err
+    out = tmp_path / "o.json"
+    assert ttc_main([str(p), "--queries", "1e300", "--infer-flops", "1e300", "--json", str(out)]) == 2
+    assert "overflow" in capsys.readouterr().err and not out.exists()
+    cks = load_samples(p)
+    for tol in (float("inf"), float("nan"), -0.1):
+        with pytest.raises(ValueError, match="tolerance"):
+            select(cks, k_max=2, tolerance=tol)
+    # numpy scalars are numbers
+    s = select(cks, k_max=np.int64(2), target=np.float32(0.5), tolerance=np.float32(0.1),
+               queries=np.float32(3), infer_flops_per_sample=np.float64(1e9), final_train_flops=np.int64(10**13))
+    assert s.threshold == pytest.approx(0.4) and s.queries == 3.0
+    json.dumps(s.to_dict(), allow_nan=False)
+
+
+def test_write_samples_validates_first_and_is_atomic(tmp_path):
+    p = small_jsonl(tmp_path)
+    before = p.read_bytes()
+    good = load_samples(p)
+    bad_cases = [
+        (CheckpointSamples("z", 1.0, {(1, 2): [Sample("a", True)]}), TypeError, "problem ids"),
+        (CheckpointSamples("z", 1.0, {True: [Sample("a", True)]}), TypeError, "problem ids"),
+        (CheckpointSamples("z", 1.0, {0: [Sample(None, True)]}), TypeError, "string answer"),
+        (CheckpointSamples("z", 1.0, {0: [Sample("a", True, float("nan"))]}), ValueError, "finite"),
+        (CheckpointSamples("z", 1.0, {0: [Sample("a", "False")]}), TypeError, "verdict"),
+    ]
+    for ck, exc, msg in bad_cases:
+        with pytest.raises(exc, match=msg):
+            write_samples(p, good + [ck])
+        assert p.read_bytes() == before
+    assert list(tmp_path.glob("*.tmp")) == []
+    ck = CheckpointSamples("z", 1.0, {np.int64(3): [Sample("a", np.bool_(True), np.float32(0.5))]})
+    assert write_samples(p, [ck]) == 1
+    assert load_samples(p)[0].problems == {3: [Sample("a", True, 0.5)]}
+
+
+def test_verdicts_must_be_bools_or_0_1():
+    for bad in ("False", "True", 2, 0.5, None):
+        with pytest.raises(TypeError, match="verdict"):
+            samples_from_completions("c", 1.0, [0], [["a"]], [[bad]])
+    ck = samples_from_completions("c", 1.0, [0], [["a", "b", "c"]], [[np.bool_(True), 0, np.int64(0)]])
+    assert [s.correct for s in ck.problems[0]] == [True, False, False]
+    with pytest.raises(ValueError, match="finite"):
+        samples_from_completions("c", 1.0, [0], [["a"]], [[True]], [["nan"]])
+
+
+def test_flop_accounting_refuses_non_finite_and_non_counts():
+    from grades.models import llama_config
+    cfg = llama_config(vocab_size=15, size="tiny")
+    nan = float("nan")
+    for call in (lambda: training_flops(cfg, nan), lambda: training_flops(cfg, math.inf),
+                 lambda: training_flops(cfg, 1.5), lambda: training_flops(cfg, 10, seq_len=nan),
+                 lambda: training_flops(cfg, 10, seq_len=2.5), lambda: inference_flops_per_token(cfg, nan),
+                 lambda: inference_flops_per_token(cfg, 1.5), lambda: FlopLedger(cfg, seq_len=0),
+                 lambda: FlopLedger(cfg, seq_len=nan), lambda: FlopLedger(cfg).add_step(nan),
+                 lambda: FlopLedger(cfg).add_eval(nan), lambda: FlopLedger(cfg).add_eval(-1.0),
+                 lambda: FlopLedger(cfg).summary(planned_tokens=nan),
+                 lambda: break_even_queries(nan, 2, 1.0), lambda: break_even_queries(math.inf, 1, 1.0),
+                 lambda: break_even_queries(1.0, 2, nan), lambda: break_even_queries(1.0, True, 1.0),
+                 lambda: inference_flops_per_sample(cfg, True, 1)):
+        with pytest.raises((ValueError, TypeError)):
+            call()
+    # numpy integers and whole floats are counts
+    assert training_flops(cfg, np.int64(10), seq_len=np.int64(8)) == training_flops(cfg, 10.0, seq_len=8)
+    assert inference_flops_per_sample(cfg, np.int64(4), np.int32(2)) == inference_flops_per_sample(cfg, 4, 2)
+    assert inference_flops_per_token(cfg, np.int64(3)) == inference_flops_per_token(cfg, 3)
+
+
+def test_majority_mc_draws_must_be_positive_int():
+    for bad in (True, 2.5, 0, float("nan"), math.inf):
+        with pytest.raises(ValueError, match="mc_draws"):
+            majority_at_k([["a", "b"]], [[True, False]], 1, method="monte-carlo", mc_draws=bad)
+    e = majority_at_k([["a", "b"]], [[True, False]], 1, method="monte-carlo", mc_draws=np.int64(10))
+    assert e.method == "monte-carlo"

@@ -269,3 +269,29 @@ def test_callback_stops_trainer(addition, tmp_path):
     assert mon.decisions[-1].train_flops == pytest.approx(per_step * cb.stopped_at)
     with pytest.raises(ValueError):
         TTCEarlyStopping(mon, eval_steps=10)
+
+
+def test_monitor_verdicts_ids_and_numpy_scalars(tmp_path):
+    import numpy as np
+    # a verifier answering with strings is refused, not read by truthiness ("False" -> True)
+    mon = TTCMonitor([0], sample_fn=stub_sample_fn, verifier=lambda p, c: str(c == "ok"), n_samples=4,
+                     target=0.5)
+    with pytest.raises(TypeError, match="verifier result"):
+        mon.evaluate(0.5, 1, 10.0)
+    assert mon.checkpoints == []
+    # numpy verdicts, numpy problem ids, numpy target / FLOPs are fine and the file reloads
+    mon = TTCMonitor([0, 1], sample_fn=stub_sample_fn, verifier=lambda p, c: np.bool_(c == "ok"), n_samples=4,
+                     target=np.float32(0.5), problem_ids=list(np.arange(2)))
+    assert mon.evaluate(0.5, 1, np.float32(10.0)).stop
+    out = tmp_path / "m.jsonl"
+    assert mon.write(out) == 2 and list(load_samples(out)[0].problems) == [0, 1]
+    # tuple ids cannot be written: refused before the existing file is touched
+    mon = TTCMonitor([0], sample_fn=stub_sample_fn, verifier=stub_verifier, n_samples=4, target=0.5,
+                     problem_ids=[("gsm8k", 1)])
+    mon.evaluate(0.5, 1, 10.0)
+    with pytest.raises(TypeError, match="problem ids"):
+        mon.write(out)
+    assert len(load_samples(out)[0].problems) == 2
+    cb = TTCEarlyStopping(TTCMonitor([0], sample_fn=stub_sample_fn, verifier=stub_verifier, n_samples=4,
+                                     target=0.5), eval_steps=np.int64(5), flops_per_step=1.0)
+    assert cb.eval_steps == 5

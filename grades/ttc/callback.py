@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
 from .fits import ExtrapolationError, FitResult, PoorFitError, fit_accuracy_vs_flops
-from .samples import CheckpointSamples, samples_from_completions, write_samples
+from .samples import CheckpointSamples, _verdict, samples_from_completions, write_samples
 from .select import Candidate, Selection, normalise_strategies, select
 
 __all__ = ["TTCDecision", "TTCMonitor", "TTCEarlyStopping"]
@@ -150,7 +150,7 @@ class TTCMonitor:
                 raise ValueError(f"target must be an accuracy or 'projection', got {target!r}")
             if planned_train_flops is None:
                 raise ValueError("target='projection' needs planned_train_flops")
-        elif isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
+        elif isinstance(target, bool) or not isinstance(target, numbers.Real) or not 0 <= target <= 1:
             raise ValueError(f"target must be in [0, 1], got {target!r}")
         if expected_queries is not None and (infer_flops_per_sample is None or planned_train_flops is None):
             raise ValueError("expected_queries needs infer_flops_per_sample and planned_train_flops "
@@ -169,7 +169,7 @@ class TTCMonitor:
         self.strategies = normalise_strategies(strategies)
         if "best-of-k" in self.strategies and score_fn is None:
             raise ValueError("best-of-k needs a score_fn")
-        self.target = target
+        self.target = target if isinstance(target, str) else float(target)
         self.min_checkpoints, self.fit_model = int(min_checkpoints), fit_model
         self.problem_ids = list(range(len(self.problems))) if problem_ids is None else list(problem_ids)
         if len(self.problem_ids) != len(self.problems):
@@ -194,7 +194,7 @@ class TTCMonitor:
             if len(row) != self.n_samples:
                 raise ValueError(f"sample_fn returned {len(row)} completions, expected {self.n_samples}")
             answers.append([str(self.answer_fn(c)) for c in row])
-            correct.append([bool(self.verifier(prob, c)) for c in row])
+            correct.append([_verdict(self.verifier(prob, c), "verifier result") for c in row])
             if self.score_fn is not None:
                 scores.append([float(self.score_fn(prob, c)) for c in row])
         self.samples_drawn += len(self.problems) * self.n_samples
@@ -213,9 +213,7 @@ class TTCMonitor:
             step: the training step (names the checkpoint ``step-<step>``).
             train_flops: training FLOPs spent so far (float, >= those of earlier evaluations).
         """
-        if isinstance(train_flops, bool) or not isinstance(train_flops, (int, float)) \
-                or not train_flops >= 0 or not math.isfinite(train_flops):
-            raise ValueError(f"train_flops must be finite and >= 0, got {train_flops!r}")
+        train_flops = _number(train_flops, "train_flops", none=False)
         if self.checkpoints and train_flops < self.checkpoints[-1].train_flops:
             raise ValueError("train_flops must not decrease between evaluations")
         if any(c.name == f"step-{step}" for c in self.checkpoints):
@@ -327,7 +325,7 @@ class TTCEarlyStopping(_trainer_callback_base()):
         from .flops import FlopLedger
         if not isinstance(monitor, TTCMonitor):
             raise TypeError("monitor must be a TTCMonitor")
-        if isinstance(eval_steps, bool) or not isinstance(eval_steps, int) or eval_steps < 1:
+        if isinstance(eval_steps, bool) or not isinstance(eval_steps, numbers.Integral) or eval_steps < 1:
             raise ValueError(f"eval_steps must be an integer >= 1, got {eval_steps!r}")
         if ledger is None and train_flops_fn is None and flops_per_step is None:
             raise ValueError("give ledger, train_flops_fn or flops_per_step to count training FLOPs")
@@ -339,7 +337,7 @@ class TTCEarlyStopping(_trainer_callback_base()):
         if train_flops_fn is not None and not callable(train_flops_fn):
             raise TypeError("train_flops_fn must be callable (state -> FLOPs)")
         self.flops_per_step = _number(flops_per_step, "flops_per_step")
-        self.monitor, self.eval_steps = monitor, eval_steps
+        self.monitor, self.eval_steps = monitor, int(eval_steps)
         self.ledger, self.train_flops_fn = ledger, train_flops_fn
         self.stopped_at: int | None = None
 

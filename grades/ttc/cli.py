@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Sequence
 
@@ -41,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-flops", type=float, default=None,
                    help="training FLOPs of the full run (default: the largest checkpoint's)")
     p.add_argument("--strategies", nargs="+", default=None, metavar="S",
-                   help=f"any of {', '.join(STRATEGIES)} (default: all available; pass@k assumes an "
-                        "oracle verifier at deployment)")
-    p.add_argument("--plot", default=None, metavar="PNG", help="write accuracy-vs-k curves here")
+                   help=f"any of {', '.join(STRATEGIES)}, space- or comma-separated (default: all "
+                        "available; pass@k assumes an oracle verifier at deployment)")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="write accuracy-vs-k curves here (.png, .pdf, .svg, ...: a matplotlib format)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full result as JSON here")
     p.add_argument("--on-bad-line", choices=("skip", "error"), default="skip",
                    help="malformed lines: skip them with a report on stderr (default) or stop (exit 2)")
@@ -132,6 +134,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"grades ttc: error: --target must be a number, 'final' or 'projection', got {args.target!r}",
                   file=sys.stderr)
             return 2
+    if args.plot:
+        ext = os.path.splitext(args.plot)[1].lower().lstrip(".")
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+            kinds = FigureCanvasBase.get_supported_filetypes()
+        except ImportError:
+            print("grades ttc: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 2
+        if ext not in kinds:
+            print(f"grades ttc: error: --plot {args.plot!r}: unsupported file extension {ext or '(none)'!r}; "
+                  f"use one of {', '.join('.' + k for k in sorted(kinds))}", file=sys.stderr)
+            return 2
     rep = LoadReport()
     try:
         cks = load_samples(args.samples, on_bad_line=args.on_bad_line, report=rep)
@@ -150,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         common, dropped = common_problems(cks)
         k_max = args.k_max if args.k_max is not None else min(c.min_samples for c in common)
         sel = select(common, k_max=k_max, target=target, tolerance=args.tolerance,
-                     strategies=args.strategies, queries=args.queries,
+                     strategies=None if args.strategies is None else " ".join(args.strategies),
+                     queries=args.queries,
                      infer_flops_per_sample=args.infer_flops, final_train_flops=args.final_flops)
     except (PoorFitError, ExtrapolationError) as e:
         print(f"grades ttc: error: cannot use the projection: {e}", file=sys.stderr)
@@ -186,18 +201,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "pass@k" in sel.strategies:
         print("note: pass@k assumes an oracle verifier picks a correct sample at deployment.", file=out)
     try:
-        if args.plot:
-            from .plot import plot_selection
-            plot_selection(sel, args.plot)
-            print(f"plot written to {args.plot}", file=out)
         if args.json:
             d = sel.to_dict()
             d["skipped_lines"] = [{"line": ln, "reason": why} for ln, why in rep.bad_lines]
             d["k_fits"] = _k_fits(sel)
+            try:
+                text = json.dumps(d, indent=1, allow_nan=False)
+            except ValueError as e:
+                print(f"grades ttc: error: the result holds a non-finite number ({e}); JSON not written",
+                      file=sys.stderr)
+                return 2
             with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump(d, fh, indent=1)
+                fh.write(text)
             print(f"JSON written to {args.json}", file=out)
+        if args.plot:
+            from .plot import plot_selection
+            plot_selection(sel, args.plot)
+            print(f"plot written to {args.plot}", file=out)
     except OSError as e:
         print(f"grades ttc: error: cannot write {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # matplotlib refusing the plot
+        print(f"grades ttc: error: cannot write the plot {args.plot}: {e}", file=sys.stderr)
         return 2
     return code

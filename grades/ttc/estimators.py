@@ -20,6 +20,7 @@ Requesting k > n_p for any problem raises ``ValueError``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Hashable, Iterable, Sequence
 
@@ -374,8 +375,11 @@ def majority_at_k(answers: Sequence[Sequence[Hashable]], correct: Sequence[Seque
         raise ValueError(f"answers has {len(answers)} problems, correct has {len(rows)}")
     if method not in ("auto", "exact", "monte-carlo"):
         raise ValueError(f"method must be 'auto', 'exact' or 'monte-carlo', got {method!r}")
-    if mc_draws < 1 or not 0 < mc_delta < 1:
-        raise ValueError("mc_draws must be >= 1 and mc_delta in (0, 1)")
+    if isinstance(mc_draws, (bool, np.bool_)) or not isinstance(mc_draws, numbers.Integral) or mc_draws < 1:
+        raise ValueError(f"mc_draws must be an integer >= 1, got {mc_draws!r}")
+    mc_draws = int(mc_draws)
+    if not 0 < mc_delta < 1:
+        raise ValueError(f"mc_delta must be in (0, 1), got {mc_delta!r}")
     ks = _as_ks(k)
     for p, (a, r) in enumerate(zip(answers, rows)):
         if isinstance(a, (str, bytes)) or len(a) != r.size:

@@ -22,8 +22,12 @@ Counting rules (all values are floats, in FLOPs; one multiply-add = 2 FLOPs):
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterable
+
+import numpy as np
 
 __all__ = ["ModelShape", "model_shape", "matrix_shapes", "training_flops", "inference_flops_per_token",
            "inference_flops_per_sample", "FlopLedger"]
@@ -108,12 +112,28 @@ def _frozen_params(shapes: dict[str, tuple[int, int]], frozen: Iterable[str]) ->
     return total
 
 
-def _check_count(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+def _check_count(v, name: str, *, whole: bool = False, positive: bool = False) -> float:
+    """``v`` (a Python or numpy real, not a bool) as a finite float ``>= 0`` (``> 0`` when
+    ``positive``); a whole number when ``whole``."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return float(v)
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f) or not (f > 0 if positive else f >= 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {v!r}")
+    if whole and not f.is_integer():
+        raise ValueError(f"{name} must be a whole number, got {v!r}")
+    return f
+
+
+def _check_int(v, name: str, lo: int) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    return int(v)
 
 
 def training_flops(config, tokens: float, *, seq_len: int | None = None,
@@ -128,15 +148,15 @@ def training_flops(config, tokens: float, *, seq_len: int | None = None,
     Returns:
         ``tokens * (6 N_trainable + 4 N_frozen + 12 L heads head_dim (seq_len+1)/2)`` FLOPs.
     """
-    tokens = _check_count(tokens, "tokens")
+    tokens = _check_count(tokens, "tokens", whole=True)
+    if seq_len is not None:
+        seq_len = _check_int(seq_len, "seq_len", 1)
     shapes = matrix_shapes(config)
     s = model_shape(config)
     n_all = sum(o * i for o, i in shapes.values())
     n_frozen = _frozen_params(shapes, frozen)
     per_token = 6.0 * (n_all - n_frozen) + 4.0 * n_frozen
     if seq_len is not None:
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         per_token += 3.0 * 4.0 * s.layers * s.heads * s.head_dim * (seq_len + 1) / 2.0
     return tokens * per_token
 
@@ -144,8 +164,7 @@ def training_flops(config, tokens: float, *, seq_len: int | None = None,
 def inference_flops_per_token(config, context_len: int) -> float:
     """FLOPs of generating one token with a KV cache over ``context_len`` positions:
     ``2 N + 4 L heads head_dim context_len``."""
-    if context_len < 0:
-        raise ValueError(f"context_len must be >= 0, got {context_len}")
+    context_len = _check_int(context_len, "context_len", 0)
     s = model_shape(config)
     n_all = sum(o * i for o, i in matrix_shapes(config).values())
     return 2.0 * n_all + 4.0 * s.layers * s.heads * s.head_dim * context_len
@@ -166,11 +185,8 @@ def inference_flops_per_sample(config, prompt_len: int, new_tokens: int) -> floa
 
     ``new_tokens`` counts every generated token, an ``<eos>`` included.
     """
-    for name, v in (("prompt_len", prompt_len), ("new_tokens", new_tokens)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+    prompt_len = _check_int(prompt_len, "prompt_len", 1)
+    new_tokens = _check_int(new_tokens, "new_tokens", 1)
     s = model_shape(config)
     shapes = matrix_shapes(config)
     n_head = shapes["lm_head"][0] * shapes["lm_head"][1]
@@ -208,6 +224,8 @@ class FlopLedger:
 
     def __post_init__(self) -> None:
         self._shapes = matrix_shapes(self.config)
+        if self.seq_len is not None:
+            self.seq_len = _check_int(self.seq_len, "seq_len", 1)
 
     def add_step(self, tokens: float, frozen: Iterable[str] = ()) -> float:
         """Account one step of ``tokens`` tokens with ``frozen`` matrices; returns its FLOPs."""

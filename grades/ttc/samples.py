@@ -45,11 +45,17 @@ every checkpoint, which is what the table and the selection compare.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import numbers
 import os
+import stat
+import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
+
+import numpy as np
 
 __all__ = ["Sample", "CheckpointSamples", "SamplesFormatError", "LoadReport", "load_samples",
            "write_samples", "common_problems", "samples_from_completions"]
@@ -213,6 +219,10 @@ def load_samples(path: str | os.PathLike, *, on_bad_line: str = "skip",
                 try:
                     line.encode("utf-8")
                 except UnicodeEncodeError as e:
+                    try:  # still read the checkpoint's name, for the guard against dropping it whole
+                        obj = json.loads(line)
+                    except (ValueError, RecursionError):
+                        pass
                     raise _BadLine(f"not valid UTF-8 (byte 0x{ord(line[e.start]) - 0xDC00:02x} at "
                                    f"character {e.start + 1})") from None
                 try:
@@ -275,22 +285,83 @@ def _lines(lines: list[int]) -> str:
     return f"line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines[:5]))}{more}"
 
 
+def _problem_id(pid, where: str) -> ProblemId:
+    """A problem id as the format has it: a string or an int (numpy integers converted)."""
+    if isinstance(pid, (bool, np.bool_)) or not isinstance(pid, (str, numbers.Integral)):
+        raise TypeError(f"{where}: problem ids must be strings or integers, got {_show(pid)} "
+                        f"({type(pid).__name__})")
+    return pid if isinstance(pid, str) else int(pid)
+
+
+def _verdict(v, where: str) -> bool:
+    """A verifier's verdict: a bool or 0/1 (numpy bools and integers too); never truthiness."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, numbers.Integral) and v in (0, 1):
+        return bool(v)
+    raise TypeError(f"{where}: a verdict must be a bool or 0/1, got {_show(v)} ({type(v).__name__})")
+
+
+def _score(v, where: str) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not _finite(v):
+        raise ValueError(f"{where}: a score must be a finite number, got {_show(v)}")
+    return float(v)
+
+
 def write_samples(path: str | os.PathLike, checkpoints: Iterable[CheckpointSamples]) -> int:
-    """Write checkpoints to ``path`` in the JSONL format above; returns the number of lines."""
-    lines = 0
-    with open(path, "w", encoding="utf-8") as fh:
-        for ck in checkpoints:
-            if not isinstance(ck, CheckpointSamples):
-                raise TypeError("write_samples takes CheckpointSamples objects "
-                                "(see samples_from_completions)")
-            for prob, samples in ck.problems.items():
-                rec = {"checkpoint": ck.name, "train_flops": float(ck.train_flops), "problem": prob,
-                       "samples": [{"answer": s.answer, "correct": bool(s.correct),
-                                    **({} if s.score is None else {"score": float(s.score)})}
-                                   for s in samples]}
-                fh.write(json.dumps(rec) + "\n")
-                lines += 1
-    return lines
+    """Write checkpoints to ``path`` in the JSONL format above; returns the number of lines.
+
+    Every record is checked before the file is touched (problem ids strings or integers, answers
+    strings, verdicts bools, scores finite), and the file is replaced atomically: an error leaves
+    an existing file as it was.
+    """
+    out: list[str] = []
+    seen: dict[str, float] = {}
+    done: set = set()
+    for ck in checkpoints:
+        if not isinstance(ck, CheckpointSamples):
+            raise TypeError("write_samples takes CheckpointSamples objects "
+                            "(see samples_from_completions)")
+        if not isinstance(ck.name, str) or not ck.name:
+            raise TypeError("checkpoint name must be a non-empty string")
+        flops = _flops(ck.train_flops, f"checkpoint {ck.name!r}")
+        if seen.setdefault(ck.name, flops) != flops:
+            raise ValueError(f"checkpoint {ck.name!r} is given twice with different train_flops")
+        for prob, samples in ck.problems.items():
+            where = f"checkpoint {ck.name!r}, problem {_show(prob)}"
+            prob = _problem_id(prob, f"checkpoint {ck.name!r}")
+            if (ck.name, prob) in done:
+                raise ValueError(f"{where}: repeated")
+            done.add((ck.name, prob))
+            if not samples:
+                raise ValueError(f"{where}: no samples")
+            recs = []
+            for j, s in enumerate(samples):
+                if not isinstance(s, Sample) or not isinstance(s.answer, str):
+                    raise TypeError(f"{where}, samples[{j}]: need a Sample with a string answer")
+                sc = _score(s.score, f"{where}, samples[{j}]")
+                recs.append({"answer": s.answer, "correct": _verdict(s.correct, f"{where}, samples[{j}]"),
+                             **({} if sc is None else {"score": sc})})
+            rec = {"checkpoint": ck.name, "train_flops": flops, "problem": prob, "samples": recs}
+            out.append(json.dumps(rec, allow_nan=False) + "\n")
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(out)
+        try:  # mkstemp makes the file private; keep the mode of the file replaced
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return len(out)
 
 
 def samples_from_completions(name: str, train_flops: float, problem_ids: Sequence[ProblemId],
@@ -309,7 +380,9 @@ def samples_from_completions(name: str, train_flops: float, problem_ids: Sequenc
             raise ValueError(f"problem {pid!r}: answers/correct/scores lengths differ")
         if not answers[i]:
             raise ValueError(f"problem {pid!r} has no samples")
-        ck.problems[pid] = [Sample(str(a), bool(c), None if scores is None else float(scores[i][j]))
+        where = f"checkpoint {name!r}, problem {pid!r}, sample"
+        ck.problems[pid] = [Sample(str(a), _verdict(c, f"{where} {j}"),
+                                   None if scores is None else _score(scores[i][j], f"{where} {j}"))
                             for j, (a, c) in enumerate(zip(answers[i], correct[i]))]
         why = _conflict(ck.problems[pid])
         if why:

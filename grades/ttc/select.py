@@ -4,10 +4,11 @@ Every checkpoint is evaluated at every k in ``1..k_max`` with each strategy, fro
 samples it has (see :mod:`grades.ttc.estimators`). A candidate *meets* the target when its mean
 accuracy is at least ``target - tolerance``. The reference deployment is the final checkpoint (the
 one with the most training FLOPs, or ``final_train_flops`` when given) answering each query
-with ``k_ref = 1`` sample.
+with ``k_ref = 1`` sample. When several checkpoints share the most training FLOPs, the reference
+is the one whose name sorts first (so the result does not depend on the input order).
 
 * ``min_train``: the candidate meeting the target with the fewest training FLOPs (ties: smaller k,
-  then the order of ``strategies``).
+  then the order of ``strategies``, then the checkpoint name).
 * ``min_total``: with an expected query volume ``Q`` and inference FLOPs per sample ``f``, the
   candidate meeting the target with the fewest ``train_flops + Q * k * f``.
 * Break-even query count of a candidate: ``Q* = (F_ref - F_ckpt) / ((k - k_ref) * f)``. Below Q*
@@ -22,6 +23,7 @@ scorer at deployment and a ``score`` per sample). Choose what you can deploy.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from .estimators import Estimate, best_of_k, majority_at_k, pass_at_k
 from .fits import MAX_EXTRAPOLATION, FitResult, fit_accuracy_vs_flops
+from .flops import _check_count as _real
 from .samples import CheckpointSamples, common_problems
 
 __all__ = ["STRATEGIES", "Candidate", "Selection", "normalise_strategies", "evaluate_checkpoints",
@@ -133,15 +136,18 @@ def break_even_queries(train_flops_saved: float, k: int, infer_flops_per_sample:
     when nothing is saved (saving <= 0) and inference costs more, and None when ``f`` is None and
     k > k_ref.
     """
-    if k < 1 or k_ref < 1:
-        raise ValueError("k and k_ref must be >= 1")
-    extra = k - k_ref
+    for name, v in (("k", k), ("k_ref", k_ref)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if isinstance(train_flops_saved, (bool, np.bool_)) or not isinstance(train_flops_saved, numbers.Real) \
+            or not math.isfinite(train_flops_saved):
+        raise ValueError(f"train_flops_saved must be a finite number, got {train_flops_saved!r}")
+    extra = int(k) - int(k_ref)
     if extra <= 0:
         return math.inf if train_flops_saved >= 0 else 0.0
     if infer_flops_per_sample is None:
         return None
-    if not infer_flops_per_sample > 0 or not math.isfinite(infer_flops_per_sample):
-        raise ValueError(f"inference FLOPs per sample must be finite and > 0, got {infer_flops_per_sample}")
+    infer_flops_per_sample = _real(infer_flops_per_sample, "inference FLOPs per sample", positive=True)
     if train_flops_saved <= 0:
         return 0.0
     return train_flops_saved / (extra * infer_flops_per_sample)
@@ -205,7 +211,7 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
             with the most training FLOPs; ``"projection"``: the accuracy-vs-FLOPs fit (k = 1)
             evaluated at ``final_train_flops`` (raises ``PoorFitError``/``ExtrapolationError``
             when the fit cannot be trusted there).
-        tolerance: accuracy slack (>= 0).
+        tolerance: accuracy slack (finite, >= 0).
         strategies: subset of :data:`STRATEGIES` (default: all; see the module note on pass@k).
         queries: expected number of queries served, for ``min_total``.
         infer_flops_per_sample: inference FLOPs of one sampled completion (for Q* and totals).
@@ -213,24 +219,20 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
             least that, ``ValueError`` otherwise).
         fit_model, max_extrapolation: passed to :func:`fit_accuracy_vs_flops` for projection.
     """
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
-    if queries is not None and (not isinstance(queries, (int, float)) or not queries >= 0
-                                or not math.isfinite(queries)):
-        raise ValueError(f"queries must be a finite number >= 0, got {queries!r}")
+    tolerance = _real(tolerance, "tolerance")
+    queries = None if queries is None else _real(queries, "queries")
     if queries is not None and infer_flops_per_sample is None:
         raise ValueError("a query volume needs infer_flops_per_sample to compare total FLOPs")
-    if infer_flops_per_sample is not None and (not infer_flops_per_sample > 0
-                                               or not math.isfinite(infer_flops_per_sample)):
-        raise ValueError(f"infer_flops_per_sample must be finite and > 0, got {infer_flops_per_sample!r}")
+    if infer_flops_per_sample is not None:
+        infer_flops_per_sample = _real(infer_flops_per_sample, "infer_flops_per_sample", positive=True)
     cks, dropped = common_problems(list(checkpoints))
     estimates, strats = evaluate_checkpoints(cks, k_max, strategies)
-    ref = max(cks, key=lambda c: c.train_flops)
+    top = max(c.train_flops for c in cks)
+    # ties for the most FLOPs: the first name in sorted order, whatever the input order
+    ref = min((c for c in cks if c.train_flops == top), key=lambda c: c.name)
     ref_flops = ref.train_flops
     if final_train_flops is not None:
-        if isinstance(final_train_flops, bool) or not isinstance(final_train_flops, (int, float, np.integer)) \
-                or not math.isfinite(final_train_flops):
-            raise ValueError(f"final_train_flops must be a finite number, got {final_train_flops!r}")
+        final_train_flops = _real(final_train_flops, "final_train_flops")
         if final_train_flops < ref.train_flops:
             raise ValueError(f"final_train_flops={final_train_flops:.6g} is below the training FLOPs "
                              f"{ref.train_flops:.6g} of checkpoint {ref.name!r}: the full run cannot "
@@ -251,7 +253,7 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
         else:
             raise ValueError(f"target must be a number, 'final' or 'projection', got {target!r}")
     else:
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
+        if isinstance(target, (bool, np.bool_)) or not isinstance(target, numbers.Real) or not 0 <= target <= 1:
             raise ValueError(f"target must be an accuracy in [0, 1], got {target!r}")
         tgt, source = float(target), "given"
     threshold = tgt - float(tolerance)
@@ -269,13 +271,18 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
                                        break_even_queries(saved, k, infer_flops_per_sample), total))
     order = {s: i for i, s in enumerate(strats)}
     feas = [c for c in table if c.meets]
-    min_train = min(feas, key=lambda c: (c.train_flops, c.k, order[c.strategy], -c.accuracy), default=None)
+    min_train = min(feas, key=lambda c: (c.train_flops, c.k, order[c.strategy], -c.accuracy, c.checkpoint),
+                    default=None)
     min_total = None
     ref_total = None
     if queries is not None:
-        min_total = min(feas, key=lambda c: (c.total_flops, c.train_flops, c.k, order[c.strategy]),
+        min_total = min(feas, key=lambda c: (c.total_flops, c.train_flops, c.k, order[c.strategy], c.checkpoint),
                         default=None)
         ref_total = ref_flops + queries * 1 * infer_flops_per_sample
+        worst = max(c.total_flops for c in table)
+        if not math.isfinite(worst) or not math.isfinite(ref_total):
+            raise ValueError(f"total FLOPs overflow a float: queries={queries:.6g} x k up to {int(k_max)} "
+                             f"x infer_flops_per_sample={infer_flops_per_sample:.6g}")
     return Selection(tgt, source, float(tolerance), threshold, ref.name, ref_flops, int(k_max), strats,
                      None if queries is None else float(queries), infer_flops_per_sample,
                      len(cks[0].problems), dropped, table, min_train, min_total, ref_total, projection,
