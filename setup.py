@@ -39,12 +39,17 @@ if os.environ.get("GRADES_BUILD_EXT", "0") == "1":
     spec = importlib.util.spec_from_file_location("_grades_build", ROOT / "grades" / "_build.py")
     flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(flags)
-    ext_modules.append(CppExtension("grades._C_cpu", sorted(str(p) for p in (ROOT / "csrc/cpu").glob("*.cpp")),
+    os.chdir(ROOT)  # setuptools wants source paths relative to the project
+
+    def sources(folder: str, pattern: str) -> list[str]:
+        return sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / folder).glob(pattern))
+
+    ext_modules.append(CppExtension("grades._C_cpu", sources("csrc/cpu", "*.cpp"),
                                     extra_compile_args={"cxx": flags.CXX_FLAGS["cpu"]},
                                     extra_link_args=flags.LD_FLAGS["cpu"]))
     if torch.version.cuda is not None and CUDA_HOME is not None:
-        cu = sorted(str(p) for p in (ROOT / "csrc/cuda").glob("*.c*"))
-        ext_modules.append(CUDAExtension("grades._C_cuda", cu, include_dirs=[str(ROOT / "csrc/cuda")],
+        ext_modules.append(CUDAExtension("grades._C_cuda", sources("csrc/cuda", "*.c*"),
+                                         include_dirs=[str(ROOT / "csrc/cuda")],
                                          extra_compile_args={"cxx": flags.CXX_FLAGS["cuda"],
                                                              "nvcc": flags.NVCC_FLAGS}))
     cmdclass["build_ext"] = BuildExtension

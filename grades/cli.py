@@ -1,4 +1,4 @@
-"""Command line: ``grades env | demo | ttc``."""
+"""Command line: grades env | demo | ttc (grades COMMAND --help for each)."""
 from __future__ import annotations
 
 import argparse
@@ -21,13 +21,23 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("grades")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="grades", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p_env = sub.add_parser("env", help="which backends are available, and why not")
+    parser.add_argument("--version", action="version", version=f"grades {_version()}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+    p_env = sub.add_parser("env", help="which backends are available, and why not",
+                           description="Build what can be built and print which backends are available, and why not.")
     p_env.add_argument("--json", action="store_true", help="print one boolean per backend as JSON")
-    sub.add_parser("demo", help="train a tiny model twice (AdamW vs GradES) and run the TTC evaluator",
+    sub.add_parser("demo", help="train a tiny model twice (AdamW vs FrozenAwareAdamW + GradES) and run the TTC evaluator",
                    add_help=False)
     sub.add_parser("ttc", help="test-time-compute table and choice from a samples JSONL", add_help=False)
     if argv and argv[0] == "demo":

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help=f"optimizer step budget of each run (default: {d.steps})")
     p.add_argument("--model-size", default=d.model_size, help="tiny, small or base (default: tiny)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of model, data and sampling (default: 0)")
-    p.add_argument("--digits", type=int, default=d.digits, help=f"digits per operand, 2-6 (default: {d.digits})")
+    p.add_argument("--digits", type=int, default=d.digits, help=f"digits per operand, 1-6 (default: {d.digits})")
     p.add_argument("--out", default=d.out, help="report directory (default: ./grades_report)")
     p.add_argument("--quick", action="store_true", help="reduced configuration for CI (well under a minute)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"problems per step (default: {d.batch_size})")

@@ -94,7 +94,7 @@ def plot_losses(loss_a: list[float], loss_b: list[float], stop_b: int, path: str
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     w = max(1, min(50, len(loss_a) // 20))
-    for y, col, lab in ((loss_a, "tab:gray", "A: AdamW"), (loss_b, "tab:red", "B: AdamW + GradES")):
+    for y, col, lab in ((loss_a, "tab:gray", "A: AdamW"), (loss_b, "tab:red", "B: FrozenAwareAdamW + GradES")):
         y = np.asarray(y, dtype=float)
         x = np.arange(1, len(y) + 1)
         ax.plot(x, y, color=col, alpha=0.2, lw=0.6)

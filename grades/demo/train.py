@@ -119,7 +119,7 @@ def train(cfg: DemoConfig, task: AdditionTask, run: str, *, progress: bool = Tru
     losses: list[torch.Tensor] = []
     frozen_steps: list[tuple[int, int]] = []
     frozen_names: list[str] = []
-    label = "A: AdamW        " if run == "A" else "B: AdamW + GradES"
+    label = "A: AdamW                   " if run == "A" else "B: FrozenAwareAdamW + GradES"
     bar = tqdm(total=cfg.steps, desc=label, disable=not progress, leave=True, dynamic_ncols=True,
                mininterval=0.5)
     torch.manual_seed(cfg.seed)
