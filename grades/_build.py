@@ -97,6 +97,10 @@ def _jit(kind: str) -> ModuleType:
                   verbose=os.environ.get("GRADES_BUILD_VERBOSE", "0") == "1")
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = NVCC_FLAGS
+    if not any(build_dir.glob(f"{name}*.so")) and not kwargs["verbose"]:
+        # the first use on a machine compiles for a minute or more: say so instead of going quiet
+        print(f"grades: compiling the native {kind} backend once (a minute or more); cached in {build_dir}",
+              file=sys.stderr, flush=True)
     return cpp_extension.load(**kwargs)
 
 
