@@ -727,11 +727,12 @@ class FrozenAwareAdamW(Optimizer):
         sd = dict(state_dict)
         extras = sd.pop("grades", None)
         sd["param_groups"] = self._check_loaded_groups(sd["param_groups"])
-        host_frozen = self._check_loaded_state(sd, extras)
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]  # in param_list order
+        host_frozen = self._check_loaded_state(sd, extras, saved_ids)
         saved = (self.state, self.param_groups, list(self._group_steps), self.frozen, self._host_frozen,
                  self._released, self.last_grad_stats, self.skipped_steps, self.released_bytes)
         try:
-            self._load_checked(sd, extras, host_frozen)
+            self._load_checked(sd, extras, host_frozen, saved_ids)
         except BaseException:
             (self.state, self.param_groups, self._group_steps, self.frozen, self._host_frozen,
              self._released, self.last_grad_stats, self.skipped_steps, self.released_bytes) = saved
@@ -765,7 +766,7 @@ class FrozenAwareAdamW(Optimizer):
             groups.append(g)
         return groups
 
-    def _check_loaded_state(self, sd: dict, extras: Any) -> np.ndarray:
+    def _check_loaded_state(self, sd: dict, extras: Any, saved_ids: list) -> np.ndarray:
         """Check the per-parameter state and the ``"grades"`` extras against this optimizer's
         parameters before anything is loaded; returns the host copy of the frozen mask."""
         n = self.num_params
@@ -788,7 +789,6 @@ class FrozenAwareAdamW(Optimizer):
         src = sd["state"]
         if not isinstance(src, dict):
             raise ValueError("not an optimizer state dict: 'state' must be a dict")
-        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
         steps = []
         for gidx, (sid, p) in enumerate(zip(saved_ids, self.param_list)):
             st = src.get(sid)
@@ -822,9 +822,8 @@ class FrozenAwareAdamW(Optimizer):
                 raise ValueError(f"state dict holds {len(bad)} step count(s) that are negative or not finite")
         return host_frozen
 
-    def _load_checked(self, sd: dict, extras: Optional[dict], host_frozen: np.ndarray) -> None:
+    def _load_checked(self, sd: dict, extras: Optional[dict], host_frozen: np.ndarray, saved_ids: list) -> None:
         src = sd["state"]
-        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
         super().load_state_dict(sd)
         dev = self.frozen.device
         n = self.num_params

@@ -338,6 +338,11 @@ _REQUIRES_GRAD_ATTR = "_grades_requires_grad"
 _NONE = object()
 
 
+def _state_attr(field: str) -> str:
+    """The GradES attribute holding per-component state field ``field`` (``frozen`` is public)."""
+    return field if field == "frozen" else "_" + field
+
+
 def _name_list(names: Sequence[str], k: int = 5) -> str:
     more = f" and {len(names) - k} more" if len(names) > k else ""
     return ", ".join(names[:k]) + more
@@ -1364,8 +1369,8 @@ class GradES:
         if self.frozen_aware:
             self._warn_optimizer_mask()
 
-    _STATE_TENSORS = ("frozen", "_counter", "_ema", "_ema_w", "_ref", "_ref_w", "_thresh", "_freeze_step",
-                      "_last_stat", "_invalid_steps")
+    #: every state tensor, as attribute names (what a failed load restores)
+    _STATE_TENSORS = tuple(_state_attr(k) for k in _STATE_FIELDS) + ("_invalid_steps",)
 
     def _snapshot(self) -> dict:
         rg = [(p, p.requires_grad, getattr(p, _REQUIRES_GRAD_ATTR, _NONE)) for c in self.components for p in c.params]
@@ -1398,10 +1403,8 @@ class GradES:
 
     def _apply_state(self, v: dict) -> None:
         dev = self.device
-        for name, key in (("frozen", "frozen"), ("_counter", "counter"), ("_ema", "ema"), ("_ema_w", "ema_w"),
-                          ("_ref", "ref"), ("_ref_w", "ref_w"), ("_thresh", "thresh"),
-                          ("_freeze_step", "freeze_step"), ("_last_stat", "last_stat")):
-            dst = getattr(self, name)
+        for key in self._STATE_FIELDS:
+            dst = getattr(self, _state_attr(key))
             dst.copy_(torch.from_numpy(v[key]).to(device=dev, dtype=dst.dtype))
         self._invalid_steps.fill_(v["invalid_steps"])
         self.step_count = v["step"]
