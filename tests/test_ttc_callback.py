@@ -295,3 +295,185 @@ def test_monitor_verdicts_ids_and_numpy_scalars(tmp_path):
     cb = TTCEarlyStopping(TTCMonitor([0], sample_fn=stub_sample_fn, verifier=stub_verifier, n_samples=4,
                                      target=0.5), eval_steps=np.int64(5), flops_per_step=1.0)
     assert cb.eval_steps == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# state: save, reload (JSON), resume
+# ---------------------------------------------------------------------------------------------
+def _decision_view(d):
+    return (d.step, d.train_flops, d.stop, d.reason, d.target, d.choice, d.accuracy, d.samples_drawn,
+            d.eval_flops, d.earliest)
+
+
+def test_monitor_state_round_trip_recomputes_decisions_and_continues_identically():
+    import json
+    qs = {1: 0.3, 2: 0.45, 3: 0.55, 4: 0.6, 5: 0.62, 6: 0.8}
+    kw = dict(sample_fn=lambda q, p, n: stub_sample_fn(qs[q], p, n), verifier=stub_verifier, n_samples=20,
+              k_max=8, strategies=["majority", "pass@k"], target="projection", planned_train_flops=1e15,
+              min_checkpoints=3, infer_flops_per_sample=1e9, seed=4)
+    mon = TTCMonitor(list(range(5)), **kw)
+    for s in (1, 2, 3, 4):
+        mon.evaluate(s, 10 * s, s * 1e14)
+    sd = json.loads(json.dumps(mon.state_dict(), allow_nan=False))   # what a checkpoint holds
+    back = TTCMonitor(list(range(5)), **kw)
+    back.load_state_dict(sd)
+    assert [_decision_view(d) for d in back.decisions] == [_decision_view(d) for d in mon.decisions]
+    assert back.decisions[-1].projection is not None   # the projection keeps its earlier points
+    assert [c.answers() for c in back.checkpoints] == [c.answers() for c in mon.checkpoints]
+    assert back.samples_drawn == mon.samples_drawn == 4 * 5 * 20
+    for s in (5, 6):
+        assert _decision_view(back.evaluate(s, 10 * s, s * 1e14)) == _decision_view(mon.evaluate(s, 10 * s, s * 1e14))
+    with pytest.raises(ValueError, match="already evaluated"):
+        back.evaluate(1, 10, 7e14)
+    # other settings: the decisions are recomputed under the new ones, with a warning naming them
+    fixed = TTCMonitor(list(range(5)), **{**kw, "target": 0.5})
+    with pytest.warns(RuntimeWarning, match="target='projection'"):
+        fixed.load_state_dict(sd)
+    direct = TTCMonitor(list(range(5)), **{**kw, "target": 0.5})
+    for s in (1, 2, 3, 4):
+        direct.evaluate(s, 10 * s, s * 1e14)
+    assert [_decision_view(d) for d in fixed.decisions] == [_decision_view(d) for d in direct.decisions]
+    assert [d.target for d in fixed.decisions] == [0.5] * 4
+
+
+def test_monitor_state_refused_leaves_monitor_unchanged():
+    import copy
+    kw = dict(sample_fn=stub_sample_fn, verifier=stub_verifier, n_samples=4, target=0.99)
+    src = TTCMonitor([0, 1], **kw)
+    src.evaluate(0.5, 1, 1.0)
+    src.evaluate(0.75, 2, 2.0)
+    good = src.state_dict()
+    mon = TTCMonitor([0, 1], **kw)
+    mon.evaluate(0.25, 7, 5.0)
+    before = (list(mon.checkpoints), list(mon.decisions), mon.samples_drawn)
+
+    def bad(path, value):
+        sd = copy.deepcopy(good)
+        obj = sd
+        for key in path[:-1]:
+            obj = obj[key]
+        obj[path[-1]] = value
+        return sd
+    cases = [
+        ("must be a dict", TypeError, [1, 2]),
+        ("version", ValueError, bad(["version"], 2)),
+        ("problems=3", ValueError, bad(["settings", "problems"], 3)),
+        ("n_samples=5", ValueError, bad(["settings", "n_samples"], 5)),
+        ("other problem ids", ValueError, bad(["settings", "problem_ids"], [0, 9])),
+        ("samples_drawn", ValueError, bad(["samples_drawn"], -1)),
+        ("step must be", ValueError, bad(["checkpoints", 1, "step"], 1)),
+        ("step must be", ValueError, bad(["checkpoints", 1, "step"], True)),
+        ("decreases", ValueError, bad(["checkpoints", 1, "train_flops"], 0.5)),
+        ("train_flops", ValueError, bad(["checkpoints", 0, "train_flops"], float("nan"))),
+        (r"\[2\]\[4\]", ValueError, bad(["checkpoints", 0, "answers"], [["a"] * 4])),
+        (r"\[2\]\[4\]", ValueError, bad(["checkpoints", 0, "correct"], [[True] * 3, [True] * 4])),
+        ("strings", TypeError, bad(["checkpoints", 0, "answers"], [[1] * 4, ["a"] * 4])),
+        ("verdict", TypeError, bad(["checkpoints", 0, "correct"], [["yes"] * 4, [True] * 4])),
+        ("marked both", ValueError, bad(["checkpoints", 0, "correct"], [[True, False, True, True], [True] * 4])),
+    ]
+    for match, err, sd in cases:
+        with pytest.raises(err, match=match):
+            mon.load_state_dict(sd)
+        assert (mon.checkpoints, mon.decisions, mon.samples_drawn) == before, match
+    scored = TTCMonitor([0, 1], **kw, score_fn=lambda p, c: 0.0)
+    with pytest.raises(ValueError, match="no scores"):
+        scored.load_state_dict(good)
+
+
+def test_flop_ledger_state_round_trip_and_refusals():
+    import json
+    from grades.models import llama_config
+    from grades.ttc import FlopLedger
+    cfg = llama_config(vocab_size=15, size="tiny")
+    led = FlopLedger(cfg, seq_len=8)
+    led.add_step(64)
+    led.add_step(64, frozen=["model.layers.0.mlp.gate_proj"])
+    led.add_eval(5e6)
+    sd = json.loads(json.dumps(led.state_dict()))
+    back = FlopLedger(cfg, seq_len=8)
+    back.load_state_dict(sd)
+    assert back.summary() == led.summary() and back.history == led.history
+    back.add_step(64)
+    led.add_step(64)
+    assert back.summary() == led.summary()
+    fresh = FlopLedger(cfg, seq_len=8)
+    for match, err, change in [("seq_len", ValueError, {"seq_len": 16}), ("train_flops", ValueError,
+                               {"train_flops": float("nan")}), ("exceeds", ValueError, {"train_flops": 1e30}),
+                               ("steps", TypeError, {"steps": 1.5}), ("history", ValueError, {"history": [[1]]}),
+                               ("lacks", ValueError, None)]:
+        bad = {k: v for k, v in sd.items() if k != "tokens"} if change is None else {**sd, **change}
+        with pytest.raises(err, match=match):
+            fresh.load_state_dict(bad)
+        assert fresh.steps == 0 and fresh.train_flops == 0.0 and fresh.history == []
+
+
+class _LedgerFiller:
+    """A callback that accounts each optimizer step in a FlopLedger (before TTC's on_step_end)."""
+
+    def __init__(self, ledger, tokens):
+        from transformers import TrainerCallback
+
+        class Filler(TrainerCallback):
+            def on_optimizer_step(self, args, state, control, **kw):
+                ledger.add_step(tokens)
+        self.callback = Filler()
+
+
+def test_callback_resumes_from_checkpoint_with_its_evaluations_and_ledger(addition, tmp_path):
+    import json
+    import shutil
+    import warnings
+    from transformers import Trainer, TrainingArguments
+    from grades.models import tiny_llama
+    from grades.ttc import FlopLedger
+    task = addition
+    seq = task.prompt_len + task.answer_len + 1
+
+    def run(out, resume=None, steps=30, **extra):
+        model = tiny_llama(task.vocab_size, "tiny", seed=0)
+        led = FlopLedger(model.config, seq_len=seq)
+        mon = TTCMonitor(task.val[:8], task=task, n_samples=4, strategies=["pass@k"], target="projection",
+                         planned_train_flops=1e12, min_checkpoints=2, infer_flops_per_sample=1e6, seed=0)
+        cb = TTCEarlyStopping(mon, eval_steps=4, ledger=led)
+        args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=16,
+                                 learning_rate=3e-3, report_to=[], save_strategy="steps", save_steps=10,
+                                 logging_strategy="no", remove_unused_columns=False, use_cpu=True,
+                                 disable_tqdm=True, dataloader_num_workers=0, seed=0, **extra)
+        tr = Trainer(model=model, args=args, train_dataset=[{"ex": e} for e in task.train],
+                     data_collator=lambda feats: task.train_batch([f["ex"] for f in feats]),
+                     callbacks=[_LedgerFiller(led, 16 * seq).callback, cb])
+        tr.train(resume_from_checkpoint=resume)
+        return cb, led
+
+    cb1, led1 = run(tmp_path / "a")
+    assert [d.step for d in cb1.monitor.decisions] == [4, 8, 12, 16, 20, 24, 28]
+    saved = json.loads((tmp_path / "a" / "checkpoint-10" / "trainer_state.json").read_text())
+    entry = saved["stateful_callbacks"][TTCEarlyStopping.STATE_KEY]
+    # saved at step 10, between evaluations: the ledger's totals are those of step 10
+    assert [c["step"] for c in entry["monitor"]["checkpoints"]] == [4, 8] and entry["ledger"]["steps"] == 10
+    # resumed elsewhere, from a copy of checkpoint-10 (and again with the Trainer's own callback
+    # restoring switched on, which cannot rebuild this callback and must leave it alone)
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "a" / "checkpoint-10", moved)
+    for extra in ({}, {"restore_callback_states_from_checkpoint": True}):
+        cb2, led2 = run(tmp_path / "b", resume=str(moved), **extra)
+        assert [d.step for d in cb2.monitor.decisions] == [4, 8, 12, 16, 20, 24, 28]
+        assert led2.steps == 30 and led2.train_flops == pytest.approx(led1.train_flops, rel=1e-12)
+        assert led2.eval_flops == pytest.approx(led1.eval_flops)
+        assert [d.train_flops for d in cb2.monitor.decisions] == pytest.approx(
+            [d.train_flops for d in cb1.monitor.decisions], rel=1e-12)
+        # the restored evaluations are the saved ones; the projection of the first one after the
+        # resume fits the points of before it
+        assert [_decision_view(d) for d in cb2.monitor.decisions[:2]] == \
+            [_decision_view(d) for d in cb1.monitor.decisions[:2]]
+        assert cb2.monitor.decisions[2].projection is not None
+        assert cb2.monitor.decisions[2].projection.n_points == 3
+    # a checkpoint written without this callback: the resume says so
+    ts = moved / "trainer_state.json"
+    d = json.loads(ts.read_text())
+    del d["stateful_callbacks"][TTCEarlyStopping.STATE_KEY]
+    ts.write_text(json.dumps(d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.warns(RuntimeWarning, match="holds no TTC state"):
+            run(tmp_path / "c", resume=str(moved), steps=12)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
@@ -30,6 +31,8 @@ from .samples import CheckpointSamples, _verdict, samples_from_completions, writ
 from .select import Candidate, Selection, normalise_strategies, select
 
 __all__ = ["TTCDecision", "TTCMonitor", "TTCEarlyStopping"]
+
+_STATE_VERSION = 1
 
 SampleFn = Callable[[Any, Sequence[Any], int], Sequence[Sequence[str]]]
 
@@ -213,6 +216,8 @@ class TTCMonitor:
             step: the training step (names the checkpoint ``step-<step>``).
             train_flops: training FLOPs spent so far (float, >= those of earlier evaluations).
         """
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
         train_flops = _number(train_flops, "train_flops", none=False)
         if self.checkpoints and train_flops < self.checkpoints[-1].train_flops:
             raise ValueError("train_flops must not decrease between evaluations")
@@ -220,13 +225,19 @@ class TTCMonitor:
             raise ValueError(f"step {step} was already evaluated")
         ck = self._sample(model, step)
         ck.train_flops = float(train_flops)
-        cks = self.checkpoints + [ck]
+        d = self._decide(self.checkpoints + [ck], int(step))
+        self.checkpoints.append(ck)
+        self.decisions.append(d)
+        return d
+
+    def _decide(self, cks: list[CheckpointSamples], step: int) -> TTCDecision:
+        """The decision at the last of ``cks`` (the checkpoint just evaluated, at ``step``)."""
+        ck = cks[-1]
         target, projection, why_not = self._target(cks)
         sel = select(cks, k_max=self.k_max, target=0.0 if target is None else target,
                      tolerance=self.tolerance, strategies=self.strategies, queries=self.expected_queries,
                      infer_flops_per_sample=self.infer_flops_per_sample,
                      final_train_flops=self._reference_flops(cks))
-        self.checkpoints.append(ck)
         acc = {s: [float(v) for v in sel.estimates[(ck.name, s)].mean] for s in sel.strategies}
         choice = earliest = None
         if target is None:
@@ -252,12 +263,9 @@ class TTCMonitor:
                 reason += (f"; the earlier {earliest.checkpoint} met it with {earliest.strategy} "
                            f"k={earliest.k} (its weights are not kept by this monitor)")
         f = self.infer_flops_per_sample
-        d = TTCDecision(int(step), float(train_flops), choice is not None, reason, target, choice, acc,
-                        len(self.problems) * self.n_samples,
-                        None if f is None else f * len(self.problems) * self.n_samples, earliest, sel,
-                        projection)
-        self.decisions.append(d)
-        return d
+        drawn = sum(len(v) for v in ck.problems.values())
+        return TTCDecision(step, ck.train_flops, choice is not None, reason, target, choice, acc, drawn,
+                           None if f is None else f * drawn, earliest, sel, projection)
 
     def _reference_flops(self, cks: list[CheckpointSamples]) -> float | None:
         if self.planned_train_flops is None:
@@ -298,6 +306,99 @@ class TTCMonitor:
         except (PoorFitError, ExtrapolationError) as e:
             return None, fit, f"no trusted projection yet: {e}"
 
+    # -- state -------------------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        ids = self.problem_ids
+        jsonable = all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in ids)
+        return {"problems": len(ids), "problem_ids": list(ids) if jsonable else None,
+                "n_samples": self.n_samples, "k_max": self.k_max, "strategies": list(self.strategies),
+                "target": self.target, "tolerance": self.tolerance,
+                "planned_train_flops": self.planned_train_flops, "expected_queries": self.expected_queries,
+                "infer_flops_per_sample": self.infer_flops_per_sample,
+                "min_checkpoints": self.min_checkpoints, "fit_model": self.fit_model,
+                "max_extrapolation": self.max_extrapolation, "seed": self.seed,
+                "scores": self.score_fn is not None}
+
+    def state_dict(self) -> dict:
+        """The recorded evaluations as a JSON-serialisable dict (what :meth:`load_state_dict`
+        takes): the settings they were made under, ``samples_drawn``, and per evaluated
+        checkpoint its ``step``, ``train_flops`` and the ``[P][n]`` answers, verdicts and scores
+        (``None`` without a ``score_fn``). Decisions are not stored: they follow from the
+        checkpoints and are recomputed on load."""
+        cks = [{"step": d.step, "train_flops": ck.train_flops, "answers": ck.answers(),
+                "correct": ck.correct(), "scores": ck.scores() if self.score_fn is not None else None}
+               for ck, d in zip(self.checkpoints, self.decisions)]
+        return {"version": _STATE_VERSION, "settings": self._settings(),
+                "samples_drawn": self.samples_drawn, "checkpoints": cks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the recorded evaluations with those of :meth:`state_dict` (e.g. when training
+        resumes from a checkpoint) and recompute their decisions under this monitor's settings.
+
+        The problems (count and ids) and ``n_samples`` must be those the state was recorded with
+        (``ValueError`` otherwise); other settings that differ are named in a ``RuntimeWarning``.
+        Everything is checked before anything changes: a bad state leaves the monitor as it was.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from TTCMonitor.state_dict(), got {type(state).__name__}")
+        missing = {"version", "settings", "samples_drawn", "checkpoints"} - set(state)
+        if missing:
+            raise ValueError(f"TTCMonitor state lacks {sorted(missing)}")
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(f"TTCMonitor state version {state['version']!r} is not {_STATE_VERSION}")
+        saved, mine = state["settings"], self._settings()
+        if not isinstance(saved, dict):
+            raise TypeError("TTCMonitor state: settings must be a dict")
+        for key in ("problems", "n_samples"):
+            if saved.get(key) != mine[key]:
+                raise ValueError(f"TTCMonitor state was recorded with {key}={saved.get(key)!r}, this monitor "
+                                 f"has {mine[key]!r}: its samples cannot be used here")
+        if saved.get("problem_ids") is not None and mine["problem_ids"] is not None \
+                and saved["problem_ids"] != mine["problem_ids"]:
+            raise ValueError("TTCMonitor state was recorded on other problem ids than this monitor's")
+        drawn = state["samples_drawn"]
+        if isinstance(drawn, bool) or not isinstance(drawn, numbers.Integral) or drawn < 0:
+            raise ValueError(f"TTCMonitor state: samples_drawn must be an integer >= 0, got {drawn!r}")
+        records = state["checkpoints"]
+        if not isinstance(records, list):
+            raise TypeError("TTCMonitor state: checkpoints must be a list")
+        cks, steps = [], []
+        for i, rec in enumerate(records):
+            where = f"TTCMonitor state: checkpoints[{i}]"
+            if not isinstance(rec, dict) or not {"step", "train_flops", "answers", "correct"} <= set(rec):
+                raise ValueError(f"{where} must be a dict with step, train_flops, answers, correct")
+            step = rec["step"]
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0 or step in steps:
+                raise ValueError(f"{where}: step must be a distinct integer >= 0, got {step!r}")
+            flops = _number(rec["train_flops"], f"{where}.train_flops", none=False)
+            if cks and flops < cks[-1].train_flops:
+                raise ValueError(f"{where}: train_flops decreases")
+            answers, correct, scores = rec["answers"], rec["correct"], rec.get("scores")
+            rows = [answers, correct] + ([] if scores is None else [scores])
+            if not all(isinstance(r, list) and len(r) == len(self.problems)
+                       and all(isinstance(x, list) and len(x) == self.n_samples for x in r) for r in rows):
+                raise ValueError(f"{where}: answers, correct and scores must be "
+                                 f"[{len(self.problems)}][{self.n_samples}] lists")
+            if not all(isinstance(a, str) for row in answers for a in row):
+                raise TypeError(f"{where}: answers must be strings")
+            if self.score_fn is not None and scores is None:
+                raise ValueError(f"{where} has no scores, and this monitor scores samples (score_fn)")
+            try:
+                ck = samples_from_completions(f"step-{int(step)}", flops, self.problem_ids, answers, correct,
+                                              scores if self.score_fn is not None else None)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}: {e}") from None
+            cks.append(ck)
+            steps.append(int(step))
+        changed = sorted(k for k in mine if k not in ("problems", "problem_ids", "n_samples", "scores")
+                         and saved.get(k) != mine[k])
+        decisions = [self._decide(cks[:i + 1], step) for i, step in enumerate(steps)]
+        if changed:
+            warnings.warn("TTCMonitor.load_state_dict: the state was recorded under other settings "
+                          f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); its decisions are "
+                          "recomputed under this monitor's", RuntimeWarning, stacklevel=2)
+        self.checkpoints, self.decisions, self.samples_drawn = cks, decisions, int(drawn)
+
     def write(self, path) -> int:
         """Write the recorded samples as JSONL (see :mod:`grades.ttc.samples`); returns lines."""
         return write_samples(path, self.checkpoints)
@@ -318,7 +419,18 @@ class TTCEarlyStopping(_trainer_callback_base()):
     the monitor needs ``infer_flops_per_sample``. When the monitor decides to stop,
     ``control.should_training_stop`` is set; the model's weights at that step are the chosen
     checkpoint. Decisions are in ``monitor.decisions``.
+
+    Resuming: the monitor's recorded evaluations (and the ledger's totals) travel in every
+    checkpoint's ``trainer_state.json``, under ``stateful_callbacks["grades.TTCEarlyStopping"]``,
+    and are restored when training resumes from that checkpoint (the projection then keeps its
+    earlier points, and the ledger its FLOP count). A ledger filled by another callback should be
+    filled before this one's ``on_step_end`` (e.g. in ``on_optimizer_step``), or a checkpoint's
+    copy misses that step. The entry is the callback's own, not an ``ExportableState``: the
+    Trainer's ``restore_callback_states_from_checkpoint`` cannot rebuild a monitor (it holds your
+    functions) and only notes the entry as unknown.
     """
+
+    STATE_KEY = "grades.TTCEarlyStopping"
 
     def __init__(self, monitor: TTCMonitor, *, eval_steps: int, flops_per_step: float | None = None,
                  ledger=None, train_flops_fn: Callable[[Any], float] | None = None):
@@ -340,6 +452,7 @@ class TTCEarlyStopping(_trainer_callback_base()):
         self.monitor, self.eval_steps = monitor, int(eval_steps)
         self.ledger, self.train_flops_fn = ledger, train_flops_fn
         self.stopped_at: int | None = None
+        self._monitor_state: tuple[int, dict] | None = None
 
     def _flops(self, state) -> float:
         if self.ledger is not None:
@@ -348,13 +461,70 @@ class TTCEarlyStopping(_trainer_callback_base()):
             return float(self.train_flops_fn(state))
         return self.flops_per_step * state.global_step
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.eval_steps != 0 or model is None:
-            return control
-        d = self.monitor.evaluate(model, state.global_step, self._flops(state))
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the monitor's :meth:`TTCMonitor.state_dict`, the ledger's
+        totals (``None`` without a ledger), ``eval_steps`` and ``stopped_at``."""
+        n = len(self.monitor.checkpoints)
+        if self._monitor_state is None or self._monitor_state[0] != n:
+            self._monitor_state = (n, self.monitor.state_dict())
+        return {"version": _STATE_VERSION, "monitor": self._monitor_state[1],
+                "ledger": None if self.ledger is None else self.ledger.state_dict(),
+                "eval_steps": self.eval_steps, "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: the monitor's evaluations and the ledger's totals. The
+        ledger's totals are refused (``ValueError``) when the state has them and this callback has
+        no ledger, or the other way round; nothing changes when anything is refused."""
+        if not isinstance(state, dict) or "monitor" not in state or "ledger" not in state:
+            raise ValueError("not a TTCEarlyStopping state (a dict with 'monitor' and 'ledger')")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"TTCEarlyStopping state version {state.get('version')!r} is not {_STATE_VERSION}")
+        if (state["ledger"] is None) != (self.ledger is None):
+            raise ValueError("the TTCEarlyStopping state was saved " + ("without" if state["ledger"] is None
+                             else "with") + " a FlopLedger and this callback has " +
+                             ("one" if self.ledger is not None else "none"))
+        stopped = state.get("stopped_at")
+        if stopped is not None and (isinstance(stopped, bool) or not isinstance(stopped, numbers.Integral)):
+            raise ValueError(f"TTCEarlyStopping state: stopped_at must be an int or None, got {stopped!r}")
+        ledger_backup = None if self.ledger is None else self.ledger.state_dict()
         if self.ledger is not None:
-            self.ledger.add_eval(d.eval_flops)
-        if d.stop:
-            self.stopped_at = state.global_step
-            control.should_training_stop = True
+            self.ledger.load_state_dict(state["ledger"])
+        try:
+            self.monitor.load_state_dict(state["monitor"])
+        except BaseException:
+            if ledger_backup is not None:
+                self.ledger.load_state_dict(ledger_backup)
+            raise
+        self.stopped_at = None if stopped is None else int(stopped)
+        self._monitor_state = None
+
+    def _save_to(self, state) -> None:
+        if isinstance(getattr(state, "stateful_callbacks", None), dict):
+            state.stateful_callbacks[self.STATE_KEY] = self.state_dict()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:
+            saved = (getattr(state, "stateful_callbacks", None) or {}).get(self.STATE_KEY)
+            if saved is not None:
+                self.load_state_dict(saved)
+            else:
+                warnings.warn(f"TTCEarlyStopping: training resumes at step {state.global_step} but the checkpoint "
+                              "holds no TTC state (saved without this callback), so the monitor keeps what it "
+                              "has recorded in this process" + (" and the ledger's FLOP count does not include "
+                                                                "the steps before the resume"
+                                                                if self.ledger is not None else ""),
+                              RuntimeWarning, stacklevel=2)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.eval_steps == 0 and model is not None:
+            d = self.monitor.evaluate(model, state.global_step, self._flops(state))
+            if self.ledger is not None:
+                self.ledger.add_eval(d.eval_flops)
+            if d.stop:
+                self.stopped_at = state.global_step
+                control.should_training_stop = True
+            self._save_to(state)
+        elif control.should_save:
+            self._save_to(state)
         return control

@@ -241,6 +241,43 @@ class FlopLedger:
         """Account evaluation compute (e.g. TTC sampling) separately from training."""
         self.eval_flops += _check_count(flops, "flops")
 
+    def state_dict(self) -> dict:
+        """The running totals as a JSON-serialisable dict (``seq_len``, ``train_flops``,
+        ``dense_flops``, ``eval_flops``, ``steps``, ``tokens``, ``history`` as ``[step, flops]``
+        pairs), for :meth:`load_state_dict` when training resumes."""
+        return {"seq_len": self.seq_len, "train_flops": self.train_flops, "dense_flops": self.dense_flops,
+                "eval_flops": self.eval_flops, "steps": self.steps, "tokens": self.tokens,
+                "history": [[s, f] for s, f in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the totals of :meth:`state_dict`. The ledger's ``seq_len`` must be the one they
+        were counted with (``ValueError`` otherwise); nothing changes when a value is refused."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from FlopLedger.state_dict(), got {type(state).__name__}")
+        keys = ("seq_len", "train_flops", "dense_flops", "eval_flops", "steps", "tokens", "history")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"FlopLedger state lacks {missing}")
+        if state["seq_len"] != self.seq_len:
+            raise ValueError(f"FlopLedger state was counted with seq_len={state['seq_len']!r}, "
+                             f"this ledger has seq_len={self.seq_len!r}")
+        vals = {k: _check_count(state[k], f"FlopLedger state {k}")
+                for k in ("train_flops", "dense_flops", "eval_flops", "tokens")}
+        steps = _check_int(state["steps"], "FlopLedger state steps", 0)
+        if vals["train_flops"] > vals["dense_flops"]:
+            raise ValueError("FlopLedger state: train_flops exceeds dense_flops")
+        hist = state["history"]
+        if not isinstance(hist, list):
+            raise TypeError("FlopLedger state: history must be a list of [step, flops] pairs")
+        history = []
+        for i, pair in enumerate(hist):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"FlopLedger state: history[{i}] must be a [step, flops] pair")
+            history.append((_check_int(pair[0], f"FlopLedger state history[{i}] step", 0),
+                            _check_count(pair[1], f"FlopLedger state history[{i}] flops")))
+        self.train_flops, self.dense_flops = vals["train_flops"], vals["dense_flops"]
+        self.eval_flops, self.tokens, self.steps, self.history = vals["eval_flops"], vals["tokens"], steps, history
+
     def summary(self, planned_tokens: float | None = None) -> dict[str, float | None]:
         """FLOPs spent and saved; ``planned_tokens`` is the token count of the full planned run."""
         out: dict[str, float | None] = {
