@@ -26,10 +26,36 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
+def is_wrapper_subclass(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a tensor subclass that keeps its data elsewhere and intercepts every op
+    (``DTensor``, ``FakeTensor``, jagged ``NestedTensor``, ...): its own storage is empty, so a
+    kernel handed its data pointer would read nothing or crash. Subclasses made with
+    ``as_subclass`` and ``nn.Parameter`` own plain storage and are fine."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return False
+    try:
+        return torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
+    except (AttributeError, RuntimeError):  # no such introspection: trust only the plain types
+        return True
+
+
+def check_plain(t: torch.Tensor, what: str) -> None:
+    """Refuse tensors the kernels cannot read directly: wrapper subclasses and meta tensors."""
+    if is_wrapper_subclass(t):
+        hint = (" (for a DTensor, e.g. an FSDP2 parameter, pass its local shard, .to_local(), and "
+                "sum the statistics of a Shard placement across its mesh)") if type(t).__name__ == "DTensor" else ""
+        raise TypeError(f"{what} is a {type(t).__name__}, a tensor subclass without plain storage; grades' "
+                        f"kernels take plain tensors{hint}")
+    if t.device.type == "meta":
+        raise ValueError(f"{what} is on the meta device and holds no data")
+
+
 def check_tensor(t: object, what: str, *, dtypes=SUPPORTED_DTYPES) -> torch.Tensor:
-    """Check one tensor argument: a dense, contiguous, real floating tensor of a claimed dtype."""
+    """Check one tensor argument: a plain (not a wrapper subclass, not meta), dense, contiguous,
+    real floating tensor of a claimed dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    check_plain(t, what)
     if t.layout != torch.strided:
         raise TypeError(f"{what} must be a dense (strided) tensor, got layout {t.layout}")
     if t.is_complex():
@@ -126,6 +152,7 @@ def check_frozen(frozen: object, num_matrices: int, device: torch.device) -> tor
         return None
     if not isinstance(frozen, torch.Tensor):
         raise TypeError(f"frozen must be a bool tensor of shape [{num_matrices}], got {type(frozen).__name__}")
+    check_plain(frozen, "frozen")
     if frozen.dtype != torch.bool:
         raise TypeError(f"frozen must have dtype bool, got {_dtype_name(frozen.dtype)}")
     if tuple(frozen.shape) != (num_matrices,):
@@ -140,6 +167,7 @@ def check_out(out: object, num_matrices: int, device: torch.device) -> torch.Ten
         return torch.empty((num_matrices, 3), dtype=STATS_DTYPE, device=device)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    check_plain(out, "out")
     if out.dtype != STATS_DTYPE or tuple(out.shape) != (num_matrices, 3) or out.device != device:
         raise ValueError(f"out must be a float64 tensor of shape [{num_matrices}, 3] on {device}, got "
                          f"{_dtype_name(out.dtype)} {tuple(out.shape)} on {out.device}")

@@ -15,7 +15,7 @@ import torch
 
 from . import backends
 from ._validate import (STATS_DTYPE, SegmentTable, SegmentsLike, as_tensor_list, check_frozen, check_no_overlap,
-                        check_out, check_same_device, check_tensor, resolve_segments)
+                        check_out, check_plain, check_same_device, check_tensor, resolve_segments)
 from .backends.base import AdamWArgs
 
 TensorList = Sequence[torch.Tensor]
@@ -110,6 +110,7 @@ def _check_scalar_tensor(name: str, t: Optional[torch.Tensor], device: torch.dev
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+    check_plain(t, name)
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if tuple(t.shape) not in shapes:

@@ -23,7 +23,7 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import backends
-from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, check_no_overlap, upload
+from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, check_no_overlap, is_wrapper_subclass, upload
 from .backends.base import AdamWArgs
 from .ops import _adamw_args
 
@@ -312,6 +312,12 @@ class FrozenAwareAdamW(Optimizer):
             raise ValueError("a parameter group contains the same parameter more than once; the fused "
                              "update would apply it twice (pass each parameter once)")
         for p in params:
+            if is_wrapper_subclass(p):
+                raise TypeError(f"FrozenAwareAdamW supports plain tensor parameters, got a {type(p).__name__} "
+                                "(a tensor subclass without plain storage"
+                                + ("; FSDP2 / tensor-parallel DTensor parameters are not supported: their "
+                                   "statistics and skip decisions would differ across ranks"
+                                   if type(p).__name__ == "DTensor" else "") + ")")
             if p.is_complex():
                 raise TypeError(f"FrozenAwareAdamW supports real parameters only, got a {p.dtype} "
                                 "parameter (view complex parameters with torch.view_as_real)")
@@ -489,6 +495,9 @@ class FrozenAwareAdamW(Optimizer):
             if g.layout != torch.strided:
                 raise TypeError("FrozenAwareAdamW does not support sparse gradients, please consider "
                                 "SparseAdam instead")
+            if is_wrapper_subclass(g):
+                raise TypeError(f"gradient of parameter {start + i} is a {type(g).__name__}, a tensor subclass "
+                                "without plain storage; FrozenAwareAdamW needs plain gradients")
             if g.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"gradient of parameter {start + i} has dtype {str(g.dtype)[6:]}; supported: "
                                 "float32, bfloat16, float16")
@@ -810,6 +819,9 @@ class FrozenAwareAdamW(Optimizer):
                 if t is None:
                     if not host_frozen[gidx]:
                         raise ValueError(f"state of parameter {gidx} has no {k!r} but it is not frozen")
+                elif isinstance(t, torch.Tensor) and is_wrapper_subclass(t):
+                    raise TypeError(f"state of parameter {gidx}: {k!r} is a {type(t).__name__}, a tensor subclass "
+                                    "without plain storage (a sharded checkpoint? load it as plain tensors)")
                 elif not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point():
                     got = f"shape {tuple(t.shape)}, {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"state of parameter {gidx}: {k!r} must be a floating-point tensor of the "

@@ -479,6 +479,27 @@ def _flat(size=30):
 
 ROWS = [(0, 10, 0), (10, 10, 1), (20, 10, 2)]
 
+
+class Wrapped(torch.Tensor):
+    """A wrapper tensor subclass (the DTensor / FakeTensor kind): its own storage is empty and
+    every op is redirected to the tensor it wraps."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype,
+                                                   device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(x):
+            return x.inner if isinstance(x, Wrapped) else x
+        out = func(*torch.utils._pytree.tree_map(unwrap, args),
+                   **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+        return torch.utils._pytree.tree_map(lambda x: Wrapped(x) if isinstance(x, torch.Tensor) else x, out)
+
 BAD = {
     # name: (builder returning (fn, tensors-to-watch), exception, message regex)
     "length mismatch": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p, g[:2], m, v, step=1), _lists()),
@@ -494,7 +515,7 @@ BAD = {
     "non-contiguous": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
         p[:2] + [torch.randn(10, 2)[:, 0]], g, m, v, step=1), _lists()), ValueError, "not contiguous"),
     "device mismatch": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
-        p, g[:2] + [torch.empty(10, device="meta")], m, v, step=1), _lists()), ValueError, r"grads\[2\] is on meta"),
+        p, g[:2] + [torch.empty(10, device="meta")], m, v, step=1), _lists()), ValueError, r"grads\[2\] is on (the )?meta"),
     "shape mismatch": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p, g[:2] + [torch.randn(11)], m, v, step=1),
                                 _lists()), ValueError, r"grads\[2\] has shape"),
     "frozen shape": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
@@ -573,6 +594,21 @@ BAD = {
         g, segments=ROWS, num_matrices=True), _flat()), TypeError, "num_matrices must be an int"),
     "matrix id beyond 2**31": (lambda: (lambda p, g, m, v: grades.grad_stats(
         g, segments=[(0, 10, 10 ** 12)]), _flat()), ValueError, r"num_matrices must be in"),
+    # tensors without plain storage: a wrapper subclass (used to crash the native kernels) or meta
+    "wrapper subclass grad": (lambda: (lambda p, g, m, v: grades.grad_stats(g[:1] + [Wrapped(g[1])]), _lists()),
+                              TypeError, r"grads\[1\] is a Wrapped, a tensor subclass without plain storage"),
+    "wrapper subclass param": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        [Wrapped(p[0])] + p[1:], g, m, v, step=1), _lists()), TypeError, r"params\[0\] is a Wrapped"),
+    "wrapper subclass flat moment": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, Wrapped(m), v, step=1, segments=ROWS), _flat()), TypeError, r"exp_avgs \(flat buffer\) is a Wrapped"),
+    "wrapper subclass lr": (lambda: (lambda p, g, m, v: grades.masked_adamw_(
+        p, g, m, v, step=1, lr=Wrapped(torch.tensor(0.1))), _lists()), TypeError, "lr is a Wrapped"),
+    "wrapper subclass frozen": (lambda: (lambda p, g, m, v: grades.grad_stats(
+        g, frozen=Wrapped(torch.zeros(3, dtype=torch.bool))), _lists()), TypeError, "frozen is a Wrapped"),
+    "wrapper subclass out": (lambda: (lambda p, g, m, v: grades.grad_stats(
+        g, out=Wrapped(torch.zeros(3, 3, dtype=torch.float64))), _lists()), TypeError, "out is a Wrapped"),
+    "meta grads": (lambda: (lambda p, g, m, v: grades.grad_stats([torch.empty(5, device="meta")]), _lists()),
+                   ValueError, r"grads\[0\] is on the meta device"),
 }
 
 

@@ -685,6 +685,45 @@ def test_bad_inputs():
         opt.load_state_dict(amsgrad_sd)
 
 
+def test_tensors_without_plain_storage_are_refused(tmp_path):
+    """Wrapper tensor subclasses (DTensor, FakeTensor, ...) have no storage of their own: as
+    parameters, gradients or loaded moments they are refused with a TypeError that names them
+    (the native kernels used to crash on them), and nothing changes."""
+    import torch.distributed as dist
+    from test_ops import Wrapped
+    with pytest.raises(TypeError, match="got a Wrapped"):
+        FrozenAwareAdamW([torch.nn.Parameter(Wrapped(torch.zeros(3)))])
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FrozenAwareAdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    before, state = p.detach().clone(), copy.deepcopy(opt.state_dict())
+    p.grad = Wrapped(torch.ones(3))
+    with pytest.raises(TypeError, match="gradient of parameter 0 is a Wrapped"):
+        opt.step()
+    sd = copy.deepcopy(state)
+    sd["state"][0]["exp_avg"] = Wrapped(torch.zeros(3))
+    with pytest.raises(TypeError, match="'exp_avg' is a Wrapped"):
+        opt.load_state_dict(sd)
+    assert torch.equal(p.detach(), before)
+    assert all(torch.equal(opt.state[p][k], state["state"][0][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    # a real DTensor (an FSDP2 / tensor-parallel parameter), on a one-rank gloo group
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        with pytest.raises(TypeError, match="got a DTensor .*FSDP2"):
+            FrozenAwareAdamW([w])
+        import grades
+        with pytest.raises(TypeError, match=r"grads\[0\] is a DTensor.*to_local"):
+            grades.grad_stats([distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])])
+    finally:
+        dist.destroy_process_group()
+
+
 def _trained_pair(seed=0, **kw):
     """Two identical tiny models with identical optimizers, both after the same two steps."""
     pairs = []
