@@ -39,8 +39,9 @@ def is_wrapper_subclass(t: torch.Tensor) -> bool:
         return True
 
 
-def check_plain(t: torch.Tensor, what: str) -> None:
-    """Refuse tensors the kernels cannot read directly: wrapper subclasses and meta tensors."""
+def check_plain(t: torch.Tensor, what: str, *, sign_matters: bool = True) -> None:
+    """Refuse tensors the kernels cannot read directly: wrapper subclasses, meta tensors and,
+    unless only magnitudes are read (``sign_matters=False``), lazily negated views."""
     if is_wrapper_subclass(t):
         hint = (" (for a DTensor, e.g. an FSDP2 parameter, pass its local shard, .to_local(), and "
                 "sum the statistics of a Shard placement across its mesh)") if type(t).__name__ == "DTensor" else ""
@@ -48,14 +49,36 @@ def check_plain(t: torch.Tensor, what: str) -> None:
                         f"kernels take plain tensors{hint}")
     if t.device.type == "meta":
         raise ValueError(f"{what} is on the meta device and holds no data")
+    if sign_matters and t.is_neg():
+        raise ValueError(f"{what} has its negative bit set (a lazily negated view, e.g. from .conj().imag), "
+                         "which the kernels would read without the negation; call .resolve_neg() first")
 
 
-def check_tensor(t: object, what: str, *, dtypes=SUPPORTED_DTYPES) -> torch.Tensor:
-    """Check one tensor argument: a plain (not a wrapper subclass, not meta), dense, contiguous,
-    real floating tensor of a claimed dtype."""
+def check_writable(written: Sequence[tuple[str, Optional[torch.Tensor]]]) -> None:
+    """Tensors an op writes in place may not be inference tensors outside inference mode (what
+    torch's own in-place ops refuse)."""
+    if torch.is_inference_mode_enabled():
+        return
+    for name, t in written:
+        if t is not None and t.is_inference():
+            raise ValueError(f"{name} was made under torch.inference_mode() and cannot be updated in place "
+                             "outside it")
+
+
+def mark_written(tensors: Iterable[Optional[torch.Tensor]]) -> None:
+    """Bump the autograd version counters of tensors a kernel wrote through raw pointers, as an
+    in-place torch op would: a graph that saved one of them then refuses to backpropagate."""
+    ts = [t for t in tensors if t is not None]
+    if ts:
+        torch.autograd.graph.increment_version(ts)
+
+
+def check_tensor(t: object, what: str, *, dtypes=SUPPORTED_DTYPES, sign_matters: bool = True) -> torch.Tensor:
+    """Check one tensor argument: a plain (see :func:`check_plain`), dense, contiguous, real
+    floating tensor of a claimed dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
-    check_plain(t, what)
+    check_plain(t, what, sign_matters=sign_matters)
     if t.layout != torch.strided:
         raise TypeError(f"{what} must be a dense (strided) tensor, got layout {t.layout}")
     if t.is_complex():

@@ -15,7 +15,8 @@ import torch
 
 from . import backends
 from ._validate import (STATS_DTYPE, SegmentTable, SegmentsLike, as_tensor_list, check_frozen, check_no_overlap,
-                        check_out, check_plain, check_same_device, check_tensor, resolve_segments)
+                        check_out, check_plain, check_same_device, check_tensor, check_writable, mark_written,
+                        resolve_segments)
 from .backends.base import AdamWArgs
 
 TensorList = Sequence[torch.Tensor]
@@ -65,25 +66,28 @@ def grad_stats(
             raise ValueError(f"num_matrices={num_matrices} but {len(glist)} gradients were given; with a "
                              "list every tensor is one matrix (num_matrices is for flat buffers)")
         for i, g in enumerate(glist):
-            check_tensor(g, f"grads[{i}]")
+            check_tensor(g, f"grads[{i}]", sign_matters=False)  # only magnitudes are read
         device = glist[0].device if glist else torch.device("cpu")
         check_same_device(glist, "grads", device)
         m = len(glist)
         frozen = check_frozen(frozen, m, device)
         out = check_out(out, m, device)
         check_no_overlap([("out", out)], [(f"grads[{i}]", g) for i, g in enumerate(glist)] + [("frozen", frozen)])
+        check_writable([("out", out)])
         if m:
             b = backends.select(device, "list", backend)
             with torch.no_grad():
                 b.grad_stats_list(glist, frozen, out)
+            mark_written([out])
         return out
-    buf = check_tensor(grads, "grads (flat buffer)")
+    buf = check_tensor(grads, "grads (flat buffer)", sign_matters=False)
     if buf.dim() != 1:
         raise ValueError(f"a flat gradient buffer must be 1-D, got shape {tuple(buf.shape)}")
     table = resolve_segments(segments, buf.numel(), num_matrices)
     frozen = check_frozen(frozen, table.num_matrices, buf.device)
     out = check_out(out, table.num_matrices, buf.device)
     check_no_overlap([("out", out)], [("grads (flat buffer)", buf), ("frozen", frozen)])
+    check_writable([("out", out)])
     if table.num_matrices:
         b = backends.select(buf.device, "flat", backend)
         if len(table) == 0:
@@ -91,6 +95,7 @@ def grad_stats(
         else:
             with torch.no_grad():
                 b.grad_stats_flat(buf, table, frozen, out)
+            mark_written([out])
     return out
 
 
@@ -105,7 +110,7 @@ def _check_float(name: str, v: object, lo: float = 0.0, hi: float = math.inf, *,
 
 
 def _check_scalar_tensor(name: str, t: Optional[torch.Tensor], device: torch.device,
-                         shapes: tuple = ((),)) -> Optional[torch.Tensor]:
+                         shapes: tuple = ((),), convert: bool = True) -> Optional[torch.Tensor]:
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
@@ -117,7 +122,14 @@ def _check_scalar_tensor(name: str, t: Optional[torch.Tensor], device: torch.dev
         raise ValueError(f"{name} must have shape {' or '.join(str(list(s)) for s in shapes)}, got {list(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
-    return t.float().contiguous()
+    return t.float().contiguous() if convert else t
+
+
+def _found_inf(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """``found_inf`` as float32 0/1: any non-zero value, NaN included, means found (a float64
+    1e-300 must not round to 0)."""
+    t = _check_scalar_tensor("found_inf", t, device, convert=False)
+    return None if t is None else (t != 0).to(torch.float32)
 
 
 def _adamw_args(device, num_matrices, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
@@ -136,7 +148,7 @@ def _adamw_args(device, num_matrices, lr, beta1, beta2, eps, weight_decay, step,
         step_t = _check_float("step", step, 1.0)
     return AdamWArgs(lr=lr_t, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step_t,
                      grad_scale=_check_scalar_tensor("grad_scale", grad_scale, device),
-                     found_inf=_check_scalar_tensor("found_inf", found_inf, device))
+                     found_inf=_found_inf(found_inf, device))
 
 
 def _read_scalars(frozen: Optional[torch.Tensor], hp: AdamWArgs) -> list[tuple[str, Optional[torch.Tensor]]]:
@@ -247,13 +259,15 @@ def masked_adamw_(
         frozen = check_frozen(frozen, m, device)
         hp = _adamw_args(device, m, lr, beta1, beta2, eps, weight_decay, step, grad_scale, found_inf)
         out = check_out(out, m, device)
-        check_no_overlap([(f"{n}[{i}]", t) for n, lst in zip(names, lists) if n != "grads" for i, t in enumerate(lst)]
-                         + [(f"master_params[{i}]", t) for i, t in enumerate(masters or ())] + [("out", out)],
-                         [(f"grads[{i}]", t) for i, t in enumerate(lists[1])] + _read_scalars(frozen, hp))
+        written = ([(f"{n}[{i}]", t) for n, lst in zip(names, lists) if n != "grads" for i, t in enumerate(lst)]
+                   + [(f"master_params[{i}]", t) for i, t in enumerate(masters or ())] + [("out", out)])
+        check_no_overlap(written, [(f"grads[{i}]", t) for i, t in enumerate(lists[1])] + _read_scalars(frozen, hp))
+        check_writable(written)
         if m:
             b = backends.select(device, "list", backend)
             with torch.no_grad():  # params may be leaves that require grad
                 b.adamw_list(*lists, frozen, hp, out, masters=masters)
+            mark_written(t for _, t in written)
         return out
     bufs = []
     for x, n in zip((params, grads, exp_avgs, exp_avg_sqs), names):
@@ -282,9 +296,10 @@ def masked_adamw_(
     frozen = check_frozen(frozen, table.num_matrices, device)
     hp = _adamw_args(device, table.num_matrices, lr, beta1, beta2, eps, weight_decay, step, grad_scale, found_inf)
     out = check_out(out, table.num_matrices, device)
-    check_no_overlap([(f"{n} (flat buffer)", t) for n, t in zip(names, bufs) if n != "grads"]
-                     + [("master_params (flat buffer)", master), ("out", out)],
-                     [("grads (flat buffer)", bufs[1])] + _read_scalars(frozen, hp))
+    written = ([(f"{n} (flat buffer)", t) for n, t in zip(names, bufs) if n != "grads"]
+               + [("master_params (flat buffer)", master), ("out", out)])
+    check_no_overlap(written, [("grads (flat buffer)", bufs[1])] + _read_scalars(frozen, hp))
+    check_writable(written)
     if table.num_matrices:
         if len(table) == 0:
             out.zero_()
@@ -292,6 +307,7 @@ def masked_adamw_(
             b = backends.select(device, "flat", backend)
             with torch.no_grad():
                 b.adamw_flat(*bufs, table, frozen, hp, out, master=master)
+            mark_written(t for _, t in written)
     return out
 
 

@@ -23,7 +23,7 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import backends
-from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, check_no_overlap, is_wrapper_subclass, upload
+from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, check_no_overlap, is_wrapper_subclass, mark_written, upload
 from .backends.base import AdamWArgs
 from .ops import _adamw_args
 
@@ -102,12 +102,13 @@ class _Plan:
     """What one group's update looks like for one set of participating parameters (cached)."""
 
     __slots__ = ("local", "full", "params", "exp_avgs", "exp_avg_sqs", "masters", "idx_local", "idx_global",
-                 "scratch", "discard", "backend", "hp")
+                 "scratch", "discard", "backend", "hp", "numels")
 
     def __init__(self, local: tuple, full: bool, params, exp_avgs, exp_avg_sqs, masters, idx_local, idx_global,
                  scratch, backend):
         self.local, self.full, self.backend = local, full, backend
         self.params, self.exp_avgs, self.exp_avg_sqs = params, exp_avgs, exp_avg_sqs
+        self.numels = tuple(m.numel() for m in exp_avgs)  # sizes the moments were made for
         # float32 master weights (None per parameter that has none), or None when no parameter has one
         self.masters = masters if masters is not None and any(m is not None for m in masters) else None
         self.idx_local, self.idx_global, self.scratch = idx_local, idx_global, scratch
@@ -318,6 +319,12 @@ class FrozenAwareAdamW(Optimizer):
                                 + ("; FSDP2 / tensor-parallel DTensor parameters are not supported: their "
                                    "statistics and skip decisions would differ across ranks"
                                    if type(p).__name__ == "DTensor" else "") + ")")
+            if p.is_neg():
+                raise ValueError("a parameter has its negative bit set (a lazily negated view); the fused update "
+                                 "would write it without the negation: pass a parameter with .resolve_neg()")
+            if p.is_inference():
+                raise ValueError("a parameter was made under torch.inference_mode(); it cannot be updated in "
+                                 "place outside it")
             if p.is_complex():
                 raise TypeError(f"FrozenAwareAdamW supports real parameters only, got a {p.dtype} "
                                 "parameter (view complex parameters with torch.view_as_real)")
@@ -506,6 +513,8 @@ class FrozenAwareAdamW(Optimizer):
                                  f"but the parameter has shape {tuple(p.shape)} on {p.device}")
             if not g.is_contiguous():
                 g = g.contiguous()
+            if g.is_neg():  # a lazily negated view (e.g. .conj().imag): the kernels read raw memory
+                g = g.resolve_neg()
             local.append(i)
             grads.append(g)
         if not local:
@@ -527,6 +536,11 @@ class FrozenAwareAdamW(Optimizer):
                          [s["exp_avg_sq"] for s in states], [s.get("master_param") for s in states],
                          idx_local, idx_global, scratch, backends.select(dev, "list", self.backend))
             self._plans[key] = plan
+        elif tuple(p.numel() for p in plan.params) != plan.numels:
+            j = next(j for j, (p, n) in enumerate(zip(plan.params, plan.numels)) if p.numel() != n)
+            raise ValueError(f"parameter {start + plan.local[j]} has {plan.params[j].numel()} elements but its "
+                             f"optimizer state was made for {plan.numels[j]}: its .data was replaced by a tensor "
+                             "of another size; nothing was updated")
         return plan, grads
 
     def _lr_of(self, group: dict) -> Union[float, torch.Tensor]:
@@ -596,7 +610,7 @@ class FrozenAwareAdamW(Optimizer):
 
         if found_inf is not None:
             # GradScaler protocol: the scaler has already checked the gradients; one pass.
-            found = found_inf.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(())
+            found = found_inf.to(device=dev, non_blocking=True).reshape(()).ne(0).to(torch.float32)
             detect = False
         elif self.nonfinite == "ignore":
             found, detect = None, False
@@ -656,10 +670,12 @@ class FrozenAwareAdamW(Optimizer):
                                         masters=plan.masters, masters_in_sync=True)
             except Exception:  # the backend checks before it writes: take the counts back
                 if plan.full:
-                    steps.sub_(active)
+                    steps.sub_(active.to(steps.dtype))
                 else:
                     steps.index_add_(0, plan.idx_local, active.to(torch.float32).neg_())
                 raise
+            # written through raw pointers: bump the version counters as in-place torch ops would
+            mark_written(plan.params if plan.masters is None else [*plan.params, *(m for m in plan.masters)])
             if not detect and not plan.full:
                 stats_all.index_copy_(0, plan.idx_global, out)
 

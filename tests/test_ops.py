@@ -480,6 +480,19 @@ def _flat(size=30):
 ROWS = [(0, 10, 0), (10, 10, 1), (20, 10, 2)]
 
 
+def negbit(x):
+    """``x``'s values in a contiguous tensor with the neg bit set (what ``.conj().imag`` of a
+    one-element complex tensor gives; longer ones are strided views)."""
+    t = torch._neg_view(-x)
+    assert t.is_neg() and t.is_contiguous() and torch.equal(t, x)
+    return t
+
+
+def inference(x):
+    with torch.inference_mode():
+        return x.clone()
+
+
 class Wrapped(torch.Tensor):
     """A wrapper tensor subclass (the DTensor / FakeTensor kind): its own storage is empty and
     every op is redirected to the tensor it wraps."""
@@ -609,6 +622,19 @@ BAD = {
         g, out=Wrapped(torch.zeros(3, 3, dtype=torch.float64))), _lists()), TypeError, "out is a Wrapped"),
     "meta grads": (lambda: (lambda p, g, m, v: grades.grad_stats([torch.empty(5, device="meta")]), _lists()),
                    ValueError, r"grads\[0\] is on the meta device"),
+    # a lazily negated view (neg bit) where the sign matters, read raw, gave the opposite update
+    "neg-bit grad": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p, [negbit(g[0])] + g[1:], m, v, step=1),
+                              _lists()), ValueError, r"grads\[0\] has its negative bit set"),
+    "neg-bit flat param": (lambda: (lambda p, g, m, v: grades.masked_adamw_(negbit(p), g, m, v, step=1, segments=ROWS),
+                                    _flat()), ValueError, r"params \(flat buffer\) has its negative bit set"),
+    "neg-bit out": (lambda: (lambda p, g, m, v: grades.grad_stats(g, out=negbit(torch.zeros(3, 3, dtype=torch.float64))),
+                             _lists()), ValueError, "out has its negative bit set"),
+    # tensors made under inference mode cannot be written outside it (as torch's in-place ops say)
+    "inference param": (lambda: (lambda p, g, m, v: grades.masked_adamw_(p[:2] + [inference(p[2])], g, m, v, step=1),
+                                 _lists()), ValueError, r"params\[2\] was made under torch.inference_mode"),
+    "inference out": (lambda: (lambda p, g, m, v: grades.grad_stats(
+        g, segments=ROWS, out=inference(torch.zeros(3, 3, dtype=torch.float64))), _flat()),
+        ValueError, "out was made under torch.inference_mode"),
 }
 
 
@@ -634,6 +660,31 @@ def test_cpu_extension_rejects_rows_past_its_tensor():
         with pytest.raises(RuntimeError, match="outside its tensor"):
             ext.grad_stats_flat(buf, torch.tensor([row]), None, out)
     assert not out.any()
+
+
+@pytest.mark.parametrize("backend", LIST_BACKENDS)
+def test_writes_bump_version_counters_and_found_inf_is_any_nonzero(backend):
+    """In-place writes through raw pointers bump the autograd version counters (a stale graph then
+    refuses to backpropagate, as after torch's in-place ops); a neg-bit gradient is fine for the
+    statistics (magnitudes only); a float64 found_inf of 1e-300 skips the update (no rounding to 0)."""
+    w = torch.nn.Parameter(torch.randn(6))
+    y = (w * w).sum()
+    m, v = torch.zeros(6), torch.zeros(6)
+    out = torch.zeros(1, 3, dtype=torch.float64)
+    versions = [t._version for t in (w, m, v, out)]
+    grades.masked_adamw_([w], [torch.ones(6)], [m], [v], step=1, lr=0.1, out=out, backend=backend)
+    assert all(t._version > old for t, old in zip((w, m, v, out), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    out = torch.zeros(1, 3, dtype=torch.float64)
+    grades.grad_stats([torch.ones(3)], out=out, backend=backend)
+    assert out._version > 0
+    g = torch.randn(7)
+    assert torch.equal(grades.grad_stats([negbit(g)], backend=backend), grades.grad_stats([g], backend=backend))
+    p, before = torch.ones(4), torch.ones(4)
+    grades.masked_adamw_([p], [torch.ones(4)], [torch.zeros(4)], [torch.zeros(4)], step=1, lr=0.1,
+                         found_inf=torch.tensor(1e-300, dtype=torch.float64), backend=backend)
+    assert torch.equal(p, before)
 
 
 @pytest.mark.parametrize("backend", LIST_BACKENDS)

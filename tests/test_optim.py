@@ -724,6 +724,66 @@ def test_tensors_without_plain_storage_are_refused(tmp_path):
         dist.destroy_process_group()
 
 
+def test_step_bumps_versions_and_reads_neg_bit_gradients_like_torch():
+    """A graph that saved a parameter refuses to backpropagate after step() (as after torch's
+    AdamW); a gradient with the neg bit set (e.g. from .conj().imag) gives torch's update."""
+    from test_ops import negbit
+    w = torch.nn.Parameter(torch.randn(4))
+    opt = FrozenAwareAdamW([w], lr=0.1)
+    y = (w * w).sum()
+    w.grad = torch.ones(4)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    ours, ref = FrozenAwareAdamW([a], lr=0.1, weight_decay=0.0), torch.optim.AdamW([b], lr=0.1, weight_decay=0.0)
+    g = torch.tensor([1.0, -2.0, 3.0])
+    a.grad, b.grad = negbit(g), g.clone()
+    ours.step()
+    ref.step()
+    assert torch.equal(a.detach(), b.detach())
+    with pytest.raises(ValueError, match="negative bit"):
+        FrozenAwareAdamW([torch.nn.Parameter(negbit(torch.ones(3)))])
+
+
+def test_resized_parameter_data_is_refused_before_anything_changes():
+    """A parameter whose .data was replaced by a tensor of another size: a clear error, and no
+    parameter, moment or step count changes (the second group used to be updated, and a backend
+    error's rollback itself failed, leaving every step count one too high)."""
+    ps = [torch.nn.Parameter(torch.randn(8)) for _ in range(3)]
+    opt = FrozenAwareAdamW([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}], lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone() for p in ps]
+    ps[2].data = torch.randn(4)
+    ps[2].grad = torch.ones(4)
+    with pytest.raises(ValueError, match="parameter 2 has 4 elements but its optimizer state was made for 8"):
+        opt.step()
+    ps[2].data = values[2].clone()
+    ps[2].grad = torch.ones(8)
+    assert all(torch.equal(p.detach(), v) for p, v in zip(ps, values))
+    for i, p in enumerate(ps):
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][k], state["state"][i][k]), (i, k)
+    # a backend that fails (after its own checks) takes back the step counts of its group
+    plan = next(iter(opt._plans.values()))
+    good = plan.backend
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(good, name)
+
+        def adamw_list(self, *a, **k):
+            raise RuntimeError("backend failure")
+    plan.backend = Failing()
+    with pytest.raises(RuntimeError, match="backend failure"):
+        opt.step()
+    plan.backend = good
+    assert [float(opt.state[p]["step"]) for p in ps] == [1.0, 1.0, 1.0]
+
+
 def _trained_pair(seed=0, **kw):
     """Two identical tiny models with identical optimizers, both after the same two steps."""
     pairs = []
