@@ -675,7 +675,7 @@ class FrozenAwareAdamW(Optimizer):
                     steps.index_add_(0, plan.idx_local, active.to(torch.float32).neg_())
                 raise
             # written through raw pointers: bump the version counters as in-place torch ops would
-            mark_written(plan.params if plan.masters is None else [*plan.params, *(m for m in plan.masters)])
+            mark_written([*plan.params, *(plan.masters or ())])
             if not detect and not plan.full:
                 stats_all.index_copy_(0, plan.idx_global, out)
 

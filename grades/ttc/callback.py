@@ -316,8 +316,7 @@ class TTCMonitor:
                 "planned_train_flops": self.planned_train_flops, "expected_queries": self.expected_queries,
                 "infer_flops_per_sample": self.infer_flops_per_sample,
                 "min_checkpoints": self.min_checkpoints, "fit_model": self.fit_model,
-                "max_extrapolation": self.max_extrapolation, "seed": self.seed,
-                "scores": self.score_fn is not None}
+                "max_extrapolation": self.max_extrapolation, "seed": self.seed}
 
     def state_dict(self) -> dict:
         """The recorded evaluations as a JSON-serialisable dict (what :meth:`load_state_dict`
@@ -390,7 +389,7 @@ class TTCMonitor:
                 raise type(e)(f"{where}: {e}") from None
             cks.append(ck)
             steps.append(int(step))
-        changed = sorted(k for k in mine if k not in ("problems", "problem_ids", "n_samples", "scores")
+        changed = sorted(k for k in mine if k not in ("problems", "problem_ids", "n_samples")
                          and saved.get(k) != mine[k])
         decisions = [self._decide(cks[:i + 1], step) for i, step in enumerate(steps)]
         if changed:
