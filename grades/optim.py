@@ -25,6 +25,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import backends
 from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, check_no_overlap, is_wrapper_subclass, mark_written, upload
 from .backends.base import AdamWArgs
+from .contract import FreezableOptimizer
 from .ops import _adamw_args
 
 __all__ = ["FrozenAwareAdamW", "NonFiniteGradientError"]
@@ -119,7 +120,7 @@ class _Plan:
         self.hp: Optional[tuple] = None
 
 
-class FrozenAwareAdamW(Optimizer):
+class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
     r"""AdamW with a device-side frozen mask, fused per-parameter gradient statistics and no host sync.
 
     Same arguments, defaults, validation and ``state_dict`` layout as ``torch.optim.AdamW``, and for
@@ -358,6 +359,11 @@ class FrozenAwareAdamW(Optimizer):
     def num_params(self) -> int:
         """Number of parameters over all groups (the length of :attr:`frozen`)."""
         return len(self.param_list)
+
+    @property
+    def step_calls(self) -> int:
+        """Number of completed :meth:`step` calls (a host int)."""
+        return self._step_calls
 
     # ------------------------------------------------------------------ freezing
 
