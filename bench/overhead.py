@@ -234,7 +234,7 @@ def memory_report(opts: argparse.Namespace) -> dict:
     for t in vars(src).values():
         if isinstance(t, torch.Tensor):
             ours += t.numel() * t.element_size()
-    ours += sum(s.host.numel() * s.host.element_size() for s in gs._slots)
+    ours += sum(s.host.numel() * s.host.element_size() for s in gs._copies.slots)
     copy = sum(p.numel() * p.element_size() for c in gs.components for p in c.params)
     return {"components": len(gs.components), "grades_bytes": ours, "weight_copy_bytes": copy}
 

@@ -331,21 +331,20 @@ def test_explicit_components_and_public_exports():
                components=[Component("x", "mlp", ("x",), [nn.Parameter(torch.zeros(2, 2))])])
 
 
-DECISION_PATHS = ("native", "numpy", "device")
+DECISION_PATHS = grades.policy.RULES
 
 
-def use_path(gs: GradES, path: str) -> None:
-    """Run ``gs``'s decision rule natively (C++ on host state), in NumPy, or as tensor ops (the
-    path GPUs take, here on CPU tensors)."""
-    gs.host_math = path != "device"
-    if path == "numpy":
-        gs._native = False
-    elif path == "native":
-        ok, why = grades.backends.get("cpu").available()
+def rule_for(path: str) -> str:
+    """The ``rule=`` for decision path ``path``: the native rule (C++ on host state) or the torch
+    rule (the tensor ops GPUs run, here on CPU tensors); skips (fails under ``GRADES_STRICT=1``)
+    where the CPU extension is missing."""
+    if path == "native":
+        ok, why = grades.policy.rule.native_available()
         if not ok:
             if grades.backends.strict():
                 pytest.fail(f"GRADES_STRICT=1 but the CPU extension is not available: {why}")
             pytest.skip(f"CPU extension not available: {why}")
+    return path
 
 
 def pairs(m: nn.Module) -> list[Component]:
@@ -383,8 +382,7 @@ def test_decision_paths_agree(cfg, optim, comps):
     for path in DECISION_PATHS:
         m = Toy(seed=5)
         opt = (grades.FrozenAwareAdamW if optim == "frozen_aware" else torch.optim.AdamW)(m.parameters(), lr=1e-2)
-        gs = GradES(m, opt, GradESConfig(**cfg), components=pairs(m) if comps == "pairs" else None)
-        use_path(gs, path)
+        gs = GradES(m, opt, GradESConfig(**cfg), components=pairs(m) if comps == "pairs" else None, rule=rule_for(path))
         for s in range(25):
             x, y = data(s)
             ((m(x) - y) ** 2).mean().backward()
@@ -402,13 +400,11 @@ def test_decision_paths_agree(cfg, optim, comps):
                 gs.step(clip_coef=clip)
             opt.zero_grad(set_to_none=True)
         gs.wait()
-        assert (gs._native not in (None, False)) == (path == "native")
+        assert gs.rule_kind == path
         out[path] = (gs.state_dict(), gs.history_dict())
-    (a, ha) = out["device"]
-    for path in ("native", "numpy"):
-        b, hb = out[path]
-        assert a == b, path
-        assert ha == hb, path
+    (a, ha), (b, hb) = out["torch"], out["native"]
+    assert a == b
+    assert ha == hb
     assert a["invalid_steps"] == (4 if optim == "frozen_aware" else 3)  # steps 2, 13, 15 (and 8)
     assert all(np.isfinite(a[k]).all() for k in ("ema", "ref", "thresh", "last_stat"))
     assert any(f >= 0 for f in a["freeze_step"])
@@ -419,29 +415,25 @@ def test_decision_paths_agree(cfg, optim, comps):
 
 def test_native_rule_rejects_inconsistent_inputs():
     """The native rule checks what it is given (it may be called directly)."""
-    ok, why = grades.backends.get("cpu").available()
+    ok, why = grades.policy.rule.native_available()
     if not ok:
         pytest.skip(why)
     m = Toy()
     opt = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)
-    gs = GradES(m, opt, GradESConfig(tau=1.0, grace_steps=1))
+    gs = GradES(m, opt, GradESConfig(tau=1.0, grace_steps=1), rule="native")
     train(m, opt, gs, 1)
-    rule = gs._native
+    rule = gs._rule
     rows = opt.last_grad_stats
     with pytest.raises(RuntimeError, match="rows must be"):
-        rule.step(rows[:-1], None, None, None, None, 0.0, None, 2, 1)
+        rule.step(rows[:-1], None, None, None, None, 2, 1)
     with pytest.raises(RuntimeError, match="rows must be"):
-        rule.step(rows.float(), None, None, None, None, 0.0, None, 2, 1)
+        rule.step(rows.float(), None, None, None, None, 2, 1)
     with pytest.raises(RuntimeError, match="row_part"):
-        rule.step(rows, torch.ones(3, dtype=torch.bool), None, None, None, 0.0, None, 2, 1)
-    with pytest.raises(RuntimeError, match="took"):
-        rule.step(rows, None, torch.ones(len(rows), dtype=torch.int64), None, None, 0.0, None, 2, 1)
-    with pytest.raises(RuntimeError, match="not both"):
-        rule.step(rows, None, None, 0.5, torch.tensor(1.0), 1.0, None, 2, 1)
-    with pytest.raises(RuntimeError, match="total_norm must be"):
-        rule.step(rows, None, None, None, torch.ones(2), 1.0, None, 2, 1)
+        rule.step(rows, torch.ones(3, dtype=torch.bool), None, None, None, 2, 1)
+    with pytest.raises(RuntimeError, match="participated"):
+        rule.step(rows, None, torch.ones(len(rows), dtype=torch.int64), None, None, 2, 1)
     with pytest.raises(RuntimeError, match="skipped must be"):
-        rule.step(rows, None, None, None, None, 0.0, torch.ones(1), 2, 1)
+        rule.step(rows, None, None, None, torch.ones(1), 2, 1)
     with pytest.raises(ValueError, match="not both"):
         gs.step(0.5, total_norm=1.0, max_norm=1.0)
     with pytest.raises(ValueError, match="max_norm > 0"):
@@ -450,7 +442,7 @@ def test_native_rule_rejects_inconsistent_inputs():
     mod = type(rule)
     with pytest.raises(RuntimeError, match="idx entry"):
         mod(idx=torch.tensor([[5]]), num_rows=2, statistic=0, numel=torch.ones(1, dtype=torch.float64), ema=0.0,
-            ref_decay=0.9, auto_mode=False, check_interval=1, need=1, max_frozen=1,
+            ref_decay=0.9, auto_mode=False, check_interval=1, patience=1, max_frozen=1,
             frozen=torch.zeros(1, dtype=torch.bool), counter=torch.zeros(1, dtype=torch.int64),
             ema_v=torch.zeros(1, dtype=torch.float64), ema_w=torch.zeros(1, dtype=torch.float64),
             ref=torch.zeros(1, dtype=torch.float64), ref_w=torch.zeros(1, dtype=torch.float64),
@@ -496,7 +488,7 @@ def test_step_after_zero_grad_warns_once_and_freezes_nothing():
     assert gs.frozen_fraction == 0.0 and not gs.should_stop
 
 
-@pytest.mark.parametrize("path", ["native", "numpy", "device"])
+@pytest.mark.parametrize("path", DECISION_PATHS)
 def test_a_call_without_a_new_optimizer_step_is_ignored(path):
     """gs.step() once per micro-batch (or twice by mistake) with a FrozenAwareAdamW: the calls
     that see no new optimizer step count nothing (one warning), so decisions equal a run that
@@ -505,8 +497,7 @@ def test_a_call_without_a_new_optimizer_step_is_ignored(path):
     for repeat in (1, 3):
         m = Toy()
         opt = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)
-        gs = GradES(m, opt, GradESConfig(tau=0.05, grace_steps=2, patience=1))
-        use_path(gs, path)
+        gs = GradES(m, opt, GradESConfig(tau=0.05, grace_steps=2, patience=1), rule=rule_for(path))
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             for s in range(8):
@@ -600,12 +591,11 @@ def test_copy_landing_between_poll_and_publish_is_read_once_and_in_order():
     m = Toy()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     gs = GradES(m, opt, GradESConfig(tau={"attention": 1e9, "mlp": 1e-30}, grace_steps=6, patience=1,
-                                     stop_ratio=None))
-    gs.host_math = False                                   # the device path, with its host copies
-    for slot in gs._slots:
+                                     stop_ratio=None), rule="torch")  # the device path, with host copies
+    for slot in gs._copies.slots:
         slot.event = FakeEvent(lambda n: n >= 5)           # lands right after the next step's poll
     train(m, opt, gs, 20)
-    assert len({id(s) for s in gs._pending}) == len(gs._pending)
+    assert len({id(s) for s in gs._copies.pending}) == len(gs._copies.pending)
     gs.wait()
     steps = [h["step"] for h in gs.history]
     assert steps == sorted(set(steps)) and steps[-1] == 20
@@ -620,9 +610,8 @@ def test_requires_grad_flips_within_two_steps_of_the_device_decision():
     m = Toy()
     opt = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)
     gs = GradES(m, opt, GradESConfig(tau={"attention": 1e9, "mlp": 1e-30}, grace_steps=2, patience=1,
-                                     stop_ratio=None))
-    gs.host_math = False
-    for slot in gs._slots:
+                                     stop_ratio=None), rule="torch")
+    for slot in gs._copies.slots:
         slot.event = FakeEvent(lambda n: n >= 2)           # lands one step after it was recorded
     q = m.layers[0].self_attn.q_proj.weight
     seen = {}
@@ -646,7 +635,7 @@ def test_requires_grad_flips_within_two_steps_of_the_device_decision():
 def test_dtensor_group_accepts_one_sharded_mesh_dimension_only():
     from torch.distributed.tensor import Partial, Replicate, Shard
 
-    from grades.policy import _dtensor_group
+    from grades.policy.sharding import dtensor_group as _dtensor_group
 
     class Mesh:
         def __init__(self, name):
@@ -682,9 +671,8 @@ def test_dtensor_group_accepts_one_sharded_mesh_dimension_only():
 def _trained(optim="torch", steps=4, cfg=None, path=None):
     m = Toy(seed=5)
     opt = (grades.FrozenAwareAdamW if optim == "frozen_aware" else torch.optim.AdamW)(m.parameters(), lr=1e-2)
-    gs = GradES(m, opt, cfg or GradESConfig(tau=1e9, grace_steps=2, patience=1, stop_ratio=None))
-    if path is not None:
-        use_path(gs, path)
+    gs = GradES(m, opt, cfg or GradESConfig(tau=1e9, grace_steps=2, patience=1, stop_ratio=None),
+                rule=None if path is None else rule_for(path))
     train(m, opt, gs, steps)
     return m, opt, gs
 
@@ -791,8 +779,7 @@ def test_add_param_group_after_grades_is_followed(path):
     m = Toy(seed=5)
     rest = [p for n, p in m.named_parameters() if "proj" not in n]
     opt = grades.FrozenAwareAdamW([p for n, p in m.named_parameters() if "proj" in n], lr=1e-2)
-    gs = GradES(m, opt, GradESConfig(tau=1e9, grace_steps=3, patience=1, stop_ratio=None))
-    use_path(gs, path)
+    gs = GradES(m, opt, GradESConfig(tau=1e9, grace_steps=3, patience=1, stop_ratio=None), rule=rule_for(path))
     train(m, opt, gs, 2)
     opt.add_param_group({"params": rest, "lr": 1e-3})
     train(m, opt, gs, 2, start=2)
@@ -841,8 +828,7 @@ def test_a_rejected_step_changes_nothing(path, optim):
     """Bad arguments give the same TypeError/ValueError on every path, before anything counts."""
     m = Toy(seed=5)
     opt = (grades.FrozenAwareAdamW if optim == "frozen_aware" else torch.optim.AdamW)(m.parameters(), lr=1e-2)
-    gs = GradES(m, opt, GradESConfig(tau=1.0, grace_steps=3))
-    use_path(gs, path)
+    gs = GradES(m, opt, GradESConfig(tau=1.0, grace_steps=3), rule=rule_for(path))
     train(m, opt, gs, 1)
     x, y = data(1)
     ((m(x) - y) ** 2).mean().backward()
@@ -871,8 +857,7 @@ def test_a_source_error_counts_no_step(path):
     """A statistics source that names a problem (here a float64 gradient) leaves the count alone."""
     m = Toy(seed=5).double()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    gs = GradES(m, opt, GradESConfig(tau=1.0, grace_steps=3))
-    use_path(gs, path)
+    gs = GradES(m, opt, GradESConfig(tau=1.0, grace_steps=3), rule=rule_for(path))
     x, y = data(0)
     ((m(x.double()) - y.double()) ** 2).mean().backward()
     with pytest.raises(TypeError, match="float64"):
@@ -888,8 +873,7 @@ def test_an_overflowing_sum_is_an_invalid_reading(path, statistic):
     automatic threshold measured in the grace period."""
     def run(spike):
         m = Toy(seed=5)
-        gs = GradES(m, None, GradESConfig(grace_steps=3, patience=1, statistic=statistic, stop_ratio=None))
-        use_path(gs, path)
+        gs = GradES(m, None, GradESConfig(grace_steps=3, patience=1, statistic=statistic, stop_ratio=None), rule=rule_for(path))
         for s in range(6):
             x, y = data(s)
             ((m(x) - y) ** 2).mean().backward()
@@ -908,7 +892,7 @@ def test_an_overflowing_sum_is_an_invalid_reading(path, statistic):
 def test_nan_total_norm_marks_the_step_invalid_in_both_formulas():
     """clip_coefficient of a NaN norm: NaN from the host formula as from the tensor formula a
     GPU norm takes (run here on a CPU tensor), and the two agree on other norms."""
-    from grades.policy import _clip_coefficient_float, _clip_coefficient_tensor, clip_coefficient
+    from grades.policy.clip import _clip_coefficient_float, _clip_coefficient_tensor, clip_coefficient
     nan = float("nan")
     assert np.isnan(clip_coefficient(nan, 1.0)) and np.isnan(clip_coefficient(torch.tensor(nan), 1.0))
     for norm in (nan, float("inf"), 0.0, 0.5, 1.0, 7.5, 1e30):
@@ -919,8 +903,7 @@ def test_nan_total_norm_marks_the_step_invalid_in_both_formulas():
         for kw in (dict(total_norm=torch.tensor(nan), max_norm=1.0), dict(total_norm=nan, max_norm=1.0),
                    dict(clip_coef=_clip_coefficient_tensor(torch.tensor(nan), 1.0))):
             m = Toy()
-            gs = GradES(m, None, GradESConfig(tau=1e9, grace_steps=0, patience=1, ema=None))
-            use_path(gs, path)
+            gs = GradES(m, None, GradESConfig(tau=1e9, grace_steps=0, patience=1, ema=None), rule=rule_for(path))
             x, y = data(0)
             ((m(x) - y) ** 2).mean().backward()
             gs.step(**kw)
@@ -944,8 +927,7 @@ def test_grace_period_without_a_valid_reading_warns(path):
     never freeze): the end of the grace period says which."""
     m = Toy(seed=5)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    gs = GradES(m, opt, GradESConfig(grace_steps=2, patience=1))
-    use_path(gs, path)
+    gs = GradES(m, opt, GradESConfig(grace_steps=2, patience=1), rule=rule_for(path))
 
     def hook(s):
         if s < 2:
@@ -956,8 +938,7 @@ def test_grace_period_without_a_valid_reading_warns(path):
         warnings.simplefilter("error")
         m2 = Toy(seed=5)
         opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
-        gs2 = GradES(m2, opt2, GradESConfig(grace_steps=2, patience=1))
-        use_path(gs2, path)
+        gs2 = GradES(m2, opt2, GradESConfig(grace_steps=2, patience=1), rule=rule_for(path))
         train(m2, opt2, gs2, 4)
 
 

@@ -8,9 +8,9 @@
 // component, participation, unclipping, statistic, EMA, thresholds, patience, freeze cap -- in one
 // pass over C components, in place on the very tensors Python holds.
 //
-// It must decide bitwise as the tensor path does (grades/policy.py, GradES._step_device): the same
+// It must decide bitwise as the torch rule does (grades/policy/rule.py, TorchRule): the same
 // float64 operations in the same order, each rounded once (the build disables FMA contraction),
-// IEEE division, and square roots taken by ATen itself. tests/test_policy.py runs the three paths side by side.
+// IEEE division, and square roots taken by ATen itself. tests/test_policy.py runs both side by side.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -25,6 +25,8 @@ namespace grades_cpu {
 namespace {
 
 enum Statistic : int64_t { kL1 = 0, kL2 = 1, kMeanAbs = 2, kRms = 3 };
+// bits of step()'s result, as grades/policy/rule.py names them (HISTORY_FULL, FROZE)
+constexpr int64_t kHistoryFull = 1, kFroze = 2;
 
 void check_state(const at::Tensor& t, at::ScalarType dtype, int64_t n, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided && t.is_contiguous(), what,
@@ -40,7 +42,7 @@ class HostPolicy {
   // counter, freeze_step: int64; the rest float64) and invalid_steps a 0-d int64 tensor; they are
   // updated in place. new_frozen: [C] bool, set to the components frozen by the last step().
   HostPolicy(at::Tensor idx, int64_t num_rows, int64_t statistic, at::Tensor numel, double ema, double ref_decay,
-             bool auto_mode, int64_t check_interval, int64_t need, int64_t max_frozen, at::Tensor frozen,
+             bool auto_mode, int64_t check_interval, int64_t patience, int64_t max_frozen, at::Tensor frozen,
              at::Tensor counter, at::Tensor ema_v, at::Tensor ema_w, at::Tensor ref, at::Tensor ref_w,
              at::Tensor thresh, at::Tensor freeze_step, at::Tensor last_stat, at::Tensor invalid_steps,
              at::Tensor new_frozen)
@@ -49,7 +51,7 @@ class HostPolicy {
         thresh_(std::move(thresh)), freeze_step_(std::move(freeze_step)), last_stat_(std::move(last_stat)),
         invalid_steps_(std::move(invalid_steps)), new_frozen_(std::move(new_frozen)), num_rows_(num_rows),
         statistic_(statistic), ema_(ema), ref_decay_(ref_decay), auto_(auto_mode),
-        check_interval_(check_interval), need_(need), max_frozen_(max_frozen) {
+        check_interval_(check_interval), patience_(patience), max_frozen_(max_frozen) {
     TORCH_CHECK(idx_.device().is_cpu() && idx_.is_contiguous() && idx_.scalar_type() == at::kLong &&
                     idx_.dim() == 2 && idx_.size(1) >= 1,
                 "idx must be a contiguous int64 CPU tensor [C, K], got ", idx_.scalar_type(), " ", idx_.sizes());
@@ -61,7 +63,7 @@ class HostPolicy {
       TORCH_CHECK(ix[i] >= 0 && ix[i] <= num_rows_, "idx entry ", ix[i], " outside [0, ", num_rows_, "]");
     TORCH_CHECK(statistic_ >= kL1 && statistic_ <= kRms, "unknown statistic code ", statistic_);
     TORCH_CHECK(ema_ >= 0.0 && ema_ < 1.0, "ema must be in [0, 1), got ", ema_);
-    TORCH_CHECK(check_interval_ >= 1 && need_ >= 1 && max_frozen_ >= 0, "bad check_interval/need/max_frozen");
+    TORCH_CHECK(check_interval_ >= 1 && patience_ >= 1 && max_frozen_ >= 0, "bad check_interval/patience/max_frozen");
     check_state(numel_, at::kDouble, C_, "numel");
     check_state(frozen_, at::kBool, C_, "frozen");
     check_state(counter_, at::kLong, C_, "counter");
@@ -73,35 +75,23 @@ class HostPolicy {
                 "invalid_steps must be a one-element int64 CPU tensor");
   }
 
-  // One optimizer step t (1-based) with grace period `grace`:
-  //   rows:     [num_rows, 3] float64 (sum g^2, sum |g|, non-finite count) per row of the table;
-  //   row_part: [num_rows] bool or None -- rows that had a gradient (a component takes part when
-  //             all its rows did);  took: [C] bool or None -- the same per component;
-  //   clip:     the factor the gradients were multiplied by (statistics are divided by it; a
-  //             value that is not finite and > 0 makes the step invalid), or None;
+  // One optimizer step t (1-based) with grace period `grace`, called as the torch rule is
+  // (grades/policy/rule.py, TorchRule.step):
+  //   rows:         [num_rows, 3] float64 (sum g^2, sum |g|, non-finite count) per row of the table;
+  //   row_part:     [num_rows] bool or None -- rows that had a gradient (a component takes part
+  //                 when all its rows did);  participated: [C] bool or None -- the same per component;
+  //   clip:         the factor the gradients were multiplied by (statistics are divided by it; a
+  //                 value that is not finite and > 0 makes the step invalid), or None;
   //   (a step is also invalid when any component's sum g^2 or sum |g| is not finite)
-  //   total_norm, max_norm: instead of clip, the total norm clip_grad_norm_ returned (a host
-  //             tensor) and the norm it clipped to;
-  //   skipped:  bool tensor, the optimizer skipped this step (non-finite gradients): the step is
-  //             invalid; None: it did not.
+  //   skipped:      bool tensor, the optimizer skipped this step (non-finite gradients): the step
+  //                 is invalid; None: it did not.
   // Records a history sample (step, frozen count, last statistic) when t is a multiple of the
   // history interval or something froze, if history buffers are bound and not full.
-  // Returns (number of components frozen by this step, listed in new_frozen) * 2 + (1 if the
-  // history buffers are now full, else 0): zero in the common case, nothing for the caller to do.
+  // Returns kFroze when components froze (listed in new_frozen) + kHistoryFull when the history
+  // buffers are now full: zero in the common case, nothing for the caller to do.
   int64_t step(const at::Tensor& rows, const c10::optional<at::Tensor>& row_part,
-               const c10::optional<at::Tensor>& took, c10::optional<double> clip,
-               const c10::optional<at::Tensor>& total_norm, double max_norm,
+               const c10::optional<at::Tensor>& participated, c10::optional<double> clip,
                const c10::optional<at::Tensor>& skipped_flag, int64_t t, int64_t grace) {
-    TORCH_CHECK(!(clip.has_value() && total_norm.has_value()), "give clip or total_norm, not both");
-    if (total_norm.has_value()) {
-      // the factor clip_grad_norm_ multiplied the gradients by, as grades.clip_coefficient
-      // computes it for a host value: min(1, max_norm / (total_norm + 1e-6)) in double
-      TORCH_CHECK(total_norm->device().is_cpu() && total_norm->numel() == 1,
-                  "total_norm must be a one-element CPU tensor, got ", total_norm->sizes(), " on ",
-                  total_norm->device());
-      const double x = max_norm / (total_norm->item<double>() + 1e-6);
-      clip = x >= 1.0 ? 1.0 : x;  // a NaN ratio stays NaN (an invalid step), as torch's clamp keeps it
-    }
     bool skipped = false;
     if (skipped_flag.has_value()) {
       TORCH_CHECK(skipped_flag->device().is_cpu() && skipped_flag->numel() == 1 &&
@@ -119,9 +109,9 @@ class HostPolicy {
       rp = row_part->data_ptr<bool>();
     }
     const bool* tk = nullptr;
-    if (took.has_value()) {
-      check_state(*took, at::kBool, C_, "took");
-      tk = took->data_ptr<bool>();
+    if (participated.has_value()) {
+      check_state(*participated, at::kBool, C_, "participated");
+      tk = participated->data_ptr<bool>();
     }
     const double* r = rows.data_ptr<double>();
     const int64_t* ix = idx_.data_ptr<int64_t>();
@@ -225,7 +215,7 @@ class HostPolicy {
       } else if (decide && ok) {
         const bool below = live && cur < thresh[i];
         counter[i] = below ? counter[i] + 1 : 0;
-        if (live && counter[i] >= need_ && room > 0) {
+        if (live && counter[i] >= patience_ && room > 0) {
           // the earliest components in order win when more qualify than the cap allows
           --room;
           ++n_new;
@@ -255,10 +245,8 @@ class HostPolicy {
         thresh[i] = thresh[i] * (ref_w[i] > 0.0 ? level : -1.0);
       }
     }
-    return n_new * 2 + (full ? 1 : 0);
+    return (n_new > 0 ? kFroze : 0) + (full ? kHistoryFull : 0);
   }
-
-  int64_t num_components() const { return C_; }
 
   // History buffers: steps [cap] int64, frozen [cap] int64, stat [cap, C] float64, and the number
   // of samples in them n [1] int64 (shared with Python, which thins and grows them); a sample is
@@ -285,7 +273,7 @@ class HostPolicy {
   int64_t num_rows_, statistic_;
   double ema_, ref_decay_;
   bool auto_;
-  int64_t check_interval_, need_, max_frozen_;
+  int64_t check_interval_, patience_, max_frozen_;
   int64_t C_ = 0, K_ = 1;
   at::Tensor hist_steps_, hist_frozen_, hist_stat_, hist_n_;
   int64_t hist_every_ = 1;
@@ -303,15 +291,14 @@ void register_policy(pybind11::module& m) {
                     at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                     at::Tensor, at::Tensor, at::Tensor>(),
            py::arg("idx"), py::arg("num_rows"), py::arg("statistic"), py::arg("numel"), py::arg("ema"),
-           py::arg("ref_decay"), py::arg("auto_mode"), py::arg("check_interval"), py::arg("need"),
+           py::arg("ref_decay"), py::arg("auto_mode"), py::arg("check_interval"), py::arg("patience"),
            py::arg("max_frozen"), py::arg("frozen"), py::arg("counter"), py::arg("ema_v"), py::arg("ema_w"),
            py::arg("ref"), py::arg("ref_w"), py::arg("thresh"), py::arg("freeze_step"), py::arg("last_stat"),
            py::arg("invalid_steps"), py::arg("new_frozen"))
-      .def("step", &HostPolicy::step, py::arg("rows"), py::arg("row_part"), py::arg("took"), py::arg("clip"),
-           py::arg("total_norm"), py::arg("max_norm"), py::arg("skipped"), py::arg("t"), py::arg("grace"))
+      .def("step", &HostPolicy::step, py::arg("rows"), py::arg("row_part"), py::arg("participated"),
+           py::arg("clip"), py::arg("skipped"), py::arg("t"), py::arg("grace"))
       .def("bind_history", &HostPolicy::bind_history, py::arg("steps"), py::arg("frozen"), py::arg("stat"),
-           py::arg("n"), py::arg("every"))
-      .def_property_readonly("num_components", &HostPolicy::num_components);
+           py::arg("n"), py::arg("every"));
 }
 
 }  // namespace grades_cpu

@@ -1,0 +1,183 @@
+"""Settings of the GradES policy: :class:`GradESConfig`, validated when constructed."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional, Union
+
+from .._checks import is_integer, is_real
+
+STATISTICS = ("l1", "l2", "mean_abs", "rms")
+
+#: Default relative threshold of the automatic mode: a component freezes once its statistic has
+#: fallen below this fraction of its own level at the end of the grace period.
+DEFAULT_REL_TAU = 0.5
+
+#: Decay of the running mean that records each component's level during the grace period in
+#: the automatic mode (about the last ten grace steps count).
+REF_DECAY = 0.9
+
+#: Default EMA decay of the statistic and default patience (consecutive checks below the
+#: threshold). A single step's statistic is noisy; these defaults keep noise from freezing a
+#: matrix while a real drop is still caught within about a dozen steps.
+DEFAULT_EMA = 0.9
+DEFAULT_PATIENCE = 3
+
+TauLike = Union[float, Mapping[str, float], None]
+
+
+def _check_tau(name: str, v: TauLike, upper: float = math.inf) -> None:
+    if v is None:
+        return
+    items = v.items() if isinstance(v, Mapping) else [(None, v)]
+    if isinstance(v, Mapping) and not v:
+        raise ValueError(f"{name} is an empty mapping; give at least one component type")
+    for k, x in items:
+        where = f"{name}[{k!r}]" if k is not None else name
+        if k is not None and not isinstance(k, str):
+            raise TypeError(f"{name} keys must be component type names (str), got {k!r}")
+        if not is_real(x):
+            raise TypeError(f"{where} must be a real number, got {type(x).__name__}")
+        if not math.isfinite(x) or x <= 0 or x > upper:
+            bound = f" and at most {upper}" if math.isfinite(upper) else ""
+            raise ValueError(f"{where} must be a finite number > 0{bound}, got {x}")
+
+
+@dataclass
+class GradESConfig:
+    """Settings of the GradES policy (validated when constructed).
+
+    Threshold (give at most one of ``tau`` and ``rel_tau``; neither means automatic mode with
+    ``rel_tau = DEFAULT_REL_TAU``):
+
+    Attributes:
+        tau: absolute threshold on the statistic (in the statistic's units, e.g. sum of |g| for
+            ``"l1"``): one number for every component, or a mapping ``{component type: tau}``
+            (e.g. ``{"attention": 2e-3, "mlp": 5e-3}``; the key ``"default"`` covers types not
+            listed; a key naming a type no component has is an error).
+        rel_tau: automatic mode: each component's threshold is ``rel_tau`` times its own
+            statistic level at the end of the grace period (a running mean of the last grace
+            steps, recorded on the device); a number or a per-type mapping, in ``(0, 1]``. A
+            component without a single valid reading during the grace period (no gradient, or
+            only steps with non-finite gradients or statistics) has no level to measure: it gets
+            no threshold and never freezes (so ``stop_ratio=1`` is never reached); GradES warns,
+            naming such components, when the grace period ends.
+        statistic: ``"l1"`` (sum of |g|, the paper's), ``"l2"`` (sqrt of sum g^2), ``"mean_abs"``
+            (l1 / numel) or ``"rms"`` (sqrt(sum g^2 / numel)).
+        ema: decay in ``[0, 1)`` of an exponential moving average (bias-corrected, per step) applied
+            to the statistic before thresholding; ``None`` or ``0`` uses each step's raw value
+            (the paper's rule). Default :data:`DEFAULT_EMA`.
+        alpha: grace period as a fraction of ``total_steps``, in ``[0, 1)`` (``alpha > 0`` gives at
+            least one grace step, however short the run).
+        grace_steps: grace period in optimizer steps (overrides ``alpha``); less than
+            ``total_steps`` when both are given.
+        total_steps: planned number of optimizer steps (needed with ``alpha > 0`` unless
+            ``grace_steps`` is given; the Trainer callback fills it in).
+        patience: a component freezes once its statistic has been below tau on this many
+            consecutive check steps (``0`` and ``1`` both freeze at the first check below tau).
+            Default :data:`DEFAULT_PATIENCE`.
+        check_interval: decide every this many optimizer steps after the grace period (>= 1).
+        max_frozen_ratio: at most ``floor(max_frozen_ratio * C)`` of the ``C`` components are ever
+            frozen (in ``(0, 1]``; at least one); when more qualify at once, the earliest in
+            component order win.
+        stop_ratio: ``should_stop`` turns true once ``ceil(stop_ratio * C)`` components are frozen,
+            or as many as ``max_frozen_ratio`` allows if that is fewer (``None``: never).
+        history_every: record the statistics into the history every this many steps.
+        history_max: keep at most this many history samples (older ones are thinned).
+    """
+
+    tau: TauLike = None
+    rel_tau: TauLike = None
+    statistic: str = "l1"
+    ema: Optional[float] = DEFAULT_EMA
+    alpha: float = 0.3
+    grace_steps: Optional[int] = None
+    total_steps: Optional[int] = None
+    patience: int = DEFAULT_PATIENCE
+    check_interval: int = 1
+    max_frozen_ratio: float = 1.0
+    stop_ratio: Optional[float] = 1.0
+    history_every: int = 1
+    history_max: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.tau is not None and self.rel_tau is not None:
+            raise ValueError("give either tau (absolute threshold) or rel_tau (automatic mode), not both")
+        _check_tau("tau", self.tau)
+        _check_tau("rel_tau", self.rel_tau, upper=1.0)
+        if not isinstance(self.statistic, str) or self.statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {self.statistic!r}; choose one of {', '.join(STATISTICS)}")
+        if self.ema is not None:
+            if not is_real(self.ema) or not (0.0 <= self.ema < 1.0):
+                raise ValueError(f"ema must be None or a decay in [0, 1), got {self.ema!r}")
+        if not is_real(self.alpha) or not (0.0 <= self.alpha < 1.0):
+            raise ValueError(f"alpha must be in [0, 1) (fraction of total steps spent in the grace "
+                             f"period), got {self.alpha!r}")
+        for name in ("grace_steps", "total_steps"):
+            v = getattr(self, name)
+            if v is not None and (not is_integer(v) or v < 0):
+                raise ValueError(f"{name} must be None or a non-negative integer, got {v!r}")
+        if self.total_steps is not None and self.total_steps == 0:
+            raise ValueError("total_steps must be positive")
+        if self.grace_steps is not None and self.total_steps is not None and self.grace_steps >= self.total_steps:
+            raise ValueError(f"grace_steps={self.grace_steps} leaves no step to decide in a run of "
+                             f"total_steps={self.total_steps}; use fewer grace steps")
+        if not is_integer(self.patience) or self.patience < 0:
+            raise ValueError(f"patience must be a non-negative integer, got {self.patience!r}")
+        for name in ("check_interval", "history_every", "history_max"):
+            v = getattr(self, name)
+            if not is_integer(v) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not is_real(self.max_frozen_ratio) or not (0.0 < self.max_frozen_ratio <= 1.0):
+            raise ValueError(f"max_frozen_ratio must be in (0, 1], got {self.max_frozen_ratio!r}")
+        if self.stop_ratio is not None:
+            if not is_real(self.stop_ratio) or not (0.0 < self.stop_ratio <= 1.0):
+                raise ValueError(f"stop_ratio must be None or in (0, 1], got {self.stop_ratio!r}")
+            if self.stop_ratio > self.max_frozen_ratio:
+                raise ValueError(f"stop_ratio={self.stop_ratio} can never be reached with "
+                                 f"max_frozen_ratio={self.max_frozen_ratio}; lower it or set stop_ratio=None")
+        # plain Python numbers from here on (NumPy scalars from a sweep grid would break the JSON
+        # of checkpoints and histories)
+        for name in ("grace_steps", "total_steps", "patience", "check_interval", "history_every", "history_max"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, int(v))
+        for name in ("ema", "alpha", "max_frozen_ratio", "stop_ratio"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, float(v))
+        for name in ("tau", "rel_tau"):
+            v = getattr(self, name)
+            if isinstance(v, Mapping):
+                setattr(self, name, {str(k): float(x) for k, x in v.items()})
+            elif v is not None:
+                setattr(self, name, float(v))
+
+    @property
+    def auto(self) -> bool:
+        """Whether thresholds are relative to each component's own level (automatic mode)."""
+        return self.tau is None
+
+    def grace(self, total_steps: Optional[int] = None) -> int:
+        """The grace period in steps for a run of ``total_steps`` (or ``self.total_steps``)."""
+        if self.grace_steps is not None:
+            return int(self.grace_steps)
+        total = self.total_steps if total_steps is None else total_steps
+        if self.alpha == 0:
+            return 0
+        if total is None:
+            raise ValueError(f"alpha={self.alpha} needs the planned number of steps: pass total_steps "
+                             "(or grace_steps) in GradESConfig")
+        return max(1, int(self.alpha * total))  # alpha > 0 means a grace period, even in a short run
+
+    def to_dict(self) -> dict:
+        """The settings as plain Python values (JSON-safe)."""
+        d = asdict(self)
+        for k in ("tau", "rel_tau"):
+            if isinstance(d[k], Mapping):
+                d[k] = dict(d[k])
+        return d
+
+
+
+__all__ = ["GradESConfig", "STATISTICS", "DEFAULT_REL_TAU", "DEFAULT_EMA", "DEFAULT_PATIENCE", "REF_DECAY", "TauLike"]
