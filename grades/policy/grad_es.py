@@ -102,6 +102,7 @@ class GradES(Checkpointing):
         self.rule_kind = select_rule(rule, dev)
         self._host_rule = self.rule_kind == "native"
         self._rule: Any = None  # built at the first step (the extension may have to be compiled)
+        self._rule_generation = 0  # the optimizer link's row map the rule was built for
         self.step_count = 0
         self.last_stats_step = 0
         self._last_stats: Optional[np.ndarray] = None
@@ -191,7 +192,30 @@ class GradES(Checkpointing):
         Raises:
             TypeError, ValueError: a bad argument (then no step is counted).
         """
-        # every argument is checked before anything changes: a rejected call counts no step
+        if clip_coef is not None or total_norm is not None or max_norm is not None:
+            clip_coef = self._clip_factor(clip_coef, total_norm, max_norm)
+        link = self._link
+        if link is not None:
+            calls = link.new_step()
+            if calls is None:
+                self._warn_no_new_step()  # e.g. called once per micro-batch: nothing new to count
+                return
+            if link.generation != self._rule_generation:  # parameter groups were added: a new table
+                self._rule = None
+        rule = self._rule
+        if rule is None:
+            rule = self._rule = self._build_rule()
+        if self._host_rule:  # the native rule writes no autograd-tracked tensor: no no_grad() needed
+            self._step(rule, clip_coef)
+        else:
+            with torch.no_grad():
+                self._step(rule, clip_coef)
+        if link is not None:
+            link.calls = calls
+
+    def _clip_factor(self, clip_coef: Any, total_norm: Any, max_norm: Any) -> Union[None, float, torch.Tensor]:
+        """The clip factor from :meth:`step`'s arguments, checked (before anything changes: a
+        rejected call counts no step), as the rule takes it."""
         if clip_coef is not None and type(clip_coef) is not float:
             check_coefficient(clip_coef, "clip_coef")
         if total_norm is not None or max_norm is not None:
@@ -203,26 +227,15 @@ class GradES(Checkpointing):
             if type(total_norm) is not float:
                 check_coefficient(total_norm, "total_norm")
             clip_coef = clip_coefficient(total_norm, float(max_norm))
-        link = self._link
-        if link is not None:
-            if not link.new_step():
-                self._warn_no_new_step()  # e.g. called once per micro-batch: nothing new to count
-                return
-            if link.remapped:  # parameter groups were added: a rule for the new table
-                link.remapped, self._rule = False, None
-        rule = self._rule
-        if rule is None:
-            rule = self._rule = self._build_rule()
-        if type(clip_coef) is not float and clip_coef is not None:
-            clip_coef = self._host_clip(clip_coef)
-        with torch.no_grad():
-            self._step(rule, clip_coef)
-        if link is not None:
-            link.counted()
+        if type(clip_coef) is float:
+            return clip_coef
+        return self._host_clip(clip_coef)
 
     def _host_clip(self, clip: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
         """A clip factor as the rule takes it: a float where it is a number or a host value (or
         the rule is native), the full value of a DTensor."""
+        if clip is None:
+            return None
         if not isinstance(clip, torch.Tensor):
             return float(clip)  # a NumPy scalar and the like
         if is_dtensor(clip):
@@ -236,6 +249,7 @@ class GradES(Checkpointing):
         else:
             idx, n = src.idx, src.num_rows
         rule = make_rule(self.rule_kind, idx, n, self.config, self._numel, self._max_frozen, self.state)
+        self._rule_generation = self._link.generation if self._link is not None else 0
         if self._host_rule:
             self._history.bind(rule, self._history.base * self._history.stride)
         return rule

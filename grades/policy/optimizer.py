@@ -46,9 +46,9 @@ class OptimizerLink:
                  require_all: bool = True):
         self.optimizer, self.components, self.device, self.require_all = optimizer, components, device, require_all
         self.host_mask = np.zeros(0, dtype=bool)
+        self.generation = 0  # counts row maps: a rule built over an older one must be rebuilt
         self._map()
         self.calls: Optional[int] = None  # the optimizer's step_calls at the last step counted
-        self.remapped = False  # rows appended since the owner last looked (its rule needs rebuilding)
 
     #: a source that could find no gradient at all says so (the optimizer's rows always exist)
     all_missing = False
@@ -78,17 +78,15 @@ class OptimizerLink:
                                      "pass every tracked parameter to the optimizer") from e
         return out
 
-    def new_step(self) -> bool:
-        """Whether the optimizer has stepped since the last counted step (follows parameter groups
-        appended with ``add_param_group``; ``ValueError`` for any other change)."""
+    def new_step(self) -> Optional[int]:
+        """The optimizer's step count when it has stepped since the last counted step (the
+        owner sets :attr:`calls` to it once counted), else ``None``. Follows parameter groups
+        appended with ``add_param_group`` (``ValueError`` for any other change)."""
         opt = self.optimizer
-        if opt.num_params != self.num_rows:
+        if len(opt.param_list) != self.num_rows:
             self._follow_change()
-        return opt.step_calls != self.calls
-
-    def counted(self) -> None:
-        """Record that the optimizer's current step has been counted."""
-        self.calls = self.optimizer.step_calls
+        calls = opt.step_calls
+        return None if calls == self.calls else calls
 
     def _follow_change(self) -> None:
         n_old, n = self.num_rows, self.optimizer.num_params
@@ -104,7 +102,7 @@ class OptimizerLink:
                              "); GradES only follows parameter groups added with add_param_group: build GradES "
                              "again after changing the optimizer's parameters")
         self._map()
-        self.remapped = True
+        self.generation += 1
 
     def gather(self, frozen: torch.Tensor) -> Gathered:
         """The optimizer's statistics of its last step: rows ``[P, 3]``, which rows took part and
