@@ -2,7 +2,8 @@
 test-time-compute-aware early stopping for PyTorch training loops."""
 from __future__ import annotations
 
-from ._validate import SegmentTable, STATS_DTYPE, SUMSQ, SUMABS, NONFINITE
+from ._validate import STATS_DTYPE, SUMSQ, SUMABS, NONFINITE
+from .segment_table import SegmentTable
 from .ops import grad_stats, masked_adamw_
 from .policy import GradES, GradESConfig
 from .optim import FrozenAwareAdamW

@@ -14,9 +14,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import backends
-from ._validate import (STATS_DTYPE, SegmentTable, SegmentsLike, as_tensor_list, check_frozen, check_no_overlap,
-                        check_out, check_plain, check_same_device, check_tensor, check_writable, mark_written,
-                        resolve_segments)
+from ._validate import (STATS_DTYPE, as_tensor_list, check_frozen, check_no_overlap, check_out, check_plain,
+                        check_same_device, check_tensor, check_writable, mark_written)
+from .segment_table import SegmentTable, SegmentsLike, resolve_segments
 from .backends.base import AdamWArgs
 
 TensorList = Sequence[torch.Tensor]

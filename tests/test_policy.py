@@ -347,6 +347,26 @@ def rule_for(path: str) -> str:
     return path
 
 
+def test_optimizer_and_rule_arguments_are_checked():
+    """Anything but an optimizer (or None) is a TypeError; the rule is named from RULES, and the
+    policy drives an optimizer through the FreezableOptimizer contract only (a stock optimizer
+    that happens to have a ``freeze_mask_`` attribute is not one)."""
+    m = Toy()
+    for bad in ("x", 3, [torch.zeros(1)]):
+        with pytest.raises(TypeError, match="optimizer must be"):
+            GradES(m, bad, GradESConfig(tau=1.0, grace_steps=0))
+    with pytest.raises(ValueError, match="rule must be one of"):
+        GradES(m, None, GradESConfig(tau=1.0, grace_steps=0), rule="numpy")
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    opt.freeze_mask_ = lambda mask: None
+    opt.last_grad_stats = opt.param_list = None
+    gs = GradES(m, opt, GradESConfig(tau=1.0, grace_steps=0))
+    assert not gs.frozen_aware and isinstance(gs.source, grades.policy.GradListSource)
+    faw = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)
+    assert GradES(m, faw, GradESConfig(tau=1.0, grace_steps=0)).frozen_aware
+    assert isinstance(faw, grades.contract.FreezableOptimizer)
+
+
 def pairs(m: nn.Module) -> list[Component]:
     """LoRA-like components: two matrices each (q+o, up+down of each layer), to exercise the
     per-component row sums."""

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from grades import ops  # noqa: E402
-from grades._validate import SegmentTable  # noqa: E402
+from grades.segment_table import SegmentTable  # noqa: E402
 from grades.backends import triton_backend as tb  # noqa: E402
 from grades.backends._triton_kernels import _bf16_rne  # noqa: E402
 

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._validate import chunk_rows
+from ..segment_table import chunk_rows
 from .base import AdamWArgs, Backend
 
 _LIST_CACHE_SIZE = 64

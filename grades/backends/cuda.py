@@ -22,7 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._validate import DeviceCopy, chunk_rows
+from .._validate import DeviceCopy
+from ..segment_table import chunk_rows
 from .base import AdamWArgs, Backend
 
 #: elements per chunk (one thread block each); at most 2**30 (the kernels index chunks with int)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from .._validate import SegmentTable
+from ..segment_table import SegmentTable
 from .megatron import FlatGradSource, shard_segment_table
 
 
@@ -35,13 +35,6 @@ def sharded_flat_source(local_buffer: torch.Tensor, full_table: SegmentTable, st
         full_table = SegmentTable(full_table)
     local = shard_segment_table(full_table, start, start + local_buffer.numel())
     return FlatGradSource(local_buffer, local)
-
-
-def all_reduce_stats_(stats: torch.Tensor, group: Optional[Any] = None) -> torch.Tensor:
-    """Sum per-component partial statistics ``[C, 3]`` over ``group`` in place (one all-reduce)."""
-    import torch.distributed as dist
-    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-    return stats
 
 
 def decisions_agree(gs: Any, group: Optional[Any] = None) -> bool:
@@ -56,4 +49,4 @@ def decisions_agree(gs: Any, group: Optional[Any] = None) -> bool:
     return all(torch.equal(g, got[0]) for g in got)
 
 
-__all__ = ["sharded_flat_source", "all_reduce_stats_", "decisions_agree"]
+__all__ = ["sharded_flat_source", "decisions_agree"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validate import SegmentTable
+from ..segment_table import SegmentTable
 from ..components import Component
 from ..ops import grad_stats
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping
 
-import torch
 
 from .freezing import name_list
 from .state import check_saved
