@@ -22,7 +22,7 @@ from .freezing import Freezer, name_list
 from .history import History
 from .optimizer import OptimizerLink, unwrap_optimizer
 from .record import HostCopies
-from .rule import FROZE, HISTORY_FULL, component_sums, make_rule, select_rule
+from .rule import FROZE, HISTORY_FULL, component_sums, is_identity, make_rule, select_rule
 from .sharding import all_reduce_partials, dtensor_group, is_dtensor, local
 from .sources import CustomSource, GradListSource, StatsSource
 from .state import DecisionState
@@ -244,6 +244,7 @@ class GradES(Checkpointing):
 
     def _build_rule(self) -> Any:
         src = self._input
+        self._identity = is_identity(src.idx, src.num_rows)  # the table holds the sums: no gather
         if self.process_group is not None:  # the rule sees component totals, after the all-reduce
             idx, n = torch.arange(len(self.components), device=self.device)[:, None], len(self.components)
         else:
@@ -263,7 +264,7 @@ class GradES(Checkpointing):
         if src.all_missing:
             self._warn_no_grad()
         if self.process_group is not None:
-            rows, part = component_sums(rows, row_part, part, clip, src.idx)
+            rows, part = component_sums(rows, row_part, part, clip, src.idx, self._identity)
             rows, part = all_reduce_partials(rows, part, self.process_group)
             row_part = clip = None
         t = self.step_count + 1

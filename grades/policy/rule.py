@@ -87,19 +87,31 @@ def make_rule(kind: str, idx: torch.Tensor, num_rows: int, config: GradESConfig,
                           invalid_steps=s.invalid_steps, new_frozen=s.new_frozen)
 
 
+def is_identity(idx: torch.Tensor, num_rows: int) -> bool:
+    """Whether the row map ``idx`` ``[C, K]`` names row ``i`` for component ``i`` and nothing else
+    (then the table already holds the component sums). A host sync where ``idx`` is on a device."""
+    C = idx.shape[0]
+    return idx.shape[1] == 1 and num_rows == C and torch.equal(idx[:, 0].cpu(), torch.arange(C))
+
+
 def component_sums(rows: torch.Tensor, row_part: Optional[torch.Tensor], participated: Optional[torch.Tensor],
-                   clip: Union[None, float, torch.Tensor], idx: torch.Tensor
+                   clip: Union[None, float, torch.Tensor], idx: torch.Tensor, identity: bool = False
                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-component statistics ``[C, 3]`` from the table ``rows`` ``[N, 3]``: the rows each row
     of ``idx`` ``[C, K]`` names (pad ``N`` reads a zero row), added in the order ``k = 0, 1, ...``
     on every device, then unclipped. Also which components took part (all their rows in
-    ``row_part`` bool ``[N]``, and ``participated`` bool ``[C]``; ``None``: all)."""
-    ext = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    out = ext.index_select(0, idx[:, 0])
-    for j in range(1, idx.shape[1]):
-        out = out + ext.index_select(0, idx[:, j])
-    if row_part is not None:
-        part = torch.cat([row_part.to(idx.device), row_part.new_ones(1, device=idx.device)])[idx].all(dim=1)
+    ``row_part`` bool ``[N]``, and ``participated`` bool ``[C]``; ``None``: all). ``identity``:
+    :func:`is_identity` holds for ``idx`` (no gather needed)."""
+    if identity:
+        out, part = rows, row_part
+    else:
+        ext = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        out = ext.index_select(0, idx[:, 0])
+        for j in range(1, idx.shape[1]):
+            out = out + ext.index_select(0, idx[:, j])
+        part = (None if row_part is None else
+                torch.cat([row_part.to(idx.device), row_part.new_ones(1, device=idx.device)])[idx].all(dim=1))
+    if part is not None:
         participated = part if participated is None else participated & part
     return unclip(out, clip), participated
 
@@ -114,6 +126,7 @@ class TorchRule:
         self.idx, self.num_rows, self.statistic, self.numel = idx, num_rows, STATISTICS[statistic], numel
         self.ema, self.ref_decay, self.auto = ema, ref_decay, auto_mode
         self.check_interval, self.patience, self.max_frozen, self.s = check_interval, patience, max_frozen, state
+        self._identity = is_identity(idx, num_rows)
 
     def _value(self, stats: torch.Tensor) -> torch.Tensor:
         kind = self.statistic
@@ -129,7 +142,7 @@ class TorchRule:
              clip: Union[None, float, torch.Tensor], skipped: Optional[torch.Tensor], t: int, grace: int) -> int:
         """One optimizer step ``t`` (1-based) with grace period ``grace``; see the module docstring."""
         s = self.s
-        stats, took = component_sums(rows, row_part, participated, clip, self.idx)
+        stats, took = component_sums(rows, row_part, participated, clip, self.idx, self._identity)
         live = ~s.frozen
         # a valid reading: no non-finite gradient value and no overflowed sum (a finite gradient
         # beyond ~1e19 gives an infinite float32 sum of squares)
@@ -181,5 +194,5 @@ class TorchRule:
         s.new_frozen.copy_(cand)
 
 
-__all__ = ["FROZE", "HISTORY_FULL", "RULES", "TorchRule", "component_sums", "make_rule", "native_available",
-           "select_rule"]
+__all__ = ["FROZE", "HISTORY_FULL", "RULES", "TorchRule", "component_sums", "is_identity", "make_rule",
+           "native_available", "select_rule"]
