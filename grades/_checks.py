@@ -41,9 +41,19 @@ def check_number(v: Any, name: str, *, lo: float = -math.inf, hi: float = math.i
     below = x <= lo if lo_open else x < lo
     above = x >= hi if hi_open else x > hi
     if not math.isfinite(x) or below or above:
-        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be a finite number in {rng}, got {v!r}")
+        what = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name} must be {what} {_range(lo, hi, lo_open, hi_open)}, got {v!r}")
     return x
+
+
+def _range(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
+    if math.isfinite(lo) and math.isfinite(hi):
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if math.isfinite(lo):
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if math.isfinite(hi):
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return ""
 
 
 def check_coefficient(v: Any, name: str) -> None:

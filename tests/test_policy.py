@@ -79,6 +79,15 @@ def test_bad_config_raises(kwargs, match):
         GradESConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ema="0.9"), "ema"), (dict(patience=1.5), "patience"), (dict(tau=True), "tau"),
+    (dict(tau={"mlp": "1"}), r"tau\['mlp'\]"), (dict(tau={1: 1.0}), "keys"), (dict(stop_ratio=[1]), "stop_ratio"),
+])
+def test_config_of_the_wrong_type_raises_type_error(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        GradESConfig(**kwargs)
+
+
 def test_config_needs_total_steps_for_alpha():
     with pytest.raises(ValueError, match="total_steps"):
         GradES(Toy(), None, GradESConfig(alpha=0.3))

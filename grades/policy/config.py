@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Union
 
-from .._checks import is_integer, is_real
+from .._checks import check_number
 
 STATISTICS = ("l1", "l2", "mean_abs", "rms")
 
@@ -26,21 +26,19 @@ DEFAULT_PATIENCE = 3
 TauLike = Union[float, Mapping[str, float], None]
 
 
-def _check_tau(name: str, v: TauLike, upper: float = math.inf) -> None:
+def _check_tau(name: str, v: TauLike, upper: float = math.inf) -> TauLike:
+    """``v`` (a number or a ``{component type: number}`` mapping, each in ``(0, upper]``) as
+    plain floats; ``TypeError``/``ValueError`` naming the entry otherwise."""
     if v is None:
-        return
-    items = v.items() if isinstance(v, Mapping) else [(None, v)]
-    if isinstance(v, Mapping) and not v:
+        return None
+    if not isinstance(v, Mapping):
+        return check_number(v, name, lo=0.0, lo_open=True, hi=upper)
+    if not v:
         raise ValueError(f"{name} is an empty mapping; give at least one component type")
-    for k, x in items:
-        where = f"{name}[{k!r}]" if k is not None else name
-        if k is not None and not isinstance(k, str):
+    for k in v:
+        if not isinstance(k, str):
             raise TypeError(f"{name} keys must be component type names (str), got {k!r}")
-        if not is_real(x):
-            raise TypeError(f"{where} must be a real number, got {type(x).__name__}")
-        if not math.isfinite(x) or x <= 0 or x > upper:
-            bound = f" and at most {upper}" if math.isfinite(upper) else ""
-            raise ValueError(f"{where} must be a finite number > 0{bound}, got {x}")
+    return {k: check_number(x, f"{name}[{k!r}]", lo=0.0, lo_open=True, hi=upper) for k, x in v.items()}
 
 
 @dataclass
@@ -101,57 +99,30 @@ class GradESConfig:
     history_max: int = 2000
 
     def __post_init__(self) -> None:
+        # checked, and plain Python numbers from here on (NumPy scalars from a sweep grid would
+        # break the JSON of checkpoints and histories)
         if self.tau is not None and self.rel_tau is not None:
             raise ValueError("give either tau (absolute threshold) or rel_tau (automatic mode), not both")
-        _check_tau("tau", self.tau)
-        _check_tau("rel_tau", self.rel_tau, upper=1.0)
+        self.tau = _check_tau("tau", self.tau)
+        self.rel_tau = _check_tau("rel_tau", self.rel_tau, upper=1.0)
         if not isinstance(self.statistic, str) or self.statistic not in STATISTICS:
             raise ValueError(f"unknown statistic {self.statistic!r}; choose one of {', '.join(STATISTICS)}")
-        if self.ema is not None:
-            if not is_real(self.ema) or not (0.0 <= self.ema < 1.0):
-                raise ValueError(f"ema must be None or a decay in [0, 1), got {self.ema!r}")
-        if not is_real(self.alpha) or not (0.0 <= self.alpha < 1.0):
-            raise ValueError(f"alpha must be in [0, 1) (fraction of total steps spent in the grace "
-                             f"period), got {self.alpha!r}")
-        for name in ("grace_steps", "total_steps"):
-            v = getattr(self, name)
-            if v is not None and (not is_integer(v) or v < 0):
-                raise ValueError(f"{name} must be None or a non-negative integer, got {v!r}")
-        if self.total_steps is not None and self.total_steps == 0:
-            raise ValueError("total_steps must be positive")
+        self.ema = check_number(self.ema, "ema", lo=0.0, hi=1.0, hi_open=True, none=True)
+        # alpha: the fraction of total_steps spent in the grace period
+        self.alpha = check_number(self.alpha, "alpha", lo=0.0, hi=1.0, hi_open=True)
+        self.grace_steps = check_number(self.grace_steps, "grace_steps", lo=0, integer=True, none=True)
+        self.total_steps = check_number(self.total_steps, "total_steps", lo=1, integer=True, none=True)
         if self.grace_steps is not None and self.total_steps is not None and self.grace_steps >= self.total_steps:
             raise ValueError(f"grace_steps={self.grace_steps} leaves no step to decide in a run of "
                              f"total_steps={self.total_steps}; use fewer grace steps")
-        if not is_integer(self.patience) or self.patience < 0:
-            raise ValueError(f"patience must be a non-negative integer, got {self.patience!r}")
+        self.patience = check_number(self.patience, "patience", lo=0, integer=True)
         for name in ("check_interval", "history_every", "history_max"):
-            v = getattr(self, name)
-            if not is_integer(v) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not is_real(self.max_frozen_ratio) or not (0.0 < self.max_frozen_ratio <= 1.0):
-            raise ValueError(f"max_frozen_ratio must be in (0, 1], got {self.max_frozen_ratio!r}")
-        if self.stop_ratio is not None:
-            if not is_real(self.stop_ratio) or not (0.0 < self.stop_ratio <= 1.0):
-                raise ValueError(f"stop_ratio must be None or in (0, 1], got {self.stop_ratio!r}")
-            if self.stop_ratio > self.max_frozen_ratio:
-                raise ValueError(f"stop_ratio={self.stop_ratio} can never be reached with "
-                                 f"max_frozen_ratio={self.max_frozen_ratio}; lower it or set stop_ratio=None")
-        # plain Python numbers from here on (NumPy scalars from a sweep grid would break the JSON
-        # of checkpoints and histories)
-        for name in ("grace_steps", "total_steps", "patience", "check_interval", "history_every", "history_max"):
-            v = getattr(self, name)
-            if v is not None:
-                setattr(self, name, int(v))
-        for name in ("ema", "alpha", "max_frozen_ratio", "stop_ratio"):
-            v = getattr(self, name)
-            if v is not None:
-                setattr(self, name, float(v))
-        for name in ("tau", "rel_tau"):
-            v = getattr(self, name)
-            if isinstance(v, Mapping):
-                setattr(self, name, {str(k): float(x) for k, x in v.items()})
-            elif v is not None:
-                setattr(self, name, float(v))
+            setattr(self, name, check_number(getattr(self, name), name, lo=1, integer=True))
+        self.max_frozen_ratio = check_number(self.max_frozen_ratio, "max_frozen_ratio", lo=0.0, lo_open=True, hi=1.0)
+        self.stop_ratio = check_number(self.stop_ratio, "stop_ratio", lo=0.0, lo_open=True, hi=1.0, none=True)
+        if self.stop_ratio is not None and self.stop_ratio > self.max_frozen_ratio:
+            raise ValueError(f"stop_ratio={self.stop_ratio} can never be reached with "
+                             f"max_frozen_ratio={self.max_frozen_ratio}; lower it or set stop_ratio=None")
 
     @property
     def auto(self) -> bool:
