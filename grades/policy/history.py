@@ -11,8 +11,8 @@ import torch
 class History:
     """Sampled statistics over time in preallocated NumPy arrays: per sample the optimizer step,
     the number of frozen components and the statistic ``[C]``; at most ``limit`` samples kept
-    (the owner thins them out when :meth:`append` says the limit is passed). The arrays grow
-    geometrically; a native rule bound with :meth:`bind` writes samples into them itself."""
+    (:meth:`record` thins them when the limit is passed). The arrays grow geometrically; a native
+    rule bound with :meth:`bind` writes samples into them itself."""
 
     def __init__(self, C: int, limit: int):
         self.C, self.limit = C, limit
