@@ -227,7 +227,7 @@ def memory_report(opts: argparse.Namespace) -> dict:
     model = build_model(opts.model, opts.layers, opts.vocab)
     gs = GradES(model, None, GradESConfig(tau=1.0, grace_steps=0))
     ours = 0
-    for name, t in vars(gs).items():
+    for t in (*vars(gs).values(), *gs.state.tensors(), gs.state.new_frozen):
         if isinstance(t, torch.Tensor):
             ours += t.numel() * t.element_size()
     src = gs.source
