@@ -76,7 +76,8 @@ at::Tensor slot_table(const std::vector<at::Tensor>& grads, const std::vector<at
       if (!max_exp_avg_sqs.empty()) {
         const at::Tensor& x = max_exp_avg_sqs[i];
         TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.numel() == g.numel() && x.scalar_type() == want,
-                    "grades cuda: max_exp_avg_sqs[", i, "] must be a contiguous ", want, " CUDA tensor like exp_avg_sq");
+                    "grades cuda: max_exp_avg_sqs[", i, "] must be a contiguous ", want,
+                    " CUDA tensor like exp_avg_sq");
         row[7] = ptr_of(x);
       }
     } else {
