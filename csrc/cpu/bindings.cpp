@@ -23,7 +23,9 @@ int dtype_code(const at::Tensor& t, const char* what) {
     case at::kFloat: return kF32;
     case at::kBFloat16: return kBF16;
     case at::kHalf: return kF16;
-    default: TORCH_CHECK(false, what, " has unsupported dtype ", t.scalar_type(), " (float32/bfloat16/float16)");
+    case at::kDouble: return kF64;
+    default:
+      TORCH_CHECK(false, what, " has unsupported dtype ", t.scalar_type(), " (float32/bfloat16/float16/float64)");
   }
   return kF32;
 }
@@ -67,9 +69,10 @@ void check_rows(const at::Tensor& chunks, const std::vector<int64_t>& numels, bo
 
 // Shared hyperparameters rounded to float32 the way the reference rounds them.
 Hyper make_hyper(double lr, bool lr_is_tensor, double beta1, double beta2, double eps, double weight_decay,
-                 const c10::optional<at::Tensor>& grad_scale, bool* small_w) {
+                 const c10::optional<at::Tensor>& grad_scale, bool maximize, bool* small_w) {
   Hyper h;
   if (grad_scale.has_value()) h.scale = grad_scale->item<float>();
+  h.maximize = maximize;
   h.lerp_w = static_cast<float>(1.0 - beta1);
   *small_w = std::fabs(h.lerp_w) < 0.5f;
   h.beta2 = static_cast<float>(beta2);
@@ -78,6 +81,13 @@ Hyper make_hyper(double lr, bool lr_is_tensor, double beta1, double beta2, doubl
   // lr as a Python number: 1 - lr*wd in double, then rounded; as a float32 tensor: float32 math.
   h.decay = lr_is_tensor ? 1.f - static_cast<float>(lr) * static_cast<float>(weight_decay)
                          : static_cast<float>(1.0 - lr * weight_decay);
+  // float64 arithmetic: the Python numbers as they are; a tensor lr's factor as float32 computes it
+  h.d_scale = h.scale;
+  h.d_lerp_w = 1.0 - beta1;
+  h.d_beta2 = beta2;
+  h.d_one_minus_beta2 = 1.0 - beta2;
+  h.d_eps = eps;
+  h.d_decay = lr_is_tensor ? static_cast<double>(h.decay) : 1.0 - lr * weight_decay;
   return h;
 }
 
@@ -94,8 +104,10 @@ std::vector<MatrixHyper> make_matrix_hyper(int64_t M, double lr, double beta1, d
   for (int64_t i = 0; i < M; ++i) {
     const double s = steps ? static_cast<double>(steps[i]) : step;
     const double bc1 = 1.0 - std::pow(beta1, s);
-    mh[i].step_size = static_cast<float>(lr / bc1);
-    mh[i].bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, s)));
+    mh[i].d_step_size = lr / bc1;
+    mh[i].d_bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, s));
+    mh[i].step_size = static_cast<float>(mh[i].d_step_size);
+    mh[i].bc2_sqrt = static_cast<float>(mh[i].d_bc2_sqrt);
   }
   return mh;
 }
@@ -118,6 +130,35 @@ void set_param(Source& s, const at::Tensor& param, const at::Tensor* master, con
   s.param_elsize = 4;
   s.copy = param.data_ptr();
   s.copy_elsize = param.element_size();
+}
+
+// The moments of a Source: float32, or float64 for float64 params; max_exp_avg_sq (amsgrad) may be
+// undefined.
+void set_moments(Source& s, const at::Tensor& param, const at::Tensor& m, const at::Tensor& v,
+                 const at::Tensor* vmax, const char* what) {
+  const auto want = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t n = param.numel();
+  check_dense_cpu(m, "exp_avg");
+  check_dense_cpu(v, "exp_avg_sq");
+  TORCH_CHECK(m.numel() == n && v.numel() == n, "moments of ", what, " differ in size from it");
+  TORCH_CHECK(m.scalar_type() == want && v.scalar_type() == want, "moments of ", what, " must be ", want);
+  s.exp_avg = m.data_ptr();
+  s.exp_avg_sq = v.data_ptr();
+  s.moment_elsize = m.element_size();
+  if (vmax != nullptr) {
+    check_dense_cpu(*vmax, "max_exp_avg_sq");
+    TORCH_CHECK(vmax->numel() == n && vmax->scalar_type() == want, "max_exp_avg_sq of ", what, " must be ", want,
+                " with ", n, " elements");
+    s.max_exp_avg_sq = vmax->data_ptr();
+  }
+}
+
+// The kernel of an AdamW Source; refuses dtype combinations without one.
+ChunkFn adamw_kernel(bool update, int pd, int gd, bool scale, bool small_w, int cd, const char* what) {
+  ChunkFn fn = select_kernel(update, pd, gd, scale, small_w, cd);
+  TORCH_CHECK(fn != nullptr, what, ": no kernel for this dtype combination (float64 params need float64 "
+              "gradients and no master)");
+  return fn;
 }
 
 bool found_inf_set(const c10::optional<at::Tensor>& found_inf) {
@@ -174,15 +215,18 @@ void adamw_list(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 double beta1, double beta2, double eps, double weight_decay, double step,
                 const c10::optional<at::Tensor>& step_per_matrix, const c10::optional<at::Tensor>& grad_scale,
                 const c10::optional<at::Tensor>& found_inf, at::Tensor out,
-                const std::vector<c10::optional<at::Tensor>>& masters) {
+                const std::vector<c10::optional<at::Tensor>>& masters, bool maximize,
+                const std::vector<at::Tensor>& max_exp_avg_sqs) {
   const int64_t M = check_table_and_out(chunks, out, frozen);
   TORCH_CHECK(static_cast<int64_t>(params.size()) == M && grads.size() == params.size() &&
                   exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
               "params, grads, exp_avgs, exp_avg_sqs must all have ", M, " tensors");
   TORCH_CHECK(masters.empty() || masters.size() == params.size(), "masters must be empty or have ", M,
               " entries, got ", masters.size());
+  TORCH_CHECK(max_exp_avg_sqs.empty() || max_exp_avg_sqs.size() == params.size(),
+              "max_exp_avg_sqs must be empty or have ", M, " entries, got ", max_exp_avg_sqs.size());
   bool small_w = true;
-  const Hyper h = make_hyper(lr, lr_is_tensor, beta1, beta2, eps, weight_decay, grad_scale, &small_w);
+  const Hyper h = make_hyper(lr, lr_is_tensor, beta1, beta2, eps, weight_decay, grad_scale, maximize, &small_w);
   const bool update = !found_inf_set(found_inf);
   std::vector<Source> src(params.size());
   std::vector<int64_t> numels(params.size());
@@ -190,20 +234,16 @@ void adamw_list(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const int64_t n = params[i].numel();
     check_dense_cpu(params[i], "param");
     check_dense_cpu(grads[i], "grad");
-    check_dense_cpu(exp_avgs[i], "exp_avg");
-    check_dense_cpu(exp_avg_sqs[i], "exp_avg_sq");
-    TORCH_CHECK(grads[i].numel() == n && exp_avgs[i].numel() == n && exp_avg_sqs[i].numel() == n,
-                "tensors of matrix ", i, " differ in size");
-    TORCH_CHECK(exp_avgs[i].scalar_type() == at::kFloat && exp_avg_sqs[i].scalar_type() == at::kFloat,
-                "moments must be float32");
+    TORCH_CHECK(grads[i].numel() == n, "tensors of matrix ", i, " differ in size");
     src[i].grad = grads[i].data_ptr();
     src[i].grad_elsize = grads[i].element_size();
-    src[i].exp_avg = exp_avgs[i].data_ptr<float>();
-    src[i].exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
+    set_moments(src[i], params[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[i],
+                "param");
     const bool has_master = !masters.empty() && masters[i].has_value();
     set_param(src[i], params[i], has_master ? &*masters[i] : nullptr, "param", "master param");
-    src[i].fn = select_kernel(update, has_master ? kF32 : dtype_code(params[i], "param"), dtype_code(grads[i], "grad"),
-                              grad_scale.has_value(), small_w, has_master ? dtype_code(params[i], "param") : kNoCopy);
+    src[i].fn = adamw_kernel(update, has_master ? kF32 : dtype_code(params[i], "param"), dtype_code(grads[i], "grad"),
+                             grad_scale.has_value(), small_w, has_master ? dtype_code(params[i], "param") : kNoCopy,
+                             "param");
     numels[i] = n;
   }
   check_rows(chunks, numels, true, M);
@@ -221,28 +261,26 @@ void adamw_flat(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
                 double lr, bool lr_is_tensor, double beta1, double beta2, double eps, double weight_decay,
                 double step, const c10::optional<at::Tensor>& step_per_matrix,
                 const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                at::Tensor out, const c10::optional<at::Tensor>& master) {
+                at::Tensor out, const c10::optional<at::Tensor>& master, bool maximize,
+                const c10::optional<at::Tensor>& max_exp_avg_sq) {
   const int64_t M = check_table_and_out(chunks, out, frozen);
   check_dense_cpu(param, "param buffer");
   check_dense_cpu(grad, "grad buffer");
-  check_dense_cpu(exp_avg, "exp_avg buffer");
-  check_dense_cpu(exp_avg_sq, "exp_avg_sq buffer");
   const int64_t n = param.numel();
-  TORCH_CHECK(grad.numel() == n && exp_avg.numel() == n && exp_avg_sq.numel() == n, "flat buffers differ in size");
-  TORCH_CHECK(exp_avg.scalar_type() == at::kFloat && exp_avg_sq.scalar_type() == at::kFloat,
-              "moments must be float32");
+  TORCH_CHECK(grad.numel() == n, "flat buffers differ in size");
   bool small_w = true;
-  const Hyper h = make_hyper(lr, lr_is_tensor, beta1, beta2, eps, weight_decay, grad_scale, &small_w);
+  const Hyper h = make_hyper(lr, lr_is_tensor, beta1, beta2, eps, weight_decay, grad_scale, maximize, &small_w);
   const bool update = !found_inf_set(found_inf);
   std::vector<Source> src(1);
   src[0].grad = grad.data_ptr();
   src[0].grad_elsize = grad.element_size();
-  src[0].exp_avg = exp_avg.data_ptr<float>();
-  src[0].exp_avg_sq = exp_avg_sq.data_ptr<float>();
+  set_moments(src[0], param, exp_avg, exp_avg_sq, max_exp_avg_sq.has_value() ? &*max_exp_avg_sq : nullptr,
+              "param buffer");
   const at::Tensor* m = master.has_value() ? &*master : nullptr;
   set_param(src[0], param, m, "param buffer", "master buffer");
-  src[0].fn = select_kernel(update, m ? kF32 : dtype_code(param, "param buffer"), dtype_code(grad, "grad buffer"),
-                            grad_scale.has_value(), small_w, m ? dtype_code(param, "param buffer") : kNoCopy);
+  src[0].fn = adamw_kernel(update, m ? kF32 : dtype_code(param, "param buffer"), dtype_code(grad, "grad buffer"),
+                           grad_scale.has_value(), small_w, m ? dtype_code(param, "param buffer") : kNoCopy,
+                           "param buffer");
   check_rows(chunks, {n}, false, M);
   if (!update) {
     launch(src, false, chunks, M, frozen, h, nullptr, out);
@@ -260,7 +298,6 @@ void register_policy(pybind11::module& m);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "grades CPU backend: fused per-matrix gradient statistics and masked AdamW (OpenMP)";
   m.attr("CHUNK") = grades_cpu::kChunk;
-  m.attr("LANES") = grades_cpu::kLanes;
   m.def("grad_stats_list", &grades_cpu::grad_stats_list, "statistics of a list of gradients",
         py::arg("grads"), py::arg("chunks"), py::arg("frozen"), py::arg("out"));
   m.def("grad_stats_flat", &grades_cpu::grad_stats_flat, "statistics of a flat gradient buffer",
@@ -270,11 +307,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("frozen"), py::arg("lr"), py::arg("lr_is_tensor"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("step_per_matrix"),
         py::arg("grad_scale"), py::arg("found_inf"), py::arg("out"),
-        py::arg("masters") = std::vector<c10::optional<at::Tensor>>{});
+        py::arg("masters") = std::vector<c10::optional<at::Tensor>>{}, py::arg("maximize") = false,
+        py::arg("max_exp_avg_sqs") = std::vector<at::Tensor>{});
   m.def("adamw_flat", &grades_cpu::adamw_flat, "masked AdamW + statistics over flat buffers",
         py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("chunks"),
         py::arg("frozen"), py::arg("lr"), py::arg("lr_is_tensor"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("step_per_matrix"),
-        py::arg("grad_scale"), py::arg("found_inf"), py::arg("out"), py::arg("master") = py::none());
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("out"), py::arg("master") = py::none(),
+        py::arg("maximize") = false, py::arg("max_exp_avg_sq") = py::none());
   grades_cpu::register_policy(m);
 }

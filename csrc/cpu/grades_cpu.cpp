@@ -8,8 +8,9 @@
 // matrix are added in float64 in chunk-table order. The result is therefore bitwise identical for
 // any thread count and any scheduling.
 //
-// Squares are accumulated in float32, so a chunk holding finite values above ~1.8e19 reports an
-// infinite sum of squares (with a non-finite count of 0, which stays exact).
+// Squares are accumulated in float32 (float64 for float64 gradients), so a float32 chunk holding
+// finite values above ~1.8e19 reports an infinite sum of squares (with a non-finite count of 0,
+// which stays exact).
 //
 // Frozen matrices are skipped before any memory is touched: their chunks are never scheduled.
 // The AdamW path reads each gradient element once and produces its statistics in the same pass.
@@ -257,10 +258,9 @@ int64_t count_nonfinite(const typename IO<GD>::T* g, int64_t len, const Hyper& h
 // ------------------------------------------------------------------------------------------------
 
 template <int GD, bool SCALE>
-void stats_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&, void*, void*, float*,
-                 float*, Partial& out) {
+void stats_chunk(const ChunkPtrs& q, int64_t len, const Hyper& h, const MatrixHyper&, Partial& out) {
   using GT = typename IO<GD>::T;
-  const GT* g = static_cast<const GT*>(gv);
+  const GT* g = static_cast<const GT*>(q.grad);
   Acc acc;
   f32x8 gf[kV];
   const int64_t full = len - len % kLanes;
@@ -282,23 +282,36 @@ void stats_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&
 // Broadcast hyperparameters of one chunk.
 struct VHyper {
   f32x8 lerp_w, lerp_w1, beta2, omb2, eps, decay, step_size, bc2_sqrt;
+  u32x8 neg;  // sign bit flipped by maximize
   VHyper(const Hyper& h, const MatrixHyper& mh)
       : lerp_w(splat(h.lerp_w)), lerp_w1(splat(h.lerp_w - 1.f)), beta2(splat(h.beta2)),
         omb2(splat(h.one_minus_beta2)), eps(splat(h.eps)), decay(splat(h.decay)),
-        step_size(splat(mh.step_size)), bc2_sqrt(splat(mh.bc2_sqrt)) {}
+        step_size(splat(mh.step_size)), bc2_sqrt(splat(mh.bc2_sqrt)),
+        neg(u32x8{} + (h.maximize ? 0x80000000u : 0u)) {}
 };
 
+// torch.maximum: the larger value, NaN if either is NaN.
+inline f32x8 vmax_nan(f32x8 a, f32x8 b) {
+  const i32x8 take_a = (a > b) | (a != a);
+  return (f32x8)(((i32x8)a & take_a) | ((i32x8)b & ~take_a));
+}
+
 // One AdamW block, same operation order as the reference (torch.optim.AdamW):
-//   p = p * (1 - lr*wd);  m = lerp(m, g, 1-beta1);  v = beta2*v + ((1-beta2)*g)*g;
+//   g = -g if maximize;  p = p * (1 - lr*wd);  m = lerp(m, g, 1-beta1);  v = beta2*v + ((1-beta2)*g)*g;
+//   amsgrad: vmax = maximum(vmax, v), the denominator reads vmax instead of v;
 //   p = p - (step_size*m) / (sqrt(v)/sqrt(bc2) + eps)
 // lerp as torch computes it: m + w*(g-m) for w < 0.5, else g + (w-1)*(g-m), with one rounding.
+// vmax is nullptr without amsgrad (a branch the predictor always gets right).
 template <bool SMALL_W>
-inline void adamw_block(f32x8* p, const f32x8* g, f32x8* m, f32x8* v, const VHyper& h) {
+inline void adamw_block(f32x8* p, const f32x8* graw, f32x8* m, f32x8* v, f32x8* vmax, const VHyper& h) {
   for (int k = 0; k < kV; ++k) {
-    const f32x8 diff = g[k] - m[k];
-    const f32x8 mk = SMALL_W ? vfma(h.lerp_w, diff, m[k]) : vfma(h.lerp_w1, diff, g[k]);
-    const f32x8 vk = v[k] * h.beta2 + (h.omb2 * g[k]) * g[k];
-    const f32x8 denom = vsqrt(vk) / h.bc2_sqrt + h.eps;
+    const f32x8 g = (f32x8)((u32x8)graw[k] ^ h.neg);
+    const f32x8 diff = g - m[k];
+    const f32x8 mk = SMALL_W ? vfma(h.lerp_w, diff, m[k]) : vfma(h.lerp_w1, diff, g);
+    const f32x8 vk = v[k] * h.beta2 + (h.omb2 * g) * g;
+    f32x8 vd = vk;
+    if (vmax) vd = vmax[k] = vmax_nan(vmax[k], vk);
+    const f32x8 denom = vsqrt(vd) / h.bc2_sqrt + h.eps;
     p[k] = p[k] * h.decay - (h.step_size * mk) / denom;
     m[k] = mk;
     v[k] = vk;
@@ -307,19 +320,22 @@ inline void adamw_block(f32x8* p, const f32x8* g, f32x8* m, f32x8* v, const VHyp
 
 // CD: dtype of the low-precision copy written next to a float32 master param (kNoCopy: none).
 template <int PD, int GD, bool SCALE, bool SMALL_W, int CD>
-void adamw_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper& mh, void* pv, void* cv,
-                 float* m, float* v, Partial& out) {
+void adamw_chunk(const ChunkPtrs& q, int64_t len, const Hyper& h, const MatrixHyper& mh, Partial& out) {
   using GT = typename IO<GD>::T;
   using PT = typename IO<PD>::T;
   constexpr int CIO = CD == kNoCopy ? kF32 : CD;  // a valid IO type also when there is no copy
   using CT = typename IO<CIO>::T;
   static_assert(CD == kNoCopy || PD == kF32, "a master param is float32");
-  const GT* g = static_cast<const GT*>(gv);
-  PT* p = static_cast<PT*>(pv);
-  CT* c = static_cast<CT*>(cv);
+  const GT* g = static_cast<const GT*>(q.grad);
+  PT* p = static_cast<PT*>(q.param);
+  CT* c = static_cast<CT*>(q.copy);
+  float* m = static_cast<float*>(q.exp_avg);
+  float* v = static_cast<float*>(q.exp_avg_sq);
+  float* x = static_cast<float*>(q.max_exp_avg_sq);
   const VHyper vh(h, mh);
   Acc acc;
-  f32x8 gf[kV], pf[kV], mf[kV], vf[kV];
+  f32x8 gf[kV], pf[kV], mf[kV], vf[kV], xf[kV];
+  f32x8* xp = x ? xf : nullptr;
   const int64_t full = len - len % kLanes;
   for (int64_t i = 0; i < full; i += kLanes) {
     Block<GD>::load(g + i, gf);
@@ -328,11 +344,13 @@ void adamw_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&
     Block<PD>::load(p + i, pf);
     Block<kF32>::load(m + i, mf);
     Block<kF32>::load(v + i, vf);
-    adamw_block<SMALL_W>(pf, gf, mf, vf, vh);
+    if (x) Block<kF32>::load(x + i, xf);
+    adamw_block<SMALL_W>(pf, gf, mf, vf, xp, vh);
     Block<PD>::store(p + i, pf);
     if (CD != kNoCopy) Block<CIO>::store(c + i, pf);
     Block<kF32>::store(m + i, mf);
     Block<kF32>::store(v + i, vf);
+    if (x) Block<kF32>::store(x + i, xf);
   }
   if (full < len) {
     const int n = static_cast<int>(len - full);
@@ -342,14 +360,95 @@ void adamw_chunk(const void* gv, int64_t len, const Hyper& h, const MatrixHyper&
     Block<PD>::load_tail(p + full, n, pf);
     Block<kF32>::load_tail(m + full, n, mf);
     Block<kF32>::load_tail(v + full, n, vf);
-    adamw_block<SMALL_W>(pf, gf, mf, vf, vh);
+    if (x) Block<kF32>::load_tail(x + full, n, xf);
+    adamw_block<SMALL_W>(pf, gf, mf, vf, xp, vh);
     Block<PD>::store_tail(p + full, n, pf);
     if (CD != kNoCopy) Block<CIO>::store_tail(c + full, n, pf);
     Block<kF32>::store_tail(m + full, n, mf);
     Block<kF32>::store_tail(v + full, n, vf);
+    if (x) Block<kF32>::store_tail(x + full, n, xf);
   }
   acc.finish(out);
   if (acc.maybe_nonfinite()) out.nonfinite = count_nonfinite<GD, SCALE>(g, len, h);
+}
+
+// ------------------------------------------------------------------------------------------------
+// float64 kernels: plain loops over kLanes independent float64 lanes (the compiler vectorises
+// them); each lane is summed in element order, lanes added in lane order, as for float32.
+// ------------------------------------------------------------------------------------------------
+
+inline bool nonfinite64(double x) {
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return ((b >> 52) & 0x7ffu) == 0x7ffu;
+}
+
+struct Acc64 {
+  double sq[kLanes] = {};
+  double ab[kLanes] = {};
+  int64_t nf[kLanes] = {};
+  inline void add(int j, double g) {
+    sq[j] += g * g;
+    ab[j] += std::fabs(g);
+    nf[j] += nonfinite64(g);
+  }
+  inline void finish(Partial& p) const {
+    p = Partial{};
+    for (int j = 0; j < kLanes; ++j) {
+      p.sumsq += sq[j];
+      p.sumabs += ab[j];
+      p.nonfinite += nf[j];
+    }
+  }
+};
+
+template <bool SCALE>
+void stats_chunk64(const ChunkPtrs& q, int64_t len, const Hyper& h, const MatrixHyper&, Partial& out) {
+  const double* g = static_cast<const double*>(q.grad);
+  Acc64 acc;
+  for (int64_t i = 0; i < len; i += kLanes) {
+    const int n = static_cast<int>(len - i < kLanes ? len - i : kLanes);
+    for (int j = 0; j < n; ++j) acc.add(j, SCALE ? g[i + j] / h.d_scale : g[i + j]);
+  }
+  acc.finish(out);
+}
+
+// torch.maximum for doubles: NaN if either is NaN.
+inline double max_nan64(double a, double b) { return (a > b || a != a) ? a : b; }
+
+// The float64 AdamW step of one element (same order as adamw_block, in double).
+template <bool SMALL_W>
+inline void adamw_elem64(double& p, double g, double& m, double& v, double* vmax, const Hyper& h,
+                         const MatrixHyper& mh) {
+  if (h.maximize) g = -g;
+  const double diff = g - m;
+  const double mk = SMALL_W ? std::fma(h.d_lerp_w, diff, m) : std::fma(h.d_lerp_w - 1.0, diff, g);
+  const double vk = v * h.d_beta2 + (h.d_one_minus_beta2 * g) * g;
+  double vd = vk;
+  if (vmax) vd = *vmax = max_nan64(*vmax, vk);
+  const double denom = std::sqrt(vd) / mh.d_bc2_sqrt + h.d_eps;
+  p = p * h.d_decay - (mh.d_step_size * mk) / denom;
+  m = mk;
+  v = vk;
+}
+
+template <bool SCALE, bool SMALL_W>
+void adamw_chunk64(const ChunkPtrs& q, int64_t len, const Hyper& h, const MatrixHyper& mh, Partial& out) {
+  const double* g = static_cast<const double*>(q.grad);
+  double* p = static_cast<double*>(q.param);
+  double* m = static_cast<double*>(q.exp_avg);
+  double* v = static_cast<double*>(q.exp_avg_sq);
+  double* x = static_cast<double*>(q.max_exp_avg_sq);
+  Acc64 acc;
+  for (int64_t i = 0; i < len; i += kLanes) {
+    const int n = static_cast<int>(len - i < kLanes ? len - i : kLanes);
+    for (int j = 0; j < n; ++j) {
+      const double gj = SCALE ? g[i + j] / h.d_scale : g[i + j];
+      acc.add(j, gj);
+      adamw_elem64<SMALL_W>(p[i + j], gj, m[i + j], v[i + j], x ? x + i + j : nullptr, h, mh);
+    }
+  }
+  acc.finish(out);
 }
 
 template <int GD>
@@ -375,6 +474,12 @@ ChunkFn pick_adamw1(int gd, bool scale, bool small_w) {
 }  // namespace
 
 ChunkFn select_kernel(bool update, int pd, int gd, bool scale, bool small_w, int cd) {
+  if (!update && gd == kF64) return scale ? &stats_chunk64<true> : &stats_chunk64<false>;
+  if (pd == kF64 || (update && gd == kF64)) {
+    if (pd != kF64 || gd != kF64 || cd != kNoCopy) return nullptr;
+    if (scale) return small_w ? &adamw_chunk64<true, true> : &adamw_chunk64<true, false>;
+    return small_w ? &adamw_chunk64<false, true> : &adamw_chunk64<false, false>;
+  }
   if (!update) {
     switch (gd) {
       case kF32: return pick_stats<kF32>(scale);
@@ -420,12 +525,13 @@ void run_chunks(const Source* sources, bool per_tensor_sources, const int64_t* r
     const int64_t c = active[k];
     const int64_t start = rows[3 * c], len = rows[3 * c + 1], id = rows[3 * c + 2];
     const Source& s = sources[per_tensor_sources ? id : 0];
-    const void* g = static_cast<const char*>(s.grad) + start * s.grad_elsize;
-    void* p = s.param ? static_cast<void*>(static_cast<char*>(s.param) + start * s.param_elsize) : nullptr;
-    float* m = s.exp_avg ? s.exp_avg + start : nullptr;
-    float* v = s.exp_avg_sq ? s.exp_avg_sq + start : nullptr;
-    void* cp = s.copy ? static_cast<void*>(static_cast<char*>(s.copy) + start * s.copy_elsize) : nullptr;
-    s.fn(g, len, h, mh ? mh[id] : unit, p, cp, m, v, part[c]);
+    auto at = [start](void* base, int64_t elsize) {
+      return base ? static_cast<void*>(static_cast<char*>(base) + start * elsize) : nullptr;
+    };
+    const ChunkPtrs q{static_cast<const char*>(s.grad) + start * s.grad_elsize, at(s.param, s.param_elsize),
+                      at(s.copy, s.copy_elsize), at(s.exp_avg, s.moment_elsize), at(s.exp_avg_sq, s.moment_elsize),
+                      at(s.max_exp_avg_sq, s.moment_elsize)};
+    s.fn(q, len, h, mh ? mh[id] : unit, part[c]);
   };
 
 #ifdef _OPENMP

@@ -5,7 +5,7 @@
 
 namespace grades_cpu {
 
-// Independent float32 accumulator lanes per chunk (one or two vector registers per statistic).
+// Independent accumulator lanes per chunk (float32: two vector registers per statistic).
 constexpr int kLanes = 16;
 // Chunk size in elements. The host-side chunk table must be built with this size (exported to
 // Python as CHUNK); it is a constant so that results do not depend on the thread count.
@@ -15,8 +15,9 @@ constexpr int kChunksPerGrab = 8;
 // Below this many elements of work the chunks run on the calling thread only.
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
 
-// dtype codes of gradients and parameters
-enum : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+// dtype codes of gradients and parameters. kF64 params go with kF64 gradients and float64 moments
+// and are computed in float64; the others are computed in float32 with float32 moments.
+enum : int { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
 
 // Statistics of one chunk.
 struct Partial {
@@ -25,7 +26,8 @@ struct Partial {
   int64_t nonfinite = 0;
 };
 
-// Hyperparameters shared by every matrix, already rounded to float32 as the reference rounds them.
+// Hyperparameters shared by every matrix: float32 fields rounded as the reference rounds them (for
+// float32 arithmetic), double fields for float64 arithmetic.
 struct Hyper {
   float scale = 1.f;            // grad_scale (gradients are divided by it when present)
   float lerp_w = 0.f;           // 1 - beta1
@@ -33,22 +35,34 @@ struct Hyper {
   float one_minus_beta2 = 0.f;  // 1 - beta2
   float eps = 0.f;
   float decay = 1.f;            // 1 - lr * weight_decay
+  bool maximize = false;        // the update negates the (unscaled) gradient; statistics do not
+  double d_scale = 1.0, d_lerp_w = 0.0, d_beta2 = 0.0, d_one_minus_beta2 = 0.0, d_eps = 0.0, d_decay = 1.0;
 };
 
 // Per-matrix bias-corrected factors (they differ when the step count is per matrix).
 struct MatrixHyper {
   float step_size = 0.f;  // lr / (1 - beta1^step)
   float bc2_sqrt = 1.f;   // sqrt(1 - beta2^step)
+  double d_step_size = 0.0, d_bc2_sqrt = 1.0;
 };
 
 // dtype code of a Source without a low-precision copy of its (float32 master) parameter
 constexpr int kNoCopy = -1;
 
-// Processes one chunk: (grad, length, hyper, matrix hyper, param, param copy, exp_avg, exp_avg_sq,
-// partial out). With master weights, param is the float32 master and the updated value is also
-// written, rounded, to the copy (the model's low-precision parameter); otherwise copy is unused.
-using ChunkFn = void (*)(const void*, int64_t, const Hyper&, const MatrixHyper&, void*, void*, float*, float*,
-                         Partial&);
+// The memory of one chunk. With master weights, param is the float32 master and the updated value
+// is also written, rounded, to copy (the model's low-precision parameter); otherwise copy is unused.
+// Moments are float32 (float64 for kF64 params); max_exp_avg_sq is nullptr unless amsgrad.
+struct ChunkPtrs {
+  const void* grad;
+  void* param;
+  void* copy;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+};
+
+// Processes one chunk of `length` elements into its statistics partial.
+using ChunkFn = void (*)(const ChunkPtrs&, int64_t length, const Hyper&, const MatrixHyper&, Partial&);
 
 // Base pointers of one tensor (list input) or of the flat buffers, and the kernel for its dtypes.
 struct Source {
@@ -56,8 +70,10 @@ struct Source {
   int64_t grad_elsize = 4;
   void* param = nullptr;
   int64_t param_elsize = 4;
-  float* exp_avg = nullptr;
-  float* exp_avg_sq = nullptr;
+  void* exp_avg = nullptr;
+  void* exp_avg_sq = nullptr;
+  void* max_exp_avg_sq = nullptr;  // amsgrad only
+  int64_t moment_elsize = 4;
   void* copy = nullptr;  // low-precision copy of a float32 master param, or nullptr
   int64_t copy_elsize = 2;
   ChunkFn fn = nullptr;
@@ -65,6 +81,7 @@ struct Source {
 
 // Kernel for statistics only (update=false) or AdamW + statistics, for the given dtype codes;
 // copy_dtype (kBF16/kF16, with param_dtype kF32) also writes the updated master to a copy.
+// nullptr for a combination without a kernel (kF64 mixed with another dtype, a kF64 copy).
 ChunkFn select_kernel(bool update, int param_dtype, int grad_dtype, bool scale, bool small_lerp_weight,
                       int copy_dtype = kNoCopy);
 

@@ -18,6 +18,17 @@ tensor or ``None`` per matrix; ``master``: one flat buffer). A matrix with a mas
 its master, and the parameter receives the result rounded to its own dtype; the parameter itself
 is not read. A backend without a fused form of this uses :meth:`Backend.adamw_list_via_masters`
 / :meth:`Backend.adamw_flat_via_masters`: its update on the masters, then a copy.
+
+``hp.maximize`` negates the (unscaled) gradient in the update only: statistics describe the
+gradient as given (they depend on magnitudes, so they are the same either way). amsgrad is on when
+the AdamW entry points get ``max_exp_avg_sqs`` (list) / ``max_exp_avg_sq`` (flat): a buffer of
+the moments' dtype that becomes ``maximum(max_exp_avg_sq, exp_avg_sq)`` (NaN propagates, as
+``torch.maximum``) and gives the denominator, as in ``torch.optim.AdamW(amsgrad=True)``; frozen
+matrices and ``found_inf`` steps leave it untouched like the other moments.
+
+Each backend lists the parameter/gradient dtypes it computes in ``dtypes``. Float32, bfloat16 and
+float16 tensors are computed in float32 with float32 moments; float64 tensors (where claimed) in
+float64 with float64 moments and float64 gradients.
 """
 from __future__ import annotations
 
@@ -51,6 +62,8 @@ class AdamWArgs:
     step: Union[Number, torch.Tensor]
     grad_scale: Optional[torch.Tensor] = None
     found_inf: Optional[torch.Tensor] = None
+    #: negate the gradient in the update (``torch.optim.AdamW(maximize=True)``); statistics unchanged
+    maximize: bool = False
 
 
 class Backend:
@@ -60,6 +73,8 @@ class Backend:
     device_types: tuple[str, ...] = ()
     #: which input forms it implements: "list" and/or "flat"
     kinds: tuple[str, ...] = ("list", "flat")
+    #: parameter/gradient dtypes its kernels compute (see the module docstring)
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
     def available(self) -> tuple[bool, str]:
         """``(True, detail)`` if usable in this process, else ``(False, reason)``. May build/load."""
@@ -79,16 +94,18 @@ class Backend:
     def adamw_list(self, params: list[torch.Tensor], grads: list[torch.Tensor],
                    exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                    frozen: Optional[torch.Tensor], hp: AdamWArgs, out: torch.Tensor,
-                   masters: Optional[list[Optional[torch.Tensor]]] = None, masters_in_sync: bool = False) -> None:
+                   masters: Optional[list[Optional[torch.Tensor]]] = None, masters_in_sync: bool = False,
+                   max_exp_avg_sqs: Optional[list[torch.Tensor]] = None) -> None:
         raise NotImplementedError
 
     def adamw_flat(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                    exp_avg_sq: torch.Tensor, table, frozen: Optional[torch.Tensor], hp: AdamWArgs,
-                   out: torch.Tensor, master: Optional[torch.Tensor] = None) -> None:
+                   out: torch.Tensor, master: Optional[torch.Tensor] = None,
+                   max_exp_avg_sq: Optional[torch.Tensor] = None) -> None:
         raise NotImplementedError
 
     def adamw_list_via_masters(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters,
-                               masters_in_sync: bool = False) -> None:
+                               masters_in_sync: bool = False, max_exp_avg_sqs=None) -> None:
         """Master weights without a fused kernel: the update on the masters (where given), then
         a copy of each updated master into its parameter.
 
@@ -100,15 +117,16 @@ class Backend:
         bits it already holds.
         """
         targets = [p if mw is None else mw for p, mw in zip(params, masters)]
-        self.adamw_list(targets, grads, exp_avgs, exp_avg_sqs, frozen, hp, out)
+        self.adamw_list(targets, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, max_exp_avg_sqs=max_exp_avg_sqs)
         pairs = [(i, p, mw) for i, (p, mw) in enumerate(zip(params, masters)) if mw is not None]
         if pairs:
             _copy_unless_kept([p for _, p, _ in pairs], [mw for _, _, mw in pairs], [i for i, _, _ in pairs],
                               frozen, hp.found_inf, masters_in_sync)
 
-    def adamw_flat_via_masters(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master) -> None:
+    def adamw_flat_via_masters(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master,
+                               max_exp_avg_sq=None) -> None:
         """:meth:`adamw_list_via_masters` for flat buffers: the copy covers the segments only."""
-        self.adamw_flat(master, grad, exp_avg, exp_avg_sq, table, frozen, hp, out)
+        self.adamw_flat(master, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, max_exp_avg_sq=max_exp_avg_sq)
         segs = [(o, n, i) for o, n, i in table.array.tolist() if n]
         if segs:
             _copy_unless_kept([param[o:o + n] for o, n, _ in segs], [master[o:o + n] for o, n, _ in segs],

@@ -25,6 +25,7 @@ class CpuBackend(Backend):
     name = "cpu"
     device_types = ("cpu",)
     kinds = ("list", "flat")
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
     def __init__(self) -> None:
         self._mod = None
@@ -79,7 +80,7 @@ class CpuBackend(Backend):
                 step = float(step)
         return dict(lr=float(hp.lr), lr_is_tensor=lr_is_tensor, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
                     weight_decay=hp.weight_decay, step=float(step), step_per_matrix=step_vec,
-                    grad_scale=hp.grad_scale, found_inf=hp.found_inf)
+                    grad_scale=hp.grad_scale, found_inf=hp.found_inf, maximize=hp.maximize)
 
     # -- the four entry points -------------------------------------------------------------------
     def grad_stats_list(self, grads, frozen: Optional[torch.Tensor], out: torch.Tensor) -> None:
@@ -89,10 +90,13 @@ class CpuBackend(Backend):
         self._ext().grad_stats_flat(buf, self._flat_chunks(table), frozen, out)
 
     def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp: AdamWArgs, out, masters=None,
-                   masters_in_sync=False) -> None:
+                   masters_in_sync=False, max_exp_avg_sqs=None) -> None:
         self._ext().adamw_list(params, grads, exp_avgs, exp_avg_sqs, self._list_chunks(params), frozen,
-                               out=out, masters=masters if masters is not None else [], **self._hp_args(hp))
+                               out=out, masters=masters if masters is not None else [],
+                               max_exp_avg_sqs=max_exp_avg_sqs if max_exp_avg_sqs is not None else [],
+                               **self._hp_args(hp))
 
-    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp: AdamWArgs, out, master=None) -> None:
+    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp: AdamWArgs, out, master=None,
+                   max_exp_avg_sq=None) -> None:
         self._ext().adamw_flat(param, grad, exp_avg, exp_avg_sq, self._flat_chunks(table), frozen,
-                               out=out, master=master, **self._hp_args(hp))
+                               out=out, master=master, max_exp_avg_sq=max_exp_avg_sq, **self._hp_args(hp))
