@@ -999,3 +999,71 @@ def test_released_state_loads_into_torch_adamw_and_back():
     w = p.detach().clone()
     train(model, back, data[3:])
     assert bool(back.frozen[back.param_index(p)]) and torch.equal(p.detach(), w)
+
+
+def _bits(t):
+    """Bit patterns with every NaN made the same NaN (payloads differ between roundings)."""
+    t = t.detach().clone()
+    t[torch.isnan(t)] = float("nan")
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def test_master_with_nan_survives_save_and_load_bitwise():
+    """A master weight holding a NaN (a NaN gradient applied under nonfinite="ignore") is kept
+    on resume: its finite elements bitwise, not reset to the rounded parameter."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5).to(torch.bfloat16))
+    opt = FrozenAwareAdamW([p], lr=1e-3, master_weights=True, nonfinite="ignore")
+    for i in range(3):
+        p.grad = torch.randn(6, 5).to(torch.bfloat16)
+        if i == 2:
+            p.grad[1, 2] = float("nan")
+        opt.step()
+    saved = opt.state_dict()
+    master = saved["state"][0]["master_param"]
+    assert torch.isnan(master[1, 2]) and torch.isnan(p[1, 2])
+    assert not torch.equal(master.to(torch.bfloat16).float(), master)  # finite bits beyond bf16's
+    q = torch.nn.Parameter(p.detach().clone())
+    other = FrozenAwareAdamW([q], lr=1e-3, master_weights=True, nonfinite="ignore")
+    other.load_state_dict(saved)
+    assert torch.equal(_bits(other.state[q]["master_param"]), _bits(master))
+
+
+def _corrupt(sd, what):
+    sd = copy.deepcopy(sd)
+    if what == "negative exp_avg_sq":
+        sd["state"][1]["exp_avg_sq"].view(-1)[0] = -1.0
+    elif what == "float frozen":
+        sd["grades"]["frozen"] = sd["grades"]["frozen"].float() + 0.5
+    elif what == "negative skipped_steps":
+        sd["grades"]["skipped_steps"] = torch.tensor(-1)
+    elif what == "float skipped_steps":
+        sd["grades"]["skipped_steps"] = torch.tensor(1.5)
+    return sd
+
+
+@pytest.mark.parametrize("what,exc,msg", [
+    ("negative exp_avg_sq", ValueError, "negative 'exp_avg_sq'"),
+    ("float frozen", TypeError, r"grades\['frozen'\] must be a bool"),
+    ("negative skipped_steps", ValueError, r"grades\['skipped_steps'\] must be >= 0"),
+    ("float skipped_steps", TypeError, r"grades\['skipped_steps'\] must be an integer"),
+])
+def test_load_state_dict_refuses_bad_values_and_writes_nothing(what, exc, msg):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = FrozenAwareAdamW(ps, amsgrad=True)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    good = opt.state_dict()
+    before = copy.deepcopy(good)
+    with pytest.raises(exc, match=msg):
+        opt.load_state_dict(_corrupt(good, what))
+    after = opt.state_dict()
+    for k, st in before["state"].items():
+        assert all(torch.equal(v, after["state"][k][n]) for n, v in st.items())
+    assert all(torch.equal(v, after["grades"][n]) for n, v in before["grades"].items() if n != "released")
+    for p in ps:  # and it still steps
+        p.grad = torch.randn_like(p)
+    opt.step()
