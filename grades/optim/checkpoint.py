@@ -112,10 +112,11 @@ def _check_moment(gidx: int, k: str, t: Any, p: torch.Tensor) -> None:
 def _check_all_at_once(steps: list[torch.Tensor], sqs: list[tuple[int, torch.Tensor]]) -> None:
     """Step counts finite and >= 0, second moments >= 0 (one host read for all of them)."""
     flags = [(~(torch.isfinite(s.to(torch.float64)) & (s >= 0))).reshape(1) for s in steps]
-    flags += [(torch.view_as_real(t) if t.is_complex() else t).lt(0).any().reshape(1).cpu() for _, t in sqs]
+    flags += [(torch.view_as_real(t) if t.is_complex() else t).lt(0).any().reshape(1) for _, t in sqs]
     if not flags:
         return
-    bad = torch.cat([f.cpu() for f in flags]).tolist()
+    dev = sqs[0][1].device if sqs else flags[0].device
+    bad = torch.cat([f.to(dev) for f in flags]).cpu().tolist()
     if any(bad[:len(steps)]):
         raise ValueError(f"state dict holds {sum(bad[:len(steps)])} step count(s) that are negative or not finite")
     neg = [gidx for (gidx, _), b in zip(sqs, bad[len(steps):]) if b]
