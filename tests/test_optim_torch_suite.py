@@ -453,3 +453,46 @@ def test_state_dict_after_clear_has_no_moments_and_is_used():
     c = clone_params(a)
     oc = FrozenAwareAdamW(groups(c))
     _continue_equal(a, oa, c, oc)  # both start afresh: same steps
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_step_is_noop_for_zero_grads(cfg):
+    """Zero gradients without weight decay leave the parameters exactly where they are."""
+    ps = make_params()
+    before = [p.detach().clone() for p in ps]
+    opt = FrozenAwareAdamW(ps, **{**cfg.kwargs, "weight_decay": 0.0})
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    for _ in range(2):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+
+
+def test_tensor_lr_equals_float_lr():
+    a = make_params()
+    b = clone_params(a)
+    oa, ob = FrozenAwareAdamW(a, lr=torch.tensor(0.01)), FrozenAwareAdamW(b, lr=0.01)
+    for step in range(3):
+        twin_step(a, oa, b, ob, step)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_named_parameters_and_their_state_dicts():
+    """Named parameters as torch takes them: the state dict carries ``param_names`` and loads
+    into torch.optim.AdamW and back."""
+    a = make_params()[:3]
+    names = [f"w{i}" for i in range(len(a))]
+    b = clone_params(a)
+    oa = FrozenAwareAdamW(list(zip(names, a)))
+    ob = reference(list(zip(names, b)))
+    for step in range(2):
+        for p, q, gr in zip(a, b, grads_for(a + [None], step)):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        oa.step()
+        ob.step()
+    sa, sb = oa.state_dict(), ob.state_dict()
+    assert sa["param_groups"][0]["param_names"] == sb["param_groups"][0]["param_names"] == names
+    oc = FrozenAwareAdamW(list(zip(names, clone_params(a))))
+    oc.load_state_dict(sb)
+    od = reference(list(zip(names, clone_params(b))))
+    od.load_state_dict(sa)
