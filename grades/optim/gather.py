@@ -71,7 +71,7 @@ class Work:
     views: list[KernelViews] = field(default_factory=list)  # parameters needing a write-back
 
 
-def _check_grad(opt: "FrozenAwareAdamW", row: int, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _check_grad(row: int, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The checks :func:`grades.masked_adamw_` would make of a gradient; returns it readable."""
     if g.layout != torch.strided:
         raise RuntimeError("FrozenAwareAdamW does not support sparse gradients, please consider SparseAdam instead")
@@ -120,7 +120,7 @@ def _participants(opt: "FrozenAwareAdamW", gi: int, group: dict) -> tuple[list[i
             seen.add(id(p))
         _check_param_now(opt, start + i, p)
         local.append(i)
-        grads.append(_check_grad(opt, start + i, p, g))
+        grads.append(_check_grad(start + i, p, g))
     return local, grads
 
 
