@@ -9,7 +9,10 @@ Compares, in one run on one device:
   ``torch.optim.AdamW(fused=True)`` and ``(foreach=True)`` stepping every parameter, and against the
   memory estimate ``unfrozen params x 28 B / copy bandwidth`` (fp32 param, grad, two moments). The
   copy counts read + write bytes; on CPUs its write-allocate traffic makes it slower per counted
-  byte than an in-place update, so the estimate is not a strict floor there.
+  byte than an in-place update, so the estimate is not a strict floor there;
+* the variants (``amsgrad``, ``maximize``, float64, float64 + amsgrad) of the native backend's
+  ``masked_adamw_`` (list form, nothing frozen) against ``torch.optim.AdamW(fused=True)`` with the
+  same flags and dtype, interleaved in one run (``--no-variants`` leaves them out).
 
 Timing: CPU, ``time.perf_counter`` around each call after warm-up; candidates are interleaved round
 by round so that load from other processes hits them alike; the median is reported. CUDA:
@@ -250,6 +253,56 @@ def bench_adamw(shapes, device, repeats, copy_bw):
     return dict(rows=rows)
 
 
+VARIANTS = {  # name: (dtype, maximize, amsgrad)
+    "amsgrad": (torch.float32, False, True),
+    "maximize": (torch.float32, True, False),
+    "float64": (torch.float64, False, False),
+    "float64 amsgrad": (torch.float64, False, True),
+}
+
+
+def bench_variants(shapes, device, repeats):
+    """Each variant of the native backend against torch's fused AdamW with the same flags and dtype."""
+    native = {"cpu": "cpu", "cuda": "cuda"}.get(device.type)
+    if native is None or not backends.get(native).available()[0]:
+        return dict(rows=[], skipped=f"no native backend on {device.type}")
+    gen = torch.Generator().manual_seed(2)
+    cands = {}
+    for name, (dtype, maximize, amsgrad) in VARIANTS.items():
+        p = [torch.randn(s, generator=gen, dtype=dtype).to(device) for _, s in shapes]
+        g = [torch.randn(s, generator=gen, dtype=dtype).to(device) for _, s in shapes]
+        m, v = [torch.zeros_like(x) for x in p], [torch.zeros_like(x) for x in p]
+        x = [torch.zeros_like(t) for t in p] if amsgrad else None
+        step = [0]
+
+        def grades_step(p=p, g=g, m=m, v=v, x=x, step=step, maximize=maximize):
+            step[0] += 1
+            grades.masked_adamw_(p, g, m, v, step=step[0], lr=1e-4, weight_decay=0.01, maximize=maximize,
+                                 max_exp_avg_sqs=x, backend=native)
+            sync(device)
+
+        tp = [t.clone().requires_grad_(True) for t in p]
+        for t, gi in zip(tp, g):
+            t.grad = gi
+        opt = torch.optim.AdamW(tp, lr=1e-4, weight_decay=0.01, maximize=maximize, amsgrad=amsgrad, fused=True)
+
+        def torch_step(opt=opt):
+            opt.step()
+            sync(device)
+
+        cands[f"grades[{native}] {name}"] = grades_step
+        cands[f"torch AdamW fused=True {name}"] = torch_step
+    spread: dict = {}
+    t = time_interleaved(cands, device, repeats, spread=spread)
+    rows = []
+    for name in VARIANTS:
+        ours, theirs = t[f"grades[{native}] {name}"], t[f"torch AdamW fused=True {name}"]
+        lo, hi = spread.get(f"grades[{native}] {name}", (None, None))
+        rows.append(dict(name=name, seconds=ours, min_seconds=lo, max_seconds=hi, torch_fused_seconds=theirs,
+                         speedup_vs_fused=theirs / ours))
+    return dict(rows=rows)
+
+
 def plot(result, path: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -305,6 +358,12 @@ def print_table(result):
     for r in result["masked_adamw"]["rows"]:
         print(f"{r['name']:52s} {r['seconds'] * 1e3:9.2f} {r['gbytes_per_s']:8.2f} {r['fraction_of_copy_bw']:8.2f} "
               f"{r['speedup_vs_fused']:9.2f} {r['speedup_vs_foreach']:10.2f}")
+    var = result.get("masked_adamw_variants")
+    if var and var["rows"]:
+        print(f"\n{'masked AdamW variants (nothing frozen)':52s} {'ms':>9s} {'torch ms':>9s} {'vs fused':>9s}")
+        for r in var["rows"]:
+            print(f"{r['name']:52s} {r['seconds'] * 1e3:9.2f} {r['torch_fused_seconds'] * 1e3:9.2f} "
+                  f"{r['speedup_vs_fused']:9.2f}")
 
 
 def main(argv=None):
@@ -316,6 +375,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 7, smoke 1)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and one repetition (seconds)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<device>)")
+    ap.add_argument("--no-variants", action="store_true", help="leave out the amsgrad/maximize/float64 section")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -353,6 +413,8 @@ def main(argv=None):
     result["grad_stats"] = bench_stats(grads, flat, table, device, repeats)
     del flat
     result["masked_adamw"] = bench_adamw(shapes, device, repeats, result["grad_stats"]["copy_gbytes_per_s"] * 1e9)
+    if not args.no_variants:
+        result["masked_adamw_variants"] = bench_variants(shapes, device, repeats)
     if hasattr(os, "getloadavg"):
         result["device"]["load_average_after"] = list(os.getloadavg())
 

@@ -32,12 +32,16 @@ def kernel_dtypes() -> dict[str, tuple[torch.dtype, ...]]:
     return {name: backends.get(name).dtypes for name in backends.names()}
 
 
+def _dt(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
 def _check_backend_dtypes(b: Backend, named: list[tuple[str, torch.Tensor]]) -> None:
     """TypeError if backend ``b`` does not compute one of these tensors' dtype (nothing written yet)."""
     for name, t in named:
         if t.dtype not in b.dtypes:
-            raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, which backend {b.name!r} "
-                            f"does not compute (it supports {', '.join(str(d).replace('torch.', '') for d in b.dtypes)})")
+            raise TypeError(f"{name} has dtype {_dt(t.dtype)}, which backend {b.name!r} "
+                            f"does not compute (it supports {', '.join(_dt(d) for d in b.dtypes)})")
 
 
 def _moment_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -48,14 +52,12 @@ def _check_family(i: str, p: torch.Tensor, g: torch.Tensor, moments: list[tuple[
     """float64 params go with float64 gradients and moments; the other dtypes with float32 moments."""
     pn, gn = f"params{i}", f"grads{i}"
     if (g.dtype == torch.float64) != (p.dtype == torch.float64):
-        raise TypeError(f"{gn} has dtype {str(g.dtype).replace('torch.', '')} but {pn} has "
-                        f"{str(p.dtype).replace('torch.', '')}: float64 params need float64 gradients and "
-                        "float64 gradients float64 params")
+        raise TypeError(f"{gn} has dtype {_dt(g.dtype)} but {pn} has {_dt(p.dtype)}: float64 params need "
+                        "float64 gradients and float64 gradients float64 params")
     want = _moment_dtype(p.dtype)
     for name, t in moments:
         if t.dtype != want:
-            raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; moments of "
-                            f"{str(p.dtype).replace('torch.', '')} params must be {str(want).replace('torch.', '')}")
+            raise TypeError(f"{name} has dtype {_dt(t.dtype)}; moments of {_dt(p.dtype)} params must be {_dt(want)}")
 
 
 def grad_stats(
@@ -86,13 +88,13 @@ def grad_stats(
         float64 tensor ``[M, 3]`` on the gradients' device: sum of squares, sum of absolute
         values, and the exact count of non-finite elements of each matrix's gradient. Within a
         backend the result is bitwise reproducible (fixed-order reductions, no float atomics):
-        each chunk of the input is reduced in float32 in a fixed order and chunk partials are
-        added in float64 in table order. On CUDA the split of a chunk across threads also depends
-        on the 16-byte alignment of its start, so bitwise equality across processes or ranks holds
-        for identically laid-out (equally aligned) buffers, which is what DDP replicas and
-        Megatron-style buffers have. Float32 chunk sums overflow to ``inf`` for gradients beyond
-        about 1e19 in magnitude (squares beyond float32's range) while the count stays 0;
-        gradients that large are not meaningful training signals.
+        each chunk of the input is reduced in float32 (float64 for float64 gradients) in a fixed
+        order and chunk partials are added in float64 in table order. On CUDA the split of a chunk
+        across threads also depends on the 16-byte alignment of its start, so bitwise equality
+        across processes or ranks holds for identically laid-out (equally aligned) buffers, which
+        is what DDP replicas and Megatron-style buffers have. Float32 chunk sums overflow to
+        ``inf`` for gradients beyond about 1e19 in magnitude (squares beyond float32's range)
+        while the count stays 0; gradients that large are not meaningful training signals.
     """
     if segments is None:
         if isinstance(grads, torch.Tensor):
@@ -261,7 +263,8 @@ def _check_list_call(lists: list[list[torch.Tensor]], names: tuple[str, ...]) ->
         for i, t in enumerate(lst):
             check_tensor(t, f"{n}[{i}]", dtypes=ACCEPTED_DTYPES)
     for i in range(m):
-        _check_family(f"[{i}]", lists[0][i], lists[1][i], [(f"{n}[{i}]", lst[i]) for n, lst in zip(names[2:], lists[2:])])
+        moments = [(f"{n}[{i}]", lst[i]) for n, lst in zip(names[2:], lists[2:])]
+        _check_family(f"[{i}]", lists[0][i], lists[1][i], moments)
     device = lists[0][0].device if m else torch.device("cpu")
     for n, lst in zip(names, lists):
         check_same_device(lst, n, device)

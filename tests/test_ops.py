@@ -729,9 +729,9 @@ def test_cuda_backend_device_tables_from_host_data():
     lay = be._flat_layout(table, meta, "stats")
     assert be._flat_layout(table, meta, "adamw").plan is lay.plan  # one plan per table and device
     chunks = 3 + 1
-    slots, plan = lay.tables(torch.zeros(1, 7, dtype=torch.int64), meta)
-    assert plan.device == meta and plan.shape == (4 * chunks + 3 + chunks,) and slots.shape == (1, 7)
-    host = torch.zeros(2, 7, dtype=torch.int64)
+    slots, plan = lay.tables(torch.zeros(1, 8, dtype=torch.int64), meta)
+    assert plan.device == meta and plan.shape == (4 * chunks + 3 + chunks,) and slots.shape == (1, 8)
+    host = torch.zeros(2, 8, dtype=torch.int64)
     host[:, 6] = torch.tensor([n0, n1])
     lst = be._list_layout(host, meta, "stats")
     assert be._list_layout(host.clone(), meta, "stats") is lst  # keyed by sizes

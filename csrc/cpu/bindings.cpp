@@ -237,13 +237,13 @@ void adamw_list(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     TORCH_CHECK(grads[i].numel() == n, "tensors of matrix ", i, " differ in size");
     src[i].grad = grads[i].data_ptr();
     src[i].grad_elsize = grads[i].element_size();
-    set_moments(src[i], params[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[i],
-                "param");
+    set_moments(src[i], params[i], exp_avgs[i], exp_avg_sqs[i],
+                max_exp_avg_sqs.empty() ? nullptr : &max_exp_avg_sqs[i], "param");
     const bool has_master = !masters.empty() && masters[i].has_value();
     set_param(src[i], params[i], has_master ? &*masters[i] : nullptr, "param", "master param");
-    src[i].fn = adamw_kernel(update, has_master ? kF32 : dtype_code(params[i], "param"), dtype_code(grads[i], "grad"),
-                             grad_scale.has_value(), small_w, has_master ? dtype_code(params[i], "param") : kNoCopy,
-                             "param");
+    src[i].fn = adamw_kernel(update, has_master ? kF32 : dtype_code(params[i], "param"),
+                             dtype_code(grads[i], "grad"), grad_scale.has_value(), small_w,
+                             has_master ? dtype_code(params[i], "param") : kNoCopy, "param");
     numels[i] = n;
   }
   check_rows(chunks, numels, true, M);
@@ -278,9 +278,9 @@ void adamw_flat(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
               "param buffer");
   const at::Tensor* m = master.has_value() ? &*master : nullptr;
   set_param(src[0], param, m, "param buffer", "master buffer");
-  src[0].fn = adamw_kernel(update, m ? kF32 : dtype_code(param, "param buffer"), dtype_code(grad, "grad buffer"),
-                           grad_scale.has_value(), small_w, m ? dtype_code(param, "param buffer") : kNoCopy,
-                           "param buffer");
+  src[0].fn = adamw_kernel(update, m ? kF32 : dtype_code(param, "param buffer"),
+                           dtype_code(grad, "grad buffer"), grad_scale.has_value(), small_w,
+                           m ? dtype_code(param, "param buffer") : kNoCopy, "param buffer");
   check_rows(chunks, {n}, false, M);
   if (!update) {
     launch(src, false, chunks, M, frozen, h, nullptr, out);

@@ -26,18 +26,20 @@
 
 namespace grades_cuda {
 
-//: dtype codes used in GcSlot::gdt / GcSlot::pdt
-enum GcDtype : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+//: dtype codes used in GcSlot::gdt / GcSlot::pdt. kF64 params go with kF64 gradients and float64
+//: moments and are computed in float64; the others are computed in float32 with float32 moments.
+enum GcDtype : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
 
-//: One row of the slot table; laid out as 7 int64 so that the host can build it as a [S, 7] tensor.
+//: One row of the slot table; laid out as 8 int64 so that the host can build it as a [S, 8] tensor.
 struct GcSlot {
   int64_t g;    // gradient pointer
   int64_t p;    // parameter pointer (0 for statistics only)
-  int64_t m;    // exp_avg pointer, float32 (0 for statistics only)
-  int64_t v;    // exp_avg_sq pointer, float32 (0 for statistics only)
+  int64_t m;    // exp_avg pointer, float32 or float64 (0 for statistics only)
+  int64_t v;    // exp_avg_sq pointer, like m
   int64_t gdt;  // GcDtype of the gradient
   int64_t pdt;  // GcDtype of the parameter
   int64_t numel;  // number of elements (used by the host to key cached layouts)
+  int64_t x;    // max_exp_avg_sq pointer (amsgrad), like m; 0 without amsgrad
 };
 
 //: One row of the chunk table; [C, 4] int64 on the host.
@@ -48,10 +50,10 @@ struct GcChunk {
   int64_t matrix;  // matrix id in [0, M)
 };
 
-//: Per-chunk partial statistics written by phase 1 (16 bytes).
+//: Per-chunk partial statistics written by phase 1 (24 bytes; float32 chunk sums stored exactly).
 struct GcPartial {
-  float sumsq;
-  float sumabs;
+  double sumsq;
+  double sumabs;
   unsigned int nonfinite;
   unsigned int pad;
 };
@@ -68,6 +70,8 @@ struct GcAdamW {
   float eps;
   float weight_decay;
   float decay;              // 1 - lr*wd, precomputed in double on the host (lr_ptr == nullptr)
+  double eps_d, weight_decay_d;  // for float64 params
+  int maximize;             // 1: the update negates the (unscaled) gradient; statistics do not
   const float* step_ptr;    // step count: 0-dim or per-matrix float32, or nullptr
   int step_per_matrix;      // 1 if step_ptr has one entry per matrix
   double step;              // used when step_ptr == nullptr

@@ -16,7 +16,8 @@ chunks of one matrix stored next to each other in segment-table order. Work happ
 Both phases use fixed shapes and fixed orders and no atomics, so results are bitwise reproducible
 for a given device and compile. The backend launches them with ``enable_fp_fusion=False``: every
 multiply and add is rounded on its own, as in the reference, except the explicit ``tl.fma`` of
-the moment's lerp, which is how torch computes ``lerp``. Offsets are int64 throughout (buffers may exceed 2**31 elements).
+the moment's lerp, which is how torch computes ``lerp``. The kernels compute in float32 only:
+float64 buffers are refused by the backend (``TritonBackend.dtypes``). Offsets are int64 throughout (buffers may exceed 2**31 elements).
 
 Importing this module defines the kernels: ``TRITON_INTERPRET=1`` must already be set if they are
 to run on CPU tensors through Triton's interpreter.
@@ -120,15 +121,17 @@ def grad_stats_chunks_kernel(
 
 
 @triton.jit
-def _adamw_block(param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, scale,
+def _adamw_block(param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, upd, scale,
                  decay, step_size, bc2_sqrt, w1, beta2, one_minus_beta2, eps,
                  acc_sq, acc_abs, acc_bad,
                  HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, LERP_HI: tl.constexpr,
-                 BF16_RNE: tl.constexpr, HAS_COPY: tl.constexpr):
+                 BF16_RNE: tl.constexpr, HAS_COPY: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 AMSGRAD: tl.constexpr):
     """Statistics plus one AdamW update of one block; parameter and moments written only where
     ``mask & upd``. Same operation order as the reference ``adamw_update``. With ``HAS_COPY`` the
     parameter is a float32 master and the result is also stored, rounded, at ``copy_ptr``
-    (``BF16_RNE`` then applies to the copy)."""
+    (``BF16_RNE`` then applies to the copy). ``MAXIMIZE`` negates the gradient after the
+    statistics; ``AMSGRAD`` keeps ``vmax = maximum(vmax, v)`` (NaN propagates) for the denominator."""
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         # masked lanes stay 0 (0 / 0 would be NaN when a GradScaler's scale has fallen to 0)
@@ -136,6 +139,8 @@ def _adamw_block(param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, s
     acc_sq += g * g
     acc_abs += tl.abs(g)
     acc_bad += (~(tl.abs(g) <= FINITE_MAX)).to(tl.int32)
+    if MAXIMIZE:
+        g = -g
     if HAS_FOUND_INF:
         wmask = tl.where(upd, mask, False)
     else:
@@ -152,7 +157,12 @@ def _adamw_block(param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, offs, mask, upd, s
     else:
         m = tl.fma(w1, g - m, m)
     v = v * beta2 + (one_minus_beta2 * g) * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    if AMSGRAD:
+        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=wmask, other=0.0), v, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(vmax_ptr + offs, vmax, mask=wmask)
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)
     if HAS_COPY:
         tl.store(param_ptr + offs, p, mask=wmask)
@@ -178,6 +188,7 @@ def adamw_chunks_kernel(
     grad_ptr,      # [N] float32/bfloat16/float16
     m_ptr,         # [N] float32 exp_avg, updated in place
     v_ptr,         # [N] float32 exp_avg_sq, updated in place
+    vmax_ptr,      # [N] float32 max_exp_avg_sq, updated in place; unused unless AMSGRAD
     chunks_ptr,    # [C, 3] int64 (start, length, matrix_id)
     frozen_ptr,    # [M] uint8 (1 = frozen); unused unless HAS_FROZEN
     part_ptr,      # [C, 3] float64 out: per-chunk (sumsq, sumabs, non-finite count)
@@ -194,6 +205,8 @@ def adamw_chunks_kernel(
     LERP_HI: tl.constexpr,
     BF16_RNE: tl.constexpr,   # round bfloat16 params in integer arithmetic (interpreter only)
     HAS_COPY: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    AMSGRAD: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -225,15 +238,15 @@ def adamw_chunks_kernel(
     for i in range(0, n_full):
         offs = start + i * BLOCK + lane
         acc_sq, acc_abs, acc_bad = _adamw_block(
-            param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, offs, full, upd, scale,
+            param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, offs, full, upd, scale,
             decay, step_size, bc2_sqrt, w1, beta2, one_minus_beta2, eps,
-            acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI, BF16_RNE, HAS_COPY)
+            acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI, BF16_RNE, HAS_COPY, MAXIMIZE, AMSGRAD)
     tail = n_full * BLOCK
     offs = start + tail + lane
     acc_sq, acc_abs, acc_bad = _adamw_block(
-        param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, offs, tail + lane < n, upd, scale,
+        param_ptr, copy_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, offs, tail + lane < n, upd, scale,
         decay, step_size, bc2_sqrt, w1, beta2, one_minus_beta2, eps,
-        acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI, BF16_RNE, HAS_COPY)
+        acc_sq, acc_abs, acc_bad, HAS_SCALE, HAS_FOUND_INF, LERP_HI, BF16_RNE, HAS_COPY, MAXIMIZE, AMSGRAD)
     _store_partial(part_ptr, pid, acc_sq, acc_abs, acc_bad)
 
 

@@ -5,7 +5,7 @@ segment of a flat buffer (flat form) is cut into chunks of ``CHUNK`` elements; t
 
 * a *plan* (int64, built once per layout and cached): the chunk rows ``(slot, start, length,
   matrix)`` followed by a CSR index of each matrix's chunks, and
-* a *slot table* (int64 ``[S, 7]``): data pointers, dtype codes and sizes, rebuilt on the host each call
+* a *slot table* (int64 ``[S, 8]``): data pointers, dtype codes and sizes, rebuilt on the host each call
   and uploaded only when the pointers changed.
 
 Uploads are non-blocking copies from pinned memory, so no op synchronises with the host; the cached
@@ -75,6 +75,7 @@ class CudaBackend(Backend):
     name = "cuda"
     device_types = ("cuda",)
     kinds = ("list", "flat")
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
     def __init__(self) -> None:
         self._mod = None
@@ -158,22 +159,25 @@ class CudaBackend(Backend):
         step = 0.0 if step_t is not None else float(hp.step)
         mod.masked_adamw(slots, plan, lay.num_chunks, lay.num_matrices, frozen, out, lr_t, lr,
                          float(hp.beta1), float(hp.beta2), float(hp.eps), float(hp.weight_decay),
-                         step_t, step, hp.grad_scale, hp.found_inf)
+                         step_t, step, hp.grad_scale, hp.found_inf, hp.maximize)
 
     # Master weights: the update on the float32 masters, then one multi-tensor copy (not fused).
     def adamw_list(self, params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters=None,
-                   masters_in_sync=False) -> None:
+                   masters_in_sync=False, max_exp_avg_sqs=None) -> None:
         if masters is not None:
             return self.adamw_list_via_masters(params, grads, exp_avgs, exp_avg_sqs, frozen, hp, out, masters,
-                                               masters_in_sync)
+                                               masters_in_sync, max_exp_avg_sqs)
         mod = self._ext()
-        host = mod.slot_table(grads, params, exp_avgs, exp_avg_sqs)
+        host = mod.slot_table(grads, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [])
         lay = self._list_layout(host, out.device, "adamw")
         self._adamw(mod, lay, host, frozen, hp, out)
 
-    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master=None) -> None:
+    def adamw_flat(self, param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master=None,
+                   max_exp_avg_sq=None) -> None:
         if master is not None:
-            return self.adamw_flat_via_masters(param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master)
+            return self.adamw_flat_via_masters(param, grad, exp_avg, exp_avg_sq, table, frozen, hp, out, master,
+                                               max_exp_avg_sq)
         mod = self._ext()
         lay = self._flat_layout(table, grad.device, "adamw")
-        self._adamw(mod, lay, mod.slot_table([grad], [param], [exp_avg], [exp_avg_sq]), frozen, hp, out)
+        vmax = [] if max_exp_avg_sq is None else [max_exp_avg_sq]
+        self._adamw(mod, lay, mod.slot_table([grad], [param], [exp_avg], [exp_avg_sq], vmax), frozen, hp, out)

@@ -207,7 +207,8 @@ class TritonBackend(Backend):
 
     def adamw_flat(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                    exp_avg_sq: torch.Tensor, table, frozen: Optional[torch.Tensor], hp: AdamWArgs,
-                   out: torch.Tensor, master: Optional[torch.Tensor] = None) -> None:
+                   out: torch.Tensor, master: Optional[torch.Tensor] = None,
+                   max_exp_avg_sq: Optional[torch.Tensor] = None) -> None:
         with _launch(param.device, table, frozen, out) as got:
             if got is None:
                 return
@@ -218,7 +219,8 @@ class TritonBackend(Backend):
             # with master weights the kernel updates the master and writes the parameter as its copy
             target, copy = (param, param) if master is None else (master, param)
             K.adamw_chunks_kernel[(plan.num_chunks,)](
-                target, copy, grad, exp_avg, exp_avg_sq, rows, fz, part,
+                target, copy, grad, exp_avg, exp_avg_sq, exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq,
+                rows, fz, part,
                 hp.grad_scale if hp.grad_scale is not None else part,
                 hp.found_inf if hp.found_inf is not None else part,
                 coef if coef is not None else part, stride,
@@ -227,6 +229,7 @@ class TritonBackend(Backend):
                 HAS_FROZEN=has_frozen, HAS_SCALE=hp.grad_scale is not None,
                 HAS_FOUND_INF=hp.found_inf is not None, COEF_FROM_PTR=coef is not None,
                 LERP_HI=abs(w1) >= 0.5, BF16_RNE=bool(K.INTERPRETED) and param.dtype == torch.bfloat16,
-                HAS_COPY=master is not None, ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS,
+                HAS_COPY=master is not None, MAXIMIZE=hp.maximize, AMSGRAD=max_exp_avg_sq is not None,
+                ALIGNED=plan.aligned, BLOCK=K.BLOCK, num_warps=K.NUM_WARPS,
                 enable_fp_fusion=False)
             _finish(part, ptr, out)
