@@ -204,8 +204,7 @@ class FrozenAwareAdamW(Rows, Optimizer, FreezableOptimizer):
         grad_scale, found_inf = self._scaler_inputs()
         hps = update.check_hparams_of(self, work, grad_scale)
         all_full = self._begin_statistics(work)
-        frozens = [self.frozen[slice(*self._ranges[w.gi])] if w.plan.full
-                   else self.frozen.index_select(0, w.plan.idx_global) for w in work]
+        frozens = self._frozen_of(work)
         found, detected = nonfinite.decide(self, work, frozens, found_inf, hint)
         update.apply(self, work, frozens, hps, found, detected)
         update.record_skip(self, found, all_full)
@@ -215,6 +214,11 @@ class FrozenAwareAdamW(Rows, Optimizer, FreezableOptimizer):
     def _gather(self) -> list[Work]:
         work = [gather_group(self, gi, g) for gi, g in enumerate(self.param_groups)]
         return [w for w in work if w is not None]
+
+    def _frozen_of(self, work: list[Work]) -> list[torch.Tensor]:
+        """Each group's frozen entries for its participants (a view when all take part)."""
+        return [self.frozen[slice(*self._ranges[w.gi])] if w.plan.full
+                else self.frozen.index_select(0, w.plan.idx_global) for w in work]
 
     def _scaler_inputs(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """``(grad_scale, found_inf)`` a ``torch.amp.GradScaler`` set on this optimizer, if any."""
