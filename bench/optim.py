@@ -1,19 +1,21 @@
 """Step time of FrozenAwareAdamW against torch.optim.AdamW (fused and foreach).
 
-Parameter set shaped like Qwen3-0.6B: 28 layers of hidden 1024, q_proj 2048x1024, k/v 1024x1024
+Parameter set shaped like Qwen3-0.6B (``grades.models.qwen3_06b_shapes``): 28 layers of hidden 1024, q_proj 2048x1024, k/v 1024x1024
 (8 kv heads x 128), o_proj 1024x2048, gate/up 3072x1024, down 1024x3072, four norms per layer,
 the tied 151936x1024 embedding and the final norm. For each frozen fraction (the first parameters
 in model order, by element count, i.e. whole early layers, as GradES freezes them) it times:
 
 * ``torch_fused`` / ``torch_foreach``: torch.optim.AdamW on the unfrozen parameters only (frozen
   ones have no gradient, which is what ``requires_grad=False`` gives a torch user);
-* ``grades_skip``: FrozenAwareAdamW, default ``nonfinite="skip"`` (a detection pass + the update);
-* ``grades_ignore``: FrozenAwareAdamW, ``nonfinite="ignore"`` (the update alone, one pass);
-* ``grades_scaler``: FrozenAwareAdamW driven as under a GradScaler (``grad_scale``/``found_inf``
+* ``grades_auto``: FrozenAwareAdamW as constructed by default (``nonfinite="auto"``: the update
+  alone, one pass over memory);
+* ``grades_skip``: ``nonfinite="skip"`` (a detection pass + the update: every gradient read twice);
+* ``grades_ignore``: ``nonfinite="ignore"`` (the update alone, one pass);
+* ``grades_scaler``: the default, driven as under a GradScaler (``grad_scale``/``found_inf``
   handed in, one pass);
-* ``grades_norm``: ``nonfinite="skip"`` with the total gradient norm handed in
-  (``use_total_norm``, as the Trainer callback does with the norm the Trainer computes anyway;
-  its computation is not timed): the norm is the non-finite check, one pass;
+* ``grades_norm``: the default with the total gradient norm handed in (``use_total_norm``, as the
+  Trainer callback does with the norm the Trainer computes anyway; its computation is not timed):
+  the norm is the non-finite check, one pass;
 * ``*_devmask`` variants: frozen set with ``freeze_mask_`` only (the host never learns it, the
   kernel skips frozen matrices); the plain variants call ``sync_frozen_state`` as the GradES
   policy does once its non-blocking copy of the mask arrives;
@@ -53,25 +55,9 @@ from _common import device_slug, results_dir
 
 import grades
 from grades import FrozenAwareAdamW, backends
+from grades.models import qwen3_06b_shapes
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-VOCAB, HIDDEN, INTER, HEAD_DIM, Q_HEADS, KV_HEADS = 151936, 1024, 3072, 128, 16, 8
-
-
-def qwen3_shapes(layers: int, embedding: bool) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every parameter, in model order."""
-    out = [("embed_tokens", (VOCAB, HIDDEN))] if embedding else []
-    for i in range(layers):
-        p = f"layers.{i}."
-        out += [(p + "input_layernorm", (HIDDEN,)),
-                (p + "q_proj", (Q_HEADS * HEAD_DIM, HIDDEN)), (p + "k_proj", (KV_HEADS * HEAD_DIM, HIDDEN)),
-                (p + "v_proj", (KV_HEADS * HEAD_DIM, HIDDEN)), (p + "o_proj", (HIDDEN, Q_HEADS * HEAD_DIM)),
-                (p + "q_norm", (HEAD_DIM,)), (p + "k_norm", (HEAD_DIM,)),
-                (p + "post_attention_layernorm", (HIDDEN,)),
-                (p + "gate_proj", (INTER, HIDDEN)), (p + "up_proj", (INTER, HIDDEN)),
-                (p + "down_proj", (HIDDEN, INTER))]
-    out.append(("norm", (HIDDEN,)))
-    return out
 
 
 def sync(device: torch.device) -> None:
@@ -139,7 +125,7 @@ def frozen_prefix(numels: list[int], fraction: float) -> int:
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    shapes = qwen3_shapes(args.layers, not args.no_embedding)
+    shapes = qwen3_06b_shapes(args.layers, not args.no_embedding)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for _, s in shapes]
     grads = [torch.randn(s, device=device, dtype=dtype) * 1e-3 for _, s in shapes]
@@ -183,9 +169,9 @@ def run(args) -> dict:
             gc.collect()
         for p, g in zip(params, grads):
             p.grad = g
-        variants = [("grades_skip", "skip", False, True), ("grades_ignore", "ignore", False, True),
-                    ("grades_scaler", "skip", True, True), ("grades_norm", "skip", False, True),
-                    ("grades_skip_devmask", "skip", False, False)]
+        variants = [("grades_auto", "auto", False, True), ("grades_skip", "skip", False, True),
+                    ("grades_ignore", "ignore", False, True), ("grades_scaler", "auto", True, True),
+                    ("grades_norm", "auto", False, True), ("grades_auto_devmask", "auto", False, False)]
         if args.smoke:
             variants = variants[:2]
         if dtype != torch.float32:

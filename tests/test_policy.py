@@ -410,7 +410,8 @@ def test_decision_paths_agree(cfg, optim, comps):
     out = {}
     for path in DECISION_PATHS:
         m = Toy(seed=5)
-        opt = (grades.FrozenAwareAdamW if optim == "frozen_aware" else torch.optim.AdamW)(m.parameters(), lr=1e-2)
+        opt = (grades.FrozenAwareAdamW(m.parameters(), lr=1e-2, nonfinite="skip") if optim == "frozen_aware"
+               else torch.optim.AdamW(m.parameters(), lr=1e-2))
         gs = GradES(m, opt, GradESConfig(**cfg), components=pairs(m) if comps == "pairs" else None, rule=rule_for(path))
         for s in range(25):
             x, y = data(s)

@@ -19,7 +19,7 @@ It works with the Trainer's own optimizer or with a :class:`~grades.FrozenAwareA
 ``optimizers=(opt, sched)`` (statistics then come from the optimizer's fused pass, and freezes
 act on its device mask at once; the total gradient norm the Trainer computes anyway then
 serves as the optimizer's non-finite check, :meth:`~grades.FrozenAwareAdamW.use_total_norm`, so
-its default ``nonfinite="skip"`` reads each gradient once).
+a non-finite norm skips the step under its default ``nonfinite="auto"``).
 
 It adds ``grades/frozen_fraction`` and ``grades/<type>_stat`` (mean statistic of the non-frozen
 components of each type) to the Trainer's logs. The Trainer calls reporting callbacks
@@ -237,7 +237,7 @@ class GradESCallback(TrainerCallback, ExportableState):
         # not): a FrozenAwareAdamW takes it as this step's non-finite check and reads each
         # gradient once instead of twice.
         gs = self.gs
-        if gs is not None and gs.frozen_aware and getattr(gs.optimizer, "nonfinite", None) == "skip":
+        if gs is not None and gs.frozen_aware and getattr(gs.optimizer, "uses_total_norm", False):
             _, last = self._recorded_clip()
             if last is not None and last[0] is not None and hasattr(gs.optimizer, "use_total_norm"):
                 gs.optimizer.use_total_norm(last[0])
