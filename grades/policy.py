@@ -304,6 +304,12 @@ def _dtensor_group(params: Sequence[torch.Tensor]) -> Any:
     return mesh.get_group(shard[0]) if shard else None
 
 
+def _attach_engines(gs: "GradES", model: nn.Module) -> None:
+    """Wire a DDP wrapper or a ``torch.compile``d model handed to GradES (refusing what cannot work)."""
+    from .integrations.waves import attach_engines
+    attach_engines(gs, model)
+
+
 def _padded_index(groups: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     k = max(1, max(len(g) for g in groups))
     idx = torch.full((len(groups), k), pad, dtype=torch.long)
@@ -681,6 +687,10 @@ class GradES:
         self._slots = [_Slot(C, dev) for _ in range(2)]
         self._slot_i = 0
         self._pending: list[_Slot] = []
+        #: a :class:`~grades.integrations.waves.FreezeWaves` that takes over the ``requires_grad``
+        #: flip (DDP, torch.compile); ``None``: flip as soon as the host learns of a freeze
+        self.autograd_gate: Any = None
+        _attach_engines(self, model)
 
     # ------------------------------------------------------------------ helpers
 
@@ -842,12 +852,14 @@ class GradES:
                 clip_coef, total_norm = clip_coefficient(total_norm, float(max_norm)), None
         if self.host_math and self._step_native(clip_coef, total_norm, max_norm):
             self._opt_calls = calls
-            return
-        if total_norm is not None:
-            clip_coef = clip_coefficient(total_norm, float(max_norm))
-        with torch.no_grad():
-            self._step_general(clip_coef)
-        self._opt_calls = calls
+        else:
+            if total_norm is not None:
+                clip_coef = clip_coefficient(total_norm, float(max_norm))
+            with torch.no_grad():
+                self._step_general(clip_coef)
+            self._opt_calls = calls
+        if self.autograd_gate is not None:
+            self.autograd_gate.after_step(self)
 
     def _warn_no_new_step(self) -> None:
         if not self._warned_no_new_step:
@@ -1147,9 +1159,10 @@ class GradES:
             for i in new.tolist():
                 c = self.components[i]
                 for p in c.params:
-                    if not hasattr(p, _REQUIRES_GRAD_ATTR):
-                        setattr(p, _REQUIRES_GRAD_ATTR, bool(p.requires_grad))
-                    p.requires_grad_(False)
+                    if self.autograd_gate is None:  # otherwise the gate flips it (in waves)
+                        if not hasattr(p, _REQUIRES_GRAD_ATTR):
+                            setattr(p, _REQUIRES_GRAD_ATTR, bool(p.requires_grad))
+                        p.requires_grad_(False)
                     p.grad = None
                 self._host_freeze_step[i] = int(fstep[i])
                 self.freeze_events.append({"component": c.name, "type": c.type, "step": int(fstep[i]),
