@@ -87,6 +87,7 @@ class FreezeWaves:
         self.every = int(every)
         self.drop = drop
         self.flips = 0
+        self._next = 0  # index of the next wave in self.waves
         C = len(gs.components)
         self.committed = np.zeros(C, dtype=bool)
         self._flipped = np.zeros(C, dtype=bool)
@@ -123,9 +124,10 @@ class FreezeWaves:
         for fn in self._listeners:
             fn(now)
         frac = float(now.mean()) if len(now) else 0.0
-        if self.flips < len(self.waves) and frac + 1e-12 >= self.waves[self.flips]:
-            while self.flips < len(self.waves) and frac + 1e-12 >= self.waves[self.flips]:
-                self.flips += 1
+        if self._next < len(self.waves) and frac + 1e-12 >= self.waves[self._next]:
+            while self._next < len(self.waves) and frac + 1e-12 >= self.waves[self._next]:
+                self._next += 1  # waves passed together flip together
+            self.flips += 1
             self._flip(now & ~self._flipped)
 
     # ------------------------------------------------------------------ internals
