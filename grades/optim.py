@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import backends
+from . import backends, dtensor
 from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, check_no_overlap, is_wrapper_subclass, mark_written, upload
 from .backends.base import AdamWArgs
 from .contract import FreezableOptimizer
@@ -224,6 +224,7 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
         self._host_frozen = np.zeros(0, dtype=bool)
         self._released: set[int] = set()
         self._plans: dict[tuple, _Plan] = {}
+        self._shards = dtensor.ShardGroup([])
         self._part_cache: dict[tuple, torch.Tensor] = {}
         self._device: Optional[torch.device] = None
         self.frozen = torch.zeros(0, dtype=torch.bool)
@@ -287,6 +288,7 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
                                                          group["weight_decay"])
             _check_options(group)
             self._check_params(group["params"])
+            shards = dtensor.ShardGroup(self.param_list + list(group["params"]))
         except Exception:
             self.param_groups.pop()
             raise
@@ -294,6 +296,7 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
         for i, p in enumerate(group["params"]):
             self._index[id(p)] = start + i
         self.param_list.extend(group["params"])
+        self._shards = shards  # FSDP2: the group the per-parameter statistics are summed over
         end = len(self.param_list)
         self._ranges.append((start, end))
         if self._device is None and self.param_list:
@@ -313,13 +316,12 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
         if not joined and len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter group contains the same parameter more than once; the fused "
                              "update would apply it twice (pass each parameter once)")
-        for p in params:
+        for p0 in params:
+            # FSDP2 (DTensor) parameters: layout checked, the kernels run on the local shard
+            p = dtensor.check_param(p0) if dtensor.is_dtensor(p0) else p0
             if is_wrapper_subclass(p):
                 raise TypeError(f"FrozenAwareAdamW supports plain tensor parameters, got a {type(p).__name__} "
-                                "(a tensor subclass without plain storage"
-                                + ("; FSDP2 / tensor-parallel DTensor parameters are not supported: their "
-                                   "statistics and skip decisions would differ across ranks"
-                                   if type(p).__name__ == "DTensor" else "") + ")")
+                                "(a tensor subclass without plain storage)")
             if p.is_neg():
                 raise ValueError("a parameter has its negative bit set (a lazily negated view); the fused update "
                                  "would write it without the negation: pass a parameter with .resolve_neg()")
@@ -344,7 +346,7 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
                                     "the model)" if joined else ""))
             if joined:
                 continue
-            if id(p) in self._index:
+            if id(p0) in self._index:
                 raise ValueError("some parameters appear in more than one parameter group")
 
     def param_index(self, p: torch.Tensor) -> int:
@@ -359,6 +361,12 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
     def num_params(self) -> int:
         """Number of parameters over all groups (the length of :attr:`frozen`)."""
         return len(self.param_list)
+
+    @property
+    def reduces_stats(self) -> bool:
+        """Whether :attr:`last_grad_stats` are already summed over the ranks that hold shards of the
+        parameters (FSDP2), so a policy must not reduce them again."""
+        return self._shards.active
 
     @property
     def step_calls(self) -> int:
@@ -454,8 +462,9 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
         state = self.state[p]
         if len(state) == 0:
             state["step"] = self._group_steps[gi][local]
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            # like the parameter (a DTensor's moments are DTensors with its placements, as torch keeps them)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             if self._wants_master(p):
                 state["master_param"] = p.detach().to(torch.float32, copy=True)
         return state
@@ -469,7 +478,8 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
         if not candidates:
             return
         # bit patterns (masters exist for 2-byte dtypes only), so NaN == NaN and -0.0 != 0.0
-        agree = torch.stack([(saved.to(p.dtype).view(torch.int16) == p.detach().view(torch.int16)).all()
+        agree = torch.stack([(dtensor.local(saved.to(p.dtype)).view(torch.int16)
+                              == dtensor.local(p.detach()).view(torch.int16)).all()
                              for _, saved, p in candidates]).cpu()
         for ok, (master, saved, _) in zip(agree.tolist(), candidates):
             if ok:
@@ -500,9 +510,10 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
             g = p.grad
             if g is None or host_frozen[start + i]:
                 continue
+            p, g = dtensor.local(p), dtensor.local(g)
             if not p.is_contiguous() or p.dtype not in SUPPORTED_DTYPES or p.device != dev:
                 # its .data was replaced since it joined (checked then)
-                self._check_params([p], joined=True)
+                self._check_params([group["params"][i]], joined=True)
             # the checks grades.masked_adamw_ would make of a gradient (parameters and moments
             # were checked when they joined, and the native backends check sizes again)
             if g.layout != torch.strided:
@@ -528,21 +539,24 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
         key = (gi, tuple(local))
         plan = self._plans.get(key)
         if plan is None:
-            params = [group["params"][i] for i in local]
+            params = [dtensor.local(group["params"][i]) for i in local]
             # the fused update writes every parameter once: no two may share memory
             check_no_overlap([(f"parameter {start + i}", p) for i, p in zip(local, params)])
-            states = [self._init_state(gi, i, p) for i, p in zip(local, params)]
+            states = [self._init_state(gi, i, group["params"][i]) for i in local]
             full = len(local) == end - start
             idx_local = idx_global = None
             if not full:
                 idx_local = upload(torch.tensor(local, dtype=torch.long), dev)
                 idx_global = idx_local + start
             scratch = torch.zeros(len(local), 3, dtype=STATS_DTYPE, device=dev)
-            plan = _Plan(key[1], full, params, [s["exp_avg"] for s in states],
-                         [s["exp_avg_sq"] for s in states], [s.get("master_param") for s in states],
+            plan = _Plan(key[1], full, params, [dtensor.local(s["exp_avg"]) for s in states],
+                         [dtensor.local(s["exp_avg_sq"]) for s in states],
+                         [dtensor.local(s.get("master_param")) for s in states],
                          idx_local, idx_global, scratch, backends.select(dev, "list", self.backend))
             self._plans[key] = plan
-        elif tuple(p.numel() for p in plan.params) != plan.numels:
+        elif self._shards.has_dtensor:  # FSDP2 may give a parameter a new local shard (lazy init, loading)
+            plan.params = [dtensor.local(group["params"][i]) for i in plan.local]
+        if tuple(p.numel() for p in plan.params) != plan.numels:
             j = next(j for j, (p, n) in enumerate(zip(plan.params, plan.numels)) if p.numel() != n)
             raise ValueError(f"parameter {start + plan.local[j]} has {plan.params[j].numel()} elements but its "
                              f"optimizer state was made for {plan.numels[j]}: its .data was replaced by a tensor "
@@ -617,6 +631,8 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
         if found_inf is not None:
             # GradScaler protocol: the scaler has already checked the gradients; one pass.
             found = found_inf.to(device=dev, non_blocking=True).reshape(()).ne(0).to(torch.float32)
+            if self._shards.active:  # the scaler looked at local shards only
+                found = self._shards.reduce_found_(found)
             detect = False
         elif self.nonfinite == "ignore":
             found, detect = None, False
@@ -635,6 +651,8 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
                 plan.backend.grad_stats_list(grads, fz, rows)
                 if not plan.full:
                     stats_all.index_copy_(0, plan.idx_global, rows)
+            if self._shards.active:
+                self._shards.reduce_stats_(stats_all)
             if host and not stats_all[:, 2].numpy().any():
                 # host memory: the outcome is known at once, and a clean step (the usual case)
                 # needs none of the skip machinery below (the update is the one found_inf == 0 gives)
@@ -685,6 +703,8 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
             if not detect and not plan.full:
                 stats_all.index_copy_(0, plan.idx_global, out)
 
+        if not detect and self._shards.active:
+            self._shards.reduce_stats_(stats_all)
         if found is not None:
             skipped = found != 0
             self.skipped_steps.add_(skipped)
@@ -841,6 +861,8 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
                 if t is None:
                     if not host_frozen[gidx]:
                         raise ValueError(f"state of parameter {gidx} has no {k!r} but it is not frozen")
+                elif dtensor.is_dtensor(t) and dtensor.is_dtensor(p):
+                    dtensor.check_moment(t, p, f"state of parameter {gidx}: {k!r}")
                 elif isinstance(t, torch.Tensor) and is_wrapper_subclass(t):
                     raise TypeError(f"state of parameter {gidx}: {k!r} is a {type(t).__name__}, a tensor subclass "
                                     "without plain storage (a sharded checkpoint? load it as plain tensors)")

@@ -623,8 +623,8 @@ class GradES:
         tracked = [p for c in comps for p in c.params]
         self.device = _local(tracked[0]).device
         self.process_group = process_group
-        if process_group is None:
-            self.process_group = _dtensor_group(tracked)
+        if process_group is None and not (self.frozen_aware and getattr(self.optimizer, "reduces_stats", False)):
+            self.process_group = _dtensor_group(tracked)  # (a sharding optimizer reduces its statistics itself)
 
         if stats_source is not None:
             bind = getattr(stats_source, "bind", None)
