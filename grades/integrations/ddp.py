@@ -87,10 +87,7 @@ class DDPFreezeHook:
 
 def _check_ddp(ddp: Any) -> None:
     """Refuse, before any step, a DDP wrapper the hook cannot serve."""
-    if getattr(ddp, "_grades_hook", None) is not None:
-        raise ValueError("this DistributedDataParallel model is already attached to a GradES; build one GradES "
-                         "per model")
-    if getattr(ddp, "_comm_hooks", None):
+    if getattr(ddp, "_comm_hooks", None) and getattr(ddp, "_grades_hook", None) is None:
         raise ValueError("this DistributedDataParallel model already has a comm hook; GradES needs its own to stop "
                          "communicating frozen gradients (remove register_comm_hook, or pass ddp.module to GradES "
                          "and build DDP with find_unused_parameters=True)")
@@ -105,8 +102,9 @@ def attach_ddp(ddp_model: Any, gs: Any, *, every: int = 1) -> DDPFreezeHook:
     ``GradESCallback`` (Trainer under ``torchrun``) call it themselves.
 
     Raises:
-        ValueError: ``ddp_model`` already has a comm hook or a GradES attached, or ``gs`` has
-            already stepped.
+        ValueError: ``ddp_model`` already has a comm hook of its own, ``gs`` has no optimizer, or
+            ``gs`` has already stepped. (Attaching a later GradES to the same wrapper takes its hook
+            over from the earlier one.)
     """
     from torch.nn.parallel import DistributedDataParallel
     if not isinstance(ddp_model, DistributedDataParallel):
@@ -118,12 +116,15 @@ def attach_ddp(ddp_model: Any, gs: Any, *, every: int = 1) -> DDPFreezeHook:
     if gs.optimizer is None:
         raise ValueError("GradES under DDP needs the optimizer (GradES(model, optimizer, ...)): frozen parameters "
                          "keep requires_grad there, and their gradients are dropped before each optimizer step")
-    hook = DDPFreezeHook(ddp_model.process_group)
+    hook = getattr(ddp_model, "_grades_hook", None)
+    if hook is None:
+        hook = DDPFreezeHook(ddp_model.process_group)
+        ddp_model.register_comm_hook(None, hook.hook)
+        ddp_model._grades_hook = hook
+    hook.frozen_ids = set()  # a later GradES (a second train() call) takes the hook over
     waves = FreezeWaves(gs, (), every=every, drop="step")
 
     def learn(committed: Any) -> None:
         hook.frozen_ids = waves.frozen_params()
     waves.add_listener(learn)
-    ddp_model.register_comm_hook(None, hook.hook)
-    ddp_model._grades_hook = hook
     return hook
