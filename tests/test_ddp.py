@@ -2,7 +2,6 @@
 no unsynchronised step, decisions and parameters equal to a 1-process run over the global batch
 (with and without clipping and gradient accumulation), frozen parameters bitwise unchanged, and
 bytes all-reduced per step falling with the frozen fraction."""
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -86,6 +85,19 @@ def _worker(rank, world):
             "sent": sent, "unfrozen_bytes": unfrozen_bytes,
             "full_bytes": 4 * sum(p.numel() for p in ddp.module.parameters()),
         }
+    # DDP under torch.compile: requires_grad never flips, so freezes cost no recompile
+    from test_compile import CountingBackend
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    ref_model = Net()
+    ref, _, _ = train(ref_model, ref_model, "frozenaware", False, 1, None, world)
+    ddp = DDP(Net())
+    compiled = torch.compile(ddp, backend=backend)
+    gs, sent, _ = train(compiled, ddp.module, "frozenaware", False, 1, rank, world)
+    fsteps = gs.state_dict()["freeze_step"]
+    res["compiled"] = {"freeze_step": fsteps, "ref_freeze_step": ref.state_dict()["freeze_step"],
+                       "compiles": backend.compiles, "calls": backend.calls, "sent": sent,
+                       "max_diff": float((flat_params(ddp.module) - flat_params(ref_model)).abs().max())}
     # what cannot work is refused before any step
     from grades import GradES, GradESConfig
     ddp = DDP(Net())
@@ -124,3 +136,13 @@ def test_frozen_gradients_are_not_communicated(results, case):
 
 def test_a_ddp_model_with_its_own_comm_hook_is_refused_at_construction(results):
     assert results[0]["refusal"] and "comm hook" in results[0]["refusal"]
+
+
+def test_compiled_ddp_freezes_without_recompiling(results):
+    r = results[0]["compiled"]
+    assert r["freeze_step"] == results[1]["compiled"]["freeze_step"] == r["ref_freeze_step"]
+    assert any(f >= 0 for f in r["freeze_step"])
+    assert r["max_diff"] < 1e-5
+    # DDP's graph splitting may compile a few subgraphs, once: every step runs them, none recompiles
+    assert r["calls"] == STEPS * r["compiles"]
+    assert r["sent"][-1] < r["sent"][0]

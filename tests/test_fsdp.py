@@ -146,6 +146,34 @@ def dcp_resume(mesh, rank, world, tmp):
             "freeze_step": gs.state_dict()["freeze_step"], "want": want_f}
 
 
+def master_weights(mesh, rank, world):
+    """bf16 FSDP2 parameters with float32 masters (DTensors too) follow torch's AdamW run on float32
+    copies of the shards fed the same gradients; each bf16 shard is its master rounded."""
+    from grades import FrozenAwareAdamW
+    from torch.distributed.fsdp import fully_shard
+    m = Net().bfloat16()
+    for b in m.layers:
+        for lin in (b.self_attn.q_proj, b.mlp.up_proj, b.mlp.down_proj):
+            fully_shard(lin, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    params = list(m.parameters())
+    opt = FrozenAwareAdamW(params, lr=LR, master_weights=True)
+    shadow = [torch.nn.Parameter(p.detach().float()) for p in params]
+    ref = torch.optim.AdamW(shadow, lr=LR)
+    for s in range(4):
+        x, y = batch(s, rank, world)
+        ((m(x.bfloat16()).float() - y) ** 2).mean().backward()
+        for q, p in zip(shadow, params):
+            q.grad = p.grad.float()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+    masters = [opt.state[p]["master_param"] for p in params]
+    return {"dtensor_masters": all(hasattr(t, "full_tensor") and t.dtype == torch.float32 for t in masters),
+            "master_diff": max(float((a.full_tensor() - b.full_tensor()).abs().max()) for a, b in zip(masters, shadow)),
+            "rounded": all(torch.equal(a.full_tensor().bfloat16(), p.full_tensor()) for a, p in zip(masters, params))}
+
+
 def tensor_parallel_refused(rank, world):
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
     mesh = init_device_mesh("cpu", (world,))
@@ -161,7 +189,7 @@ def _worker2(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (world,))
     res = {"match": matches_torch(mesh, rank, world), "interop": state_dicts_interoperate(mesh, rank, world),
-           "tp": tensor_parallel_refused(rank, world)}
+           "tp": tensor_parallel_refused(rank, world), "masters": master_weights(mesh, rank, world)}
     for clip, accum in ((False, 1), (True, 2)):
         res[f"dec-{clip}-{accum}"] = decisions(mesh, rank, world, clip, accum, reference_fsteps(clip, accum, world))
     tmp = [None]
@@ -227,3 +255,9 @@ def test_four_ranks(four, layout):
     assert all(r["freeze_step"] == rs[0]["ref"] for r in rs) and any(f >= 0 for f in rs[0]["ref"])
     assert all(r["frozen_mask"] == rs[0]["frozen_mask"] for r in rs)
     assert all(r["unchanged"] for r in rs)
+
+
+def test_master_weights_on_sharded_bf16_params(two):
+    r = two[0]["masters"]
+    assert r["dtensor_masters"] and r["rounded"]   # each bf16 shard is its float32 master rounded
+    assert r["master_diff"] < 1e-6                 # torch's AdamW on float32 copies, same gradients
