@@ -22,6 +22,7 @@ and loads it as it does torch's.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional, Sequence
 
 import torch
@@ -30,12 +31,9 @@ __all__ = ["is_dtensor", "local", "check_param", "check_moment", "ShardGroup"]
 
 
 def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (no import: none exists before its module is loaded)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

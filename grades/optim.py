@@ -510,7 +510,8 @@ class FrozenAwareAdamW(Optimizer, FreezableOptimizer):
             g = p.grad
             if g is None or host_frozen[start + i]:
                 continue
-            p, g = dtensor.local(p), dtensor.local(g)
+            if self._shards.has_dtensor:
+                p, g = dtensor.local(p), dtensor.local(g)
             if not p.is_contiguous() or p.dtype not in SUPPORTED_DTYPES or p.device != dev:
                 # its .data was replaced since it joined (checked then)
                 self._check_params([group["params"][i]], joined=True)
