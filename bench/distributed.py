@@ -33,10 +33,14 @@ import sys
 import tempfile
 import time
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
+# each compile is timed from scratch: inductor's on-disk caches would let a later run reuse the
+# graphs an earlier run compiled
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import device_name, results_dir  # noqa: E402
@@ -224,22 +228,22 @@ class CountingBackend:
 def _compile_run(inner: str, waves: bool, a, dev) -> dict:
     from grades import FrozenAwareAdamW, GradES, GradESConfig
     torch._dynamo.reset()
-    net = Blocks(a.dim, a.compile_layers).to(dev)
+    net = Blocks(a.compile_dim, a.compile_layers).to(dev)
     be = CountingBackend(inner)
     compiled = torch.compile(net, backend=be)
-    opt = FrozenAwareAdamW(net.parameters(), lr=5e-2)
+    opt = FrozenAwareAdamW(net.parameters(), lr=1e-3)
     gs = GradES(compiled if waves else net, opt, GradESConfig(rel_tau=0.5, ema=None, grace_steps=3, patience=1))
     t0 = time.perf_counter()
     for s in range(a.compile_steps):
         g = torch.Generator().manual_seed(s)
-        x = torch.randn(16, a.dim, generator=g).to(dev)
-        y = torch.randn(16, a.dim, generator=g).to(dev)
+        x = torch.randn(16, a.compile_dim, generator=g).to(dev)
+        y = torch.randn(16, a.compile_dim, generator=g).to(dev)
         ((compiled(x) - y) ** 2).mean().backward()
         for i, layer in enumerate(net.layers):  # layer i's gradients drop at step 4 + 2i: one freeze event each
             if s >= 4 + 2 * i:
                 for p in layer.parameters():
                     if p.grad is not None:
-                        p.grad.mul_(1e-3)
+                        p.grad.mul_(1e-4)
         opt.step()
         gs.step()
         opt.zero_grad()
@@ -291,15 +295,19 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--compile-steps", type=int, default=40)
     ap.add_argument("--compile-layers", type=int, default=8, help="layers (= freeze events) of the compile run")
+    ap.add_argument("--compile-dim", type=int, default=64)
     ap.add_argument("--compile-backends", nargs="+", default=["aot_eager", "inductor"])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, aot_eager only")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.dim, a.layers, a.steps, a.compile_steps, a.compile_layers, a.compile_backends = 32, 2, 9, 14, 3, ["aot_eager"]
+        a.compile_dim = 32
     dev = torch.device(a.device)
     res = {"device": device_name(dev), "world": a.world, "backend": "nccl" if a.device == "cuda" else "gloo",
-           "dim": a.dim, "layers": a.layers, "steps": a.steps, "load": os.getloadavg()[0]}
+           "dim": a.dim, "layers": a.layers, "steps": a.steps, "compile_dim": a.compile_dim,
+           "compile_layers": a.compile_layers, "compile_steps": a.compile_steps, "torch": torch.__version__,
+           "load_before": os.getloadavg()[0]}
     if a.device != "cuda" or torch.cuda.device_count() >= a.world > 1:
         with tempfile.TemporaryDirectory() as tmp:
             with socket.socket() as s:
@@ -313,6 +321,7 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         torch.compile(nn.Linear(2, 2).to(dev), backend=b)(torch.randn(1, 2, device=dev)).sum().backward()
     res["compile"] = [_compile_run(b, w, a, dev) for b in a.compile_backends for w in (True, False)]
+    res["load_after"] = os.getloadavg()[0]
     out = results_dir(dev, a.out)
     with open(os.path.join(out, "distributed.json"), "w") as f:
         json.dump(res, f, indent=1)
