@@ -174,6 +174,28 @@ def master_weights(mesh, rank, world):
             "rounded": all(torch.equal(a.full_tensor().bfloat16(), p.full_tensor()) for a, p in zip(masters, params))}
 
 
+def grad_scaler(mesh, rank, world):
+    """A GradScaler step with a non-finite gradient: skipped on every rank, as torch's AdamW does."""
+    got, skipped = [], None
+    for kind in ("frozenaware", "torch"):
+        m = shard(mesh)
+        opt = make_opt(kind, m.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for s in range(4):
+            x, y = batch(s, rank, world)
+            if s == 2 and rank == 1:
+                x = x.clone()
+                x[0, 0] = float("inf")
+            scaler.scale(((m(x) - y) ** 2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        got.append(full(m))
+        if kind == "frozenaware":
+            skipped = int(opt.skipped_steps)
+    return {"skipped": skipped, "diff": max(float((a - b).abs().max()) for a, b in zip(*got))}
+
+
 def tensor_parallel_refused(rank, world):
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
     mesh = init_device_mesh("cpu", (world,))
@@ -189,7 +211,8 @@ def _worker2(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (world,))
     res = {"match": matches_torch(mesh, rank, world), "interop": state_dicts_interoperate(mesh, rank, world),
-           "tp": tensor_parallel_refused(rank, world), "masters": master_weights(mesh, rank, world)}
+           "tp": tensor_parallel_refused(rank, world), "masters": master_weights(mesh, rank, world),
+           "scaler": grad_scaler(mesh, rank, world)}
     for clip, accum in ((False, 1), (True, 2)):
         res[f"dec-{clip}-{accum}"] = decisions(mesh, rank, world, clip, accum, reference_fsteps(clip, accum, world))
     tmp = [None]
@@ -261,3 +284,8 @@ def test_master_weights_on_sharded_bf16_params(two):
     r = two[0]["masters"]
     assert r["dtensor_masters"] and r["rounded"]   # each bf16 shard is its float32 master rounded
     assert r["master_diff"] < 1e-6                 # torch's AdamW on float32 copies, same gradients
+
+
+def test_grad_scaler_skips_the_same_step_on_every_rank(two):
+    assert [r["scaler"]["skipped"] for r in two] == [1, 1]
+    assert two[0]["scaler"]["diff"] < 1e-6
