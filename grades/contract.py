@@ -37,6 +37,10 @@ class FreezableOptimizer(ABC):
     last_participation: torch.Tensor
     last_step_skipped: torch.Tensor
 
+    #: whether :attr:`last_grad_stats` are already summed over the ranks that hold shards of the
+    #: parameters (FSDP2, ZeRO), so a policy must not reduce them again
+    reduces_stats: bool = False
+
     @abstractmethod
     def param_index(self, p: torch.Tensor) -> int:
         """Row of parameter ``p``; ``ValueError`` if the optimizer does not manage it."""

@@ -754,8 +754,9 @@ def test_tensors_without_plain_storage_are_refused(tmp_path):
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        with pytest.raises(TypeError, match="got a DTensor .*FSDP2"):
+        # FSDP2's Shard(0) is taken (tests/test_fsdp.py); a tensor-parallel Shard(1) is refused, named
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(1)]))
+        with pytest.raises(TypeError, match=r"placement Shard\(dim=1\)"):
             FrozenAwareAdamW([w])
         import grades
         with pytest.raises(TypeError, match=r"grads\[0\] is a DTensor.*to_local"):

@@ -78,6 +78,17 @@ def _record_clip_norm(accelerator: Any) -> None:
     accelerator.clip_grad_norm_ = clip_grad_norm_
 
 
+def _attach_wrapper(trainer: Optional[Trainer], gs: GradES) -> None:
+    """Under ``torchrun`` the Trainer trains a DDP wrapper of the model (``find_unused_parameters``
+    off with gradient checkpointing): GradES keeps ``requires_grad`` and stops communicating
+    frozen gradients through DDP's comm hook instead (:func:`~grades.integrations.ddp.attach_ddp`)."""
+    from torch.nn.parallel import DistributedDataParallel
+    wrapped = getattr(trainer, "model_wrapped", None)
+    if isinstance(wrapped, DistributedDataParallel) and gs.autograd_gate is None:
+        from .ddp import attach_ddp
+        attach_ddp(wrapped, gs)
+
+
 class GradESCallback(TrainerCallback, ExportableState):
     """Trainer callback running the GradES policy.
 
@@ -178,6 +189,7 @@ class GradESCallback(TrainerCallback, ExportableState):
         if components is None and same_model:
             components = self.gs.components  # same model again: keep the components already frozen
         self.gs = GradES(model, optimizer, cfg, components=components)
+        _attach_wrapper(self.trainer, self.gs)
         saved = self._saved_state(state)
         if saved is None and same_model:
             # a fresh start on a model an earlier run froze matrices of: give them back their

@@ -29,6 +29,9 @@ class Freezer:
 
     def __init__(self, components: Sequence[Component], link: Optional[OptimizerLink], stop_at: Optional[int]):
         self.components, self.link, self.stop_at = components, link, stop_at
+        #: a :class:`~grades.integrations.waves.FreezeWaves` that flips ``requires_grad`` in waves
+        #: (DDP, torch.compile); ``None``: flip as soon as the host learns of a freeze
+        self.gate: Optional[object] = None
         self.reset()
 
     def reset(self) -> None:
@@ -46,9 +49,10 @@ class Freezer:
         for i in new:
             c = self.components[i]
             for p in c.params:
-                if not hasattr(p, REQUIRES_GRAD_ATTR):
-                    setattr(p, REQUIRES_GRAD_ATTR, bool(p.requires_grad))
-                p.requires_grad_(False)
+                if self.gate is None:  # otherwise the gate flips it, in waves
+                    if not hasattr(p, REQUIRES_GRAD_ATTR):
+                        setattr(p, REQUIRES_GRAD_ATTR, bool(p.requires_grad))
+                    p.requires_grad_(False)
                 p.grad = None
             self.freeze_step[i] = int(fstep[i])
             self.events.append({"component": c.name, "type": c.type, "step": int(fstep[i]), "learned_at": t})

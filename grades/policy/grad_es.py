@@ -87,8 +87,9 @@ class GradES(Checkpointing):
                                                              self._max_frozen)
         tracked = [p for c in self.components for p in c.params]
         self.device = dev = local(tracked[0]).device
-        self.process_group = dtensor_group(tracked) if process_group is None else process_group
         self.frozen_aware = isinstance(self.optimizer, FreezableOptimizer)
+        reduces = self.frozen_aware and self.optimizer.reduces_stats  # (a sharding optimizer sums them itself)
+        self.process_group = dtensor_group(tracked) if process_group is None and not reduces else process_group
         self._link = (OptimizerLink(self.optimizer, self.components, dev, require_all=stats_source is None)
                       if self.frozen_aware else None)
         #: the statistics table the rule reads (see :mod:`grades.policy.sources`)
@@ -111,6 +112,7 @@ class GradES(Checkpointing):
         self._history.setup(config.history_every)
         self._copies = HostCopies(C, dev)
         self._warned_no_grad = self._warned_no_new_step = False
+        _attach_engines(self, model)  # a DDP wrapper or a compiled model: freezes go through FreezeWaves
 
     # ------------------------------------------------------------------ views
 
@@ -130,6 +132,23 @@ class GradES(Checkpointing):
             raise ValueError(f"no threshold for component type(s) {missing}: add them (or a "
                              f"'default' entry) to the {name} mapping {dict(tau)}")
         return [float(tau.get(c.type, tau.get("default"))) for c in self.components]
+
+    @property
+    def autograd_gate(self) -> Any:
+        """The :class:`~grades.integrations.waves.FreezeWaves` that flips ``requires_grad`` for this
+        policy (DDP, torch.compile), or ``None``: GradES flips it as soon as it learns of a freeze."""
+        return self._freezer.gate
+
+    @autograd_gate.setter
+    def autograd_gate(self, gate: Any) -> None:
+        self._freezer.gate = gate
+
+    @property
+    def host_frozen(self) -> np.ndarray:
+        """bool ``[C]``: the components the host knows to be frozen (read-only view)."""
+        out = self._freezer.frozen.view()
+        out.flags.writeable = False
+        return out
 
     @property
     def frozen(self) -> torch.Tensor:
@@ -212,6 +231,8 @@ class GradES(Checkpointing):
                 self._step(rule, clip_coef)
         if link is not None:
             link.calls = calls
+        if self.autograd_gate is not None:
+            self.autograd_gate.after_step(self)
 
     def _clip_factor(self, clip_coef: Any, total_norm: Any, max_norm: Any) -> Union[None, float, torch.Tensor]:
         """The clip factor from :meth:`step`'s arguments, checked (before anything changes: a
@@ -420,3 +441,8 @@ class GradES(Checkpointing):
 
 
 __all__ = ["GradES"]
+
+
+def _attach_engines(gs: GradES, model: nn.Module) -> None:
+    from ..integrations.waves import attach_engines  # lazy: integrations import the policy
+    attach_engines(gs, model)
