@@ -93,6 +93,75 @@ def _restrict(table: SegmentTable, lo: int, hi: int, base: int) -> SegmentTable:
     return SegmentTable(rows.astype(np.int64), num_matrices=table.num_matrices)
 
 
+class LiveState:
+    """AdamW state for the live part of some owned ranges of a flat buffer: the ranges are cut
+    into *runs* that overlap no frozen parameter, and ``exp_avg`` / ``exp_avg_sq`` (and float32
+    ``master`` copies for low-precision params) are compact buffers over the runs only, so a
+    frozen parameter's range holds no optimizer bytes.
+
+    Args:
+        owned: ``(start, end)`` element ranges of the flat buffer this process updates.
+        table: one row per parameter, ``(offset, numel, row)`` in the flat buffer.
+        params: the flat parameter buffer (read for masters; its dtype decides whether they exist).
+    """
+
+    def __init__(self, owned: Sequence[Range], table: SegmentTable, params: torch.Tensor):
+        self.owned, self.table, self.params = list(owned), table, params
+        self.runs: list[Range] = []
+        self.state: dict[str, torch.Tensor] = {}
+        self.relayout(np.zeros(table.num_matrices, dtype=bool), carry=False)
+
+    def relayout(self, frozen: np.ndarray, carry: bool = True) -> None:
+        """Rebuild the runs for the host frozen set ``frozen`` (bool ``[P]``), keeping the state of
+        every element that stays live (``carry=False``: fresh state)."""
+        old_runs, old = self.runs, self.state
+        runs = _live_runs(self.owned, self.table, frozen)
+        n = sum(b - a for a, b in runs)
+        dev = self.params.device
+        state = {k: torch.zeros(n, dtype=torch.float32, device=dev) for k in ("exp_avg", "exp_avg_sq")}
+        if self.params.dtype != torch.float32:
+            state["master"] = torch.cat([self.params[a:b].float() for a, b in runs]) if runs else \
+                torch.zeros(0, device=dev)
+        if carry:
+            _carry(old_runs, old, runs, state)
+        self.runs, self.state = runs, state
+        self.tables = [_restrict(self.table, a, b, a) for a, b in runs]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.values())
+
+    def update_(self, params: torch.Tensor, grads: torch.Tensor, frozen: torch.Tensor, out: torch.Tensor,
+                **hp: Any) -> None:
+        """One fused :func:`masked_adamw_` call per run (``hp``: step, lr, betas, eps, weight_decay)."""
+        b1, b2 = hp.pop("betas")
+        pos = 0
+        for (a, b), tab in zip(self.runs, self.tables):
+            n = b - a
+            sl = slice(pos, pos + n)
+            master = self.state["master"][sl] if "master" in self.state else None
+            masked_adamw_(params[a:b], grads[a:b], self.state["exp_avg"][sl], self.state["exp_avg_sq"][sl], frozen,
+                          beta1=b1, beta2=b2, master_params=master, segments=tab,
+                          num_matrices=self.table.num_matrices, out=out, **hp)
+            pos += n
+
+
+def _carry(old_runs: list[Range], old: dict, runs: list[Range], new: dict) -> None:
+    """Copy state of elements live in both layouts (new runs lie inside old ones)."""
+    starts, pos = [], 0
+    for a, b in old_runs:
+        starts.append(pos)
+        pos += b - a
+    npos = 0
+    for a, b in runs:
+        for (oa, ob), os_ in zip(old_runs, starts):
+            lo, hi = max(a, oa), min(b, ob)
+            if hi > lo:
+                for k in new:
+                    new[k][npos + lo - a:npos + hi - a].copy_(old[k][os_ + lo - oa:os_ + hi - oa])
+        npos += b - a
+
+
 class FlatAdamW(FreezableOptimizer):
     """AdamW on flat parameter / gradient buffers, state sharded over a process group.
 
@@ -152,9 +221,8 @@ class FlatAdamW(FreezableOptimizer):
         self._scratch = torch.zeros(P, 3, dtype=STATS_DTYPE, device=dev)
         self._step = 0
         self._step_calls = 0
-        self._runs: list[Range] = []
-        self._state: dict[str, torch.Tensor] = {}
-        self._relayout(init=True)
+        self.live = LiveState(self.owned, self.table, param_buffer)
+        self._relayout()
 
     @classmethod
     def from_buffers(cls, buffers: Any, names: Optional[dict] = None, **kwargs: Any) -> "FlatAdamW":
@@ -196,43 +264,11 @@ class FlatAdamW(FreezableOptimizer):
             return None, 1, 0
         return group, dist.get_world_size(group), dist.get_rank(group)
 
-    def _relayout(self, init: bool = False) -> None:
-        """Rebuild the live runs of this rank's pieces from the host frozen set and move the
-        moments (and masters) of the elements that stay live into new compact buffers."""
-        old_runs, old = self._runs, self._state
-        runs = _live_runs(self.owned, self.table, self._host_frozen)
-        n = sum(b - a for a, b in runs)
-        dev = self.param_buffer.device
-        state = {k: torch.zeros(n, dtype=torch.float32, device=dev) for k in ("exp_avg", "exp_avg_sq")}
-        if self.param_buffer.dtype != torch.float32:
-            state["master"] = torch.empty(n, dtype=torch.float32, device=dev)
-        pos = 0
-        for a, b in runs:
-            if "master" in state:
-                state["master"][pos:pos + b - a].copy_(self.param_buffer[a:b])
-            pos += b - a
-        if not init:
-            self._carry(old_runs, old, runs, state)
-        self._runs, self._state = runs, state
-        self._run_tables = [_restrict(self.table, a, b, a) for a, b in runs]
+    def _relayout(self) -> None:
+        """Take in the host frozen set: new live runs here, and every rank's runs for the gather."""
+        self.live.relayout(self._host_frozen)
         self._all_runs = [_live_runs(o, self.table, self._host_frozen) for o in self._owned_all]
         self._gather_len = max(sum(b - a for a, b in r) for r in self._all_runs)
-
-    @staticmethod
-    def _carry(old_runs: list[Range], old: dict, runs: list[Range], new: dict) -> None:
-        """Copy state of elements live in both layouts (new runs lie inside old ones)."""
-        starts, pos = [], 0
-        for a, b in old_runs:
-            starts.append(pos)
-            pos += b - a
-        npos = 0
-        for a, b in runs:
-            for (oa, ob), os_ in zip(old_runs, starts):
-                lo, hi = max(a, oa), min(b, ob)
-                if hi > lo:
-                    for k in new:
-                        new[k][npos + lo - a:npos + hi - a].copy_(old[k][os_ + lo - oa:os_ + hi - oa])
-            npos += b - a
 
     # ------------------------------------------------------------------ contract
 
@@ -266,7 +302,7 @@ class FlatAdamW(FreezableOptimizer):
     @property
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (moments and masters of its live elements)."""
-        return sum(t.numel() * t.element_size() for t in self._state.values())
+        return self.live.nbytes
 
     # ------------------------------------------------------------------ the step
 
@@ -290,15 +326,8 @@ class FlatAdamW(FreezableOptimizer):
             self.skipped_steps += 1
             return
         self._step += 1
-        pos = 0
-        for (a, b), tab in zip(self._runs, self._run_tables):
-            n = b - a
-            master = self._state["master"][pos:pos + n] if "master" in self._state else None
-            masked_adamw_(self.param_buffer[a:b], self.grad_buffer[a:b], self._state["exp_avg"][pos:pos + n],
-                          self._state["exp_avg_sq"][pos:pos + n], self.frozen, step=self._step, lr=self.lr,
-                          beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
-                          master_params=master, segments=tab, num_matrices=self.num_params, out=self._scratch)
-            pos += n
+        self.live.update_(self.param_buffer, self.grad_buffer, self.frozen, self._scratch, step=self._step,
+                          lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
         if self._world > 1:
             self._gather()
 
@@ -327,11 +356,11 @@ class FlatAdamW(FreezableOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: step, host frozen set, live runs and their moments (and masters)."""
-        return {"step": self._step, "frozen": self._host_frozen.copy(), "runs": list(self._runs),
+        return {"step": self._step, "frozen": self._host_frozen.copy(), "runs": list(self.live.runs),
                 "world": self._world, "rank": self._rank, "numel": self.param_buffer.numel(),
                 "skipped_steps": self.skipped_steps,
                 "hparams": {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay},
-                "state": {k: v.clone() for k, v in self._state.items()}}
+                "state": {k: v.clone() for k, v in self.live.state.items()}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` of the same rank of the same layout (``ValueError`` before
@@ -348,13 +377,13 @@ class FlatAdamW(FreezableOptimizer):
             raise ValueError("state dict's live ranges do not match this optimizer's layout")
         n = sum(b - a for a, b in runs)
         got = sd["state"]
-        if set(got) != set(self._state) or any(v.numel() != n for v in got.values()):
+        if set(got) != set(self.live.state) or any(v.numel() != n for v in got.values()):
             raise ValueError("state dict's moments do not match this optimizer's layout")
         self._host_frozen[:] = frozen
         self.frozen.copy_(torch.from_numpy(frozen))
-        self._relayout(init=True)
+        self._relayout()
         for k, v in got.items():
-            self._state[k].copy_(v)
+            self.live.state[k].copy_(v)
         self._step, self.skipped_steps = int(sd["step"]), int(sd["skipped_steps"])
         h = sd["hparams"]
         self.lr, self.betas, self.eps, self.weight_decay = h["lr"], tuple(h["betas"]), h["eps"], h["weight_decay"]

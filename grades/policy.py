@@ -48,6 +48,7 @@ from torch import nn
 from . import backends
 from ._validate import STATS_DTYPE, SUPPORTED_DTYPES, upload
 from .components import Component, PatternsLike, resolve_components
+from .no_gradient import NoGradientWatch
 from .ops import grad_stats
 
 STATISTICS = ("l1", "l2", "mean_abs", "rms")
@@ -674,6 +675,7 @@ class GradES:
         self._new_frozen = torch.zeros(C, dtype=torch.bool) if self.host_math else None
         self._warned_no_grad = False
         self._warned_no_new_step = False
+        self._no_grad_watch = NoGradientWatch(comps, self.optimizer)
         #: FrozenAwareAdamW._step_calls at the last counted step (a repeated call sees no new one)
         self._opt_calls: Optional[int] = None
         #: device path: host copy (and event) of "no valid reading in the grace period" per component
@@ -840,14 +842,14 @@ class GradES:
         if total_norm is not None:
             if type(total_norm) is not torch.Tensor:  # a number, or a DTensor (its full value)
                 clip_coef, total_norm = clip_coefficient(total_norm, float(max_norm)), None
-        if self.host_math and self._step_native(clip_coef, total_norm, max_norm):
-            self._opt_calls = calls
-            return
-        if total_norm is not None:
-            clip_coef = clip_coefficient(total_norm, float(max_norm))
-        with torch.no_grad():
-            self._step_general(clip_coef)
+        if not (self.host_math and self._step_native(clip_coef, total_norm, max_norm)):
+            if total_norm is not None:
+                clip_coef = clip_coefficient(total_norm, float(max_norm))
+            with torch.no_grad():
+                self._step_general(clip_coef)
         self._opt_calls = calls
+        if not self._no_grad_watch.done:
+            self._no_grad_watch.observe(self.last_stats, self.last_stats_step)
 
     def _warn_no_new_step(self) -> None:
         if not self._warned_no_new_step:

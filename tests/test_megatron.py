@@ -140,7 +140,7 @@ def test_flat_adamw_without_buffer_freezing_drifts_and_with_it_does_not():
     assert torch.equal(before, w)
     opt.sync_frozen_state()
     assert all(b <= opt.table.offsets[opt.param_index(w)] or a >= opt.table.offsets[opt.param_index(w)] + w.numel()
-               for a, b in opt._runs)
+               for a, b in opt.live.runs)
 
 
 def test_flat_adamw_low_precision_keeps_float32_masters():
