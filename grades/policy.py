@@ -240,13 +240,26 @@ class StatsSource(Protocol):
 
 
 def _unwrap_optimizer(opt: Any) -> Any:
-    seen = 0
+    """The optimizer that does the update: through wrappers (accelerate's, a DeepSpeed engine's
+    ZeRO optimizer, which is no ``torch.optim.Optimizer`` itself) to the first frozen-aware one,
+    or to the innermost ``torch.optim.Optimizer``."""
+    seen, found = 0, opt
     while opt is not None and not _is_frozen_aware(opt) and seen < 4:
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        opt, seen = inner, seen + 1
-    return opt
+        opt, seen = getattr(opt, "optimizer", None), seen + 1
+        if isinstance(opt, torch.optim.Optimizer) or (opt is not None and _is_frozen_aware(opt)):
+            found = opt
+    return opt if opt is not None and _is_frozen_aware(opt) else found
+
+
+def _check_engine(opt: Any) -> None:
+    """Refuse a DeepSpeed optimizer GradES cannot drive (imported only when one is present)."""
+    o, seen = opt, 0
+    while o is not None and seen < 5:
+        if type(o).__module__.startswith("deepspeed."):
+            from .integrations.deepspeed import check_engine_optimizer
+            check_engine_optimizer(opt)
+            return
+        o, seen = getattr(o, "optimizer", None), seen + 1
 
 
 def _is_frozen_aware(opt: Any) -> bool:
@@ -596,6 +609,7 @@ class GradES:
             raise TypeError(f"config must be a GradESConfig, got {type(config).__name__}")
         self.config = config
         self.model = model
+        _check_engine(optimizer)
         self.components: list[Component] = resolve_components(model, components)
         comps = self.components
         C = len(comps)
