@@ -179,6 +179,15 @@ class FlatAdamW(FreezableOptimizer):
             default group when ``torch.distributed`` is initialised, else a single process).
         names: optional parameter names, for messages.
 
+    Attributes (device tensors, read without syncing; rows in ``params`` order):
+        frozen, last_grad_stats, last_participation, last_step_skipped: the
+            :class:`~grades.contract.FreezableOptimizer` contract; ``last_grad_stats`` holds the
+            totals over all ranks (every row of a flat buffer counts as taking part).
+        skipped_steps: int64 0-dim, steps skipped for a non-finite gradient.
+        param_groups: one group dict; ``lr``, ``betas``, ``eps``, ``weight_decay`` are read at
+            every step, so a scheduler may change them.
+        state_bytes: host int, bytes of optimizer state this rank holds.
+
     Raises:
         ValueError: a parameter outside the buffer, overlapping parameters, buffers of different
             lengths or devices, buckets that do not split evenly, bad hyperparameters.
@@ -191,14 +200,17 @@ class FlatAdamW(FreezableOptimizer):
         lr, (b1, b2) = _check_hparams(lr, betas, eps, weight_decay)
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
-        self.lr, self.betas, self.eps, self.weight_decay = float(lr), (float(b1), float(b2)), float(eps), \
-            float(weight_decay)
+        hp = {"lr": float(lr), "betas": (float(b1), float(b2)), "eps": float(eps), "weight_decay": float(weight_decay)}
         self._check_buffers(param_buffer, grad_buffer)
         self.param_buffer, self.grad_buffer = param_buffer, grad_buffer
         self.param_list = list(params)
         if not self.param_list:
             raise ValueError("FlatAdamW got no parameters")
         self.names = list(names) if names is not None else [f"param {i}" for i in range(len(self.param_list))]
+        if len(self.names) != len(self.param_list):
+            raise ValueError(f"got {len(self.names)} names for {len(self.param_list)} parameters")
+        #: one group, as torch optimizers have: a scheduler may set ``param_groups[0]["lr"]`` (read every step)
+        self.param_groups = [{"params": self.param_list, **hp}]
         self._index = {id(p): i for i, p in enumerate(self.param_list)}
         rows = [(_offset_in(p.data, param_buffer, f"{n} (data)"), p.numel(), i)
                 for i, (p, n) in enumerate(zip(self.param_list, self.names))]
@@ -217,9 +229,10 @@ class FlatAdamW(FreezableOptimizer):
         self.last_grad_stats = torch.zeros(P, 3, dtype=STATS_DTYPE, device=dev)
         self.last_participation = torch.ones(P, dtype=torch.bool, device=dev)
         self.last_step_skipped = torch.zeros((), dtype=torch.bool, device=dev)
-        self.skipped_steps = 0
+        #: int64 0-dim device tensor: steps skipped because a gradient was non-finite
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=dev)
         self._scratch = torch.zeros(P, 3, dtype=STATS_DTYPE, device=dev)
-        self._step = 0
+        self._step = torch.zeros((), dtype=torch.float32, device=dev)  # bias-correction step of live params
         self._step_calls = 0
         self.live = LiveState(self.owned, self.table, param_buffer)
         self._relayout()
@@ -319,17 +332,21 @@ class FlatAdamW(FreezableOptimizer):
         if self._group is not None or self._world > 1:
             import torch.distributed as dist
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self._group)
-        skipped = bool(stats[:, 2].sum() > 0)  # one host read; same value on every rank
-        self.last_step_skipped.fill_(skipped)
+        # a non-finite gradient anywhere skips the step on every rank, decided on the device (no sync)
+        found = stats[:, 2].sum() > 0
+        self.last_step_skipped.copy_(found)
+        self.skipped_steps.add_(found.to(torch.int64))
+        self._step.add_((~found).to(torch.float32))
         self._step_calls += 1
-        if skipped:
-            self.skipped_steps += 1
-            return
-        self._step += 1
         self.live.update_(self.param_buffer, self.grad_buffer, self.frozen, self._scratch, step=self._step,
-                          lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+                          found_inf=found.to(torch.float32), **self._hparams())
         if self._world > 1:
             self._gather()
+
+    def _hparams(self) -> dict[str, Any]:
+        g = self.param_groups[0]
+        return {"lr": float(g["lr"]), "betas": tuple(g["betas"]), "eps": float(g["eps"]),
+                "weight_decay": float(g["weight_decay"])}
 
     def _gather(self) -> None:
         """All-gather the live elements of every rank's pieces (padded to the longest rank)."""
@@ -356,10 +373,10 @@ class FlatAdamW(FreezableOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: step, host frozen set, live runs and their moments (and masters)."""
-        return {"step": self._step, "frozen": self._host_frozen.copy(), "runs": list(self.live.runs),
+        return {"step": int(self._step), "frozen": self._host_frozen.copy(), "runs": list(self.live.runs),
                 "world": self._world, "rank": self._rank, "numel": self.param_buffer.numel(),
-                "skipped_steps": self.skipped_steps,
-                "hparams": {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay},
+                "skipped_steps": int(self.skipped_steps),
+                "hparams": self._hparams(),
                 "state": {k: v.clone() for k, v in self.live.state.items()}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -384,6 +401,6 @@ class FlatAdamW(FreezableOptimizer):
         self._relayout()
         for k, v in got.items():
             self.live.state[k].copy_(v)
-        self._step, self.skipped_steps = int(sd["step"]), int(sd["skipped_steps"])
-        h = sd["hparams"]
-        self.lr, self.betas, self.eps, self.weight_decay = h["lr"], tuple(h["betas"]), h["eps"], h["weight_decay"]
+        self._step.fill_(int(sd["step"]))
+        self.skipped_steps.fill_(int(sd["skipped_steps"]))
+        self.param_groups[0].update(sd["hparams"])

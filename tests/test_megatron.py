@@ -120,27 +120,51 @@ def test_flat_adamw_equals_torch_adamw_and_frozen_never_move():
     assert opt.state_bytes == bytes0 - 8 * frozen_numel  # no moments for frozen ranges
 
 
-def test_flat_adamw_without_buffer_freezing_drifts_and_with_it_does_not():
-    """What a whole-buffer optimizer does to a matrix with zero main_grad: weight decay and
-    momentum keep moving it; FlatAdamW's frozen mask stops both."""
+def _drift_after_freeze(freeze_in_optimizer: bool) -> float:
+    """Train one step, then stop the up_proj weight's gradient (as GradES's requires_grad=False
+    does) for three steps; return how far it moved. ``freeze_in_optimizer``: FlatAdamW with the
+    freeze in its mask; otherwise torch's AdamW stepping the whole buffer, as Megatron's does."""
+    m = Net()
+    bufs = attach_param_and_grad_buffers(m)
+    w = m.layers[0].mlp.up_proj.weight
+    if freeze_in_optimizer:
+        opt = FlatAdamW.from_buffers(bufs, lr=LR, weight_decay=WD)
+    else:
+        whole = nn.Parameter(bufs.param_data)  # shares the buffer's storage
+        opt = torch.optim.AdamW([whole], lr=LR, weight_decay=WD)
+    x, y = batch(0, None, 1)
+    before = None
+    for step in range(4):
+        if step == 1:
+            w.requires_grad_(False)
+            before = w.detach().clone()
+            if freeze_in_optimizer:
+                opt.freeze_mask_(torch.arange(opt.num_params) == opt.param_index(w))
+        ((m(x) - y) ** 2).mean().backward()
+        if not freeze_in_optimizer:
+            whole.grad = bufs.grad_data.clone()
+        opt.step()
+        bufs.grad_data.zero_()
+    return float((w - before).abs().max())
+
+
+def test_whole_buffer_optimizer_drifts_frozen_matrices_and_flat_adamw_does_not():
+    assert _drift_after_freeze(False) > 1e-3  # momentum and weight decay on a zero main_grad
+    assert _drift_after_freeze(True) == 0.0
+
+
+def test_frozen_ranges_leave_the_update_once_the_host_knows():
     m = Net()
     bufs = attach_param_and_grad_buffers(m)
     opt = FlatAdamW.from_buffers(bufs, lr=LR, weight_decay=WD)
-    x, y = batch(0, None, 1)
-    ((m(x) - y) ** 2).mean().backward()
-    opt.step()
-    opt.zero_grad()
     w = m.layers[0].mlp.up_proj.weight
-    opt.freeze_mask_(torch.arange(opt.num_params) == opt.param_index(w))
-    before = w.detach().clone()
-    for _ in range(3):
-        ((m(x) - y) ** 2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-    assert torch.equal(before, w)
-    opt.sync_frozen_state()
-    assert all(b <= opt.table.offsets[opt.param_index(w)] or a >= opt.table.offsets[opt.param_index(w)] + w.numel()
-               for a, b in opt.live.runs)
+    i = opt.param_index(w)
+    opt.freeze_mask_(torch.arange(opt.num_params) == i)
+    assert len(opt.live.runs) == 1 and opt.state_bytes == 8 * bufs.param_data.numel()
+    assert opt.sync_frozen_state() == 1
+    lo, hi = int(opt.table.offsets[i]), int(opt.table.offsets[i]) + w.numel()
+    assert opt.live.runs == [(0, lo), (hi, bufs.param_data.numel())]
+    assert opt.state_bytes == 8 * (bufs.param_data.numel() - w.numel())
 
 
 def test_flat_adamw_low_precision_keeps_float32_masters():
