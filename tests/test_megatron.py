@@ -346,7 +346,7 @@ def test_two_ranks_match_one_process_and_agree(results, mode):
 
 
 def test_readme_megatron_loop_runs_as_written(tmp_path):
-    """The README's Megatron-style loop, on a one-rank gloo group: it trains, and GradES freezes."""
+    """The README's Megatron-style loop, on a one-rank gloo group: it trains and GradES counts every step."""
     import re
     from pathlib import Path
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -371,4 +371,4 @@ def test_readme_megatron_loop_runs_as_written(tmp_path):
     finally:
         dist.destroy_process_group()
     assert not np.array_equal(before, flat_params(model))
-    assert scope["gs"].step_count == STEPS and scope["opt"].step_calls == STEPS
+    assert scope["es"].step_count == STEPS and scope["opt"].step_calls == STEPS
