@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 
 from test_megatron import CFG, LR, STEPS, WD, Net, batch, flat_params, reference_run
 
-pytestmark = [pytest.mark.distributed,
-              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed")
 
 
 def _ds_config(stage: int) -> dict:
@@ -87,7 +87,7 @@ class _Regression(torch.nn.Module):
 
 
 def _trainer(rank: int, out: str) -> dict:
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
     from grades.integrations.deepspeed import ZeroAdamW
     from grades.integrations.distributed import decisions_agree
     from grades.integrations.transformers import GradESCallback
@@ -105,7 +105,7 @@ def _trainer(rank: int, out: str) -> dict:
     cb = GradESCallback(CFG)
     snaps = []
 
-    class Snap(__import__("transformers").TrainerCallback):
+    class Snap(TrainerCallback):
         def on_step_end(self, *a, **k):
             snaps.append(flat_params(model))
 
@@ -124,7 +124,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     import deepspeed
-    from grades.integrations.deepspeed import ZeroAdamW  # noqa: F401  (imported before use in each mode)
+    from grades.integrations.deepspeed import ZeroAdamW
     deepspeed.init_distributed(dist_backend="gloo")
     res = {}
     for stage in (1, 2):
@@ -155,6 +155,8 @@ def results(tmp_path_factory):
     return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
 
 
+@pytest.mark.distributed
+@needs_deepspeed
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_matches_one_process_and_ranks_agree(results, stage):
     r0, r1 = results[0][f"zero{stage}"], results[1][f"zero{stage}"]
@@ -167,6 +169,8 @@ def test_zero_matches_one_process_and_ranks_agree(results, stage):
     assert any(f > 0 for f in r0["freeze_step"])
 
 
+@pytest.mark.distributed
+@needs_deepspeed
 def test_unsupported_setups_are_refused_when_gradES_is_built(results):
     msg = results[0]["torch_adamw_zero2"]
     assert "ZeroAdamW" in msg and "AdamW" in msg and "param.grad is None" in msg
@@ -175,6 +179,8 @@ def test_unsupported_setups_are_refused_when_gradES_is_built(results):
     assert "stage 3" in results[0]["zero3"]
 
 
+@pytest.mark.distributed
+@needs_deepspeed
 def test_trainer_with_deepspeed_config_freezes_and_ranks_agree(results):
     if "trainer" not in results[0]:
         pytest.fail(results[0]["trainer_error"])
@@ -183,3 +189,17 @@ def test_trainer_with_deepspeed_config_freezes_and_ranks_agree(results):
     assert r0["freeze_step"] == r1["freeze_step"] and any(f > 0 for f in r0["freeze_step"])
     assert r0["params"] == r1["params"]
     assert r0["unchanged"] and all(r0["unchanged"]) and all(r1["unchanged"])
+
+
+def test_zero_adamw_outside_zero_stages_1_and_2_is_refused():
+    """Handed the model's own parameters (no ZeRO, or stage 0), ZeroAdamW says what to use instead,
+    before anything changes."""
+    from grades.integrations.deepspeed import ZeroAdamW
+    m = Net()
+    opt = ZeroAdamW(m.parameters(), lr=LR)
+    x, y = batch(0, None, 1)
+    ((m(x) - y) ** 2).mean().backward()
+    before = flat_params(m)
+    with pytest.raises(ValueError, match="FrozenAwareAdamW"):
+        opt.step()
+    assert np.array_equal(before, flat_params(m))
