@@ -202,6 +202,26 @@ def test_flat_adamw_skips_nonfinite_steps_and_state_round_trips():
     assert torch.equal(other.state_dict()["state"]["exp_avg"], sd["state"]["exp_avg"])
 
 
+def test_flat_adamw_state_round_trips_after_a_freeze():
+    m = Net()
+    bufs = attach_param_and_grad_buffers(m)
+    opt = FlatAdamW.from_buffers(bufs, lr=LR)
+    x, y = batch(0, None, 1)
+    ((m(x) - y) ** 2).mean().backward()
+    opt.step()
+    opt.freeze_mask_(torch.arange(opt.num_params) == 2)
+    opt.sync_frozen_state()
+    opt.step()
+    sd = opt.state_dict()
+    other = FlatAdamW.from_buffers(bufs, lr=LR)
+    other.load_state_dict(sd)
+    assert other.live.runs == opt.live.runs and bool(other.frozen[2]) and other.state_dict()["step"] == 2
+    assert all(torch.equal(other.live.state[k], opt.live.state[k]) for k in opt.live.state)
+    sd["runs"] = sd["runs"][:1]
+    with pytest.raises(ValueError, match="live ranges"):
+        FlatAdamW.from_buffers(bufs, lr=LR).load_state_dict(sd)
+
+
 def test_flat_adamw_refuses_bad_layouts():
     m = Net()
     bufs = attach_param_and_grad_buffers(m)
