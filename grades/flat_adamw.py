@@ -211,6 +211,8 @@ class FlatAdamW(FreezableOptimizer):
             raise ValueError(f"got {len(self.names)} names for {len(self.param_list)} parameters")
         #: one group, as torch optimizers have: a scheduler may set ``param_groups[0]["lr"]`` (read every step)
         self.param_groups = [{"params": self.param_list, **hp}]
+        #: statistics are totals over the data-parallel group already (GradES must not reduce them again)
+        self.reduces_stats = True
         self._index = {id(p): i for i, p in enumerate(self.param_list)}
         rows = [(_offset_in(p.data, param_buffer, f"{n} (data)"), p.numel(), i)
                 for i, (p, n) in enumerate(zip(self.param_list, self.names))]

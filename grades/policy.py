@@ -634,6 +634,10 @@ class GradES:
         self.process_group = process_group
         if process_group is None:
             self.process_group = _dtensor_group(tracked)
+        elif self.frozen_aware and getattr(self.optimizer, "reduces_stats", False) and stats_source is None:
+            raise ValueError(f"{type(self.optimizer).__name__} already all-reduces its statistics over its "
+                             "data-parallel group; leave process_group=None (reducing them again would "
+                             "multiply them by the group size)")
 
         if stats_source is not None:
             bind = getattr(stats_source, "bind", None)

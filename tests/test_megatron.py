@@ -222,6 +222,13 @@ def test_flat_adamw_state_round_trips_after_a_freeze():
         FlatAdamW.from_buffers(bufs, lr=LR).load_state_dict(sd)
 
 
+def test_gradES_refuses_a_second_reduction_of_flat_adamw_statistics():
+    m = Net()
+    opt = FlatAdamW.from_buffers(attach_param_and_grad_buffers(m), lr=LR)
+    with pytest.raises(ValueError, match="leave process_group=None"):
+        GradES(m, opt, GradESConfig(**CFG), process_group=object())
+
+
 def test_flat_adamw_refuses_bad_layouts():
     m = Net()
     bufs = attach_param_and_grad_buffers(m)

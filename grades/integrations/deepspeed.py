@@ -144,6 +144,8 @@ class ZeroAdamW(torch.optim.Optimizer, FreezableOptimizer):
         self.last_step_skipped = torch.zeros((), dtype=torch.bool, device=dev)
         self.skipped_steps = 0
         self.process_group = process_group
+        #: statistics are totals over the data-parallel group already (GradES must not reduce them again)
+        self.reduces_stats = True
         self._scratch = torch.zeros(P, 3, dtype=STATS_DTYPE, device=dev)
         self._tables: dict[int, SegmentTable] = {}
         self._step_calls = 0
