@@ -64,6 +64,30 @@ def _plain(stage: int, rank: int) -> dict:
             "unchanged": _unchanged_after_freeze(m, gs, snaps)}
 
 
+def _checkpoint(rank: int, out: str) -> dict:
+    """ZeRO-2 with ZeroAdamW through DeepSpeed's own checkpointing: the moments come back."""
+    import deepspeed
+    from grades.integrations.deepspeed import ZeroAdamW
+
+    def engine():
+        m = Net()
+        return deepspeed.initialize(model=m, optimizer=ZeroAdamW(m.parameters(), lr=LR, weight_decay=WD),
+                                    config=_ds_config(2))[0]
+    eng = engine()
+    for s in range(2):
+        x, y = batch(s, rank, 2)
+        eng.backward(((eng(x) - y) ** 2).mean())
+        eng.step()
+    eng.save_checkpoint(os.path.join(out, "ckpt"), tag="t")
+    back = engine()
+    back.load_checkpoint(os.path.join(out, "ckpt"), tag="t")
+    a, b = eng.optimizer.optimizer, back.optimizer.optimizer
+    pa, pb = a.param_groups[0]["params"][0], b.param_groups[0]["params"][0]
+    return {"moments_equal": all(torch.equal(a.state[pa][k], b.state[pb][k]) for k in ("exp_avg", "exp_avg_sq")),
+            "step": [float(a.state[pa]["step"]), float(b.state[pb]["step"])],
+            "params_equal": bool(torch.equal(pa, pb))}
+
+
 def _refusal(stage: int, opt_cls) -> str:
     import deepspeed
     from grades import GradES, GradESConfig
@@ -129,6 +153,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     res = {}
     for stage in (1, 2):
         res[f"zero{stage}"] = _plain(stage, rank)
+    res["checkpoint"] = _checkpoint(rank, out)
     res["torch_adamw_zero2"] = _refusal(2, torch.optim.AdamW)
     try:
         res["zero3"] = _refusal(3, ZeroAdamW)
@@ -167,6 +192,14 @@ def test_zero_matches_one_process_and_ranks_agree(results, stage):
         assert r["agree"] and r["unchanged"] and all(r["unchanged"])
     assert r0["params"] == r1["params"] and r0["stats"] == r1["stats"]
     assert any(f > 0 for f in r0["freeze_step"])
+
+
+@pytest.mark.distributed
+@needs_deepspeed
+def test_zero_adamw_state_survives_a_deepspeed_checkpoint(results):
+    for r in results:
+        c = r["checkpoint"]
+        assert c["moments_equal"] and c["params_equal"] and c["step"] == [2.0, 2.0]
 
 
 @pytest.mark.distributed
