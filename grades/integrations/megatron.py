@@ -115,7 +115,11 @@ def attach_main_grad_buffer(model: nn.Module, dtype: torch.dtype = torch.float32
     """Give every trainable parameter a ``main_grad`` view into one new contiguous buffer, and
     accumulate gradients there (``param.grad`` is moved into ``main_grad`` after each backward
     and set to ``None``), as Megatron's distributed optimizer does. Returns the buffer; zero it
-    (``buffer.zero_()``) between optimizer steps."""
+    (``buffer.zero_()``) between optimizer steps.
+
+    This gives GradES its statistics only: an optimizer that reads ``param.grad`` (torch's AdamW,
+    :class:`grades.FrozenAwareAdamW`) then sees no gradient and trains nothing. To train from the
+    buffer, use :func:`attach_param_and_grad_buffers` with :class:`grades.FlatAdamW`."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -125,12 +129,60 @@ def attach_main_grad_buffer(model: nn.Module, dtype: torch.dtype = torch.float32
     for p in params:
         p.main_grad = buffer[off:off + p.numel()].view_as(p)
         off += p.numel()
-
-        def hook(param: torch.Tensor) -> None:
-            param.main_grad.add_(param.grad)
-            param.grad = None
-        p.register_post_accumulate_grad_hook(hook)
+        p.register_post_accumulate_grad_hook(_move_grad_to_main_grad)
     return buffer
 
 
-__all__ = ["FlatGradSource", "main_grad_segment_table", "shard_segment_table", "attach_main_grad_buffer"]
+class FlatBuffers:
+    """The flat parameter and gradient buffers of a model, laid out as Megatron-core's
+    ``_ParamAndGradBuffer`` lays them out (the attributes :meth:`grades.FlatAdamW.from_buffers`
+    reads): ``params``, ``param_data``, ``grad_data``, ``bucket_indices``, and ``names``."""
+
+    def __init__(self, params: list, names: list, param_data: torch.Tensor, grad_data: torch.Tensor):
+        self.params, self.names = params, names
+        self.param_data, self.grad_data = param_data, grad_data
+        self.bucket_indices = [(0, param_data.numel())]
+
+
+def attach_param_and_grad_buffers(model: nn.Module, world_size: int = 1,
+                                  grad_dtype: torch.dtype = torch.float32) -> FlatBuffers:
+    """Move every trainable parameter into one contiguous parameter buffer (``param.data``
+    becomes a view, values kept) and give it a ``main_grad`` view at the same offset of a gradient
+    buffer of ``grad_dtype``; after each backward ``param.grad`` is added into ``main_grad`` and
+    set to ``None``, as Megatron-core's DDP does. Both buffers are padded to a multiple of
+    ``world_size`` so that :class:`grades.FlatAdamW` can shard them.
+
+    Average ``grad_data`` over the data-parallel ranks before ``FlatAdamW.step()`` (an
+    all-reduce, or a reduce-scatter of each rank's piece), and zero it after."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    dtypes = {p.dtype for _, p in named}
+    if len(dtypes) != 1:
+        raise ValueError(f"the trainable parameters have several dtypes {sorted(map(str, dtypes))}; one "
+                         "buffer holds one dtype")
+    first = named[0][1]
+    total = sum(p.numel() for _, p in named)
+    total += -total % world_size
+    pbuf = torch.zeros(total, dtype=first.dtype, device=first.device)
+    gbuf = torch.zeros(total, dtype=grad_dtype, device=first.device)
+    off = 0
+    for _, p in named:
+        view = pbuf[off:off + p.numel()].view_as(p)
+        view.copy_(p.data)
+        p.data = view
+        p.main_grad = gbuf[off:off + p.numel()].view_as(p)
+        off += p.numel()
+        p.register_post_accumulate_grad_hook(_move_grad_to_main_grad)
+    return FlatBuffers([p for _, p in named], [n for n, _ in named], pbuf, gbuf)
+
+
+def _move_grad_to_main_grad(param: torch.Tensor) -> None:
+    param.main_grad.add_(param.grad)
+    param.grad = None
+
+
+__all__ = ["FlatGradSource", "main_grad_segment_table", "shard_segment_table", "attach_main_grad_buffer",
+           "attach_param_and_grad_buffers", "FlatBuffers"]

@@ -20,7 +20,8 @@ from .clip import clip_coefficient
 from .config import DEFAULT_REL_TAU, GradESConfig, TauLike
 from .freezing import Freezer, name_list
 from .history import History
-from .optimizer import OptimizerLink, unwrap_optimizer
+from .no_gradient import NoGradientWatch
+from .optimizer import OptimizerLink, check_engine, unwrap_optimizer
 from .record import HostCopies
 from .rule import FROZE, HISTORY_FULL, component_sums, is_identity, make_rule, select_rule
 from .sharding import all_reduce_partials, dtensor_group, is_dtensor, local
@@ -71,6 +72,7 @@ class GradES(Checkpointing):
         if not isinstance(config, GradESConfig):
             raise TypeError(f"config must be a GradESConfig, got {type(config).__name__}")
         self.config, self.model = config, model
+        check_engine(optimizer)
         self.optimizer = unwrap_optimizer(optimizer)
         self.components: list[Component] = resolve_components(model, components)
         C = len(self.components)
@@ -89,6 +91,10 @@ class GradES(Checkpointing):
         self.device = dev = local(tracked[0]).device
         self.frozen_aware = isinstance(self.optimizer, FreezableOptimizer)
         reduces = self.frozen_aware and self.optimizer.reduces_stats  # (a sharding optimizer sums them itself)
+        if reduces and process_group is not None and stats_source is None:
+            raise ValueError(f"{type(self.optimizer).__name__} already all-reduces its statistics over its "
+                             "data-parallel group; leave process_group=None (reducing them again would "
+                             "multiply them by the group size)")
         self.process_group = dtensor_group(tracked) if process_group is None and not reduces else process_group
         self._link = (OptimizerLink(self.optimizer, self.components, dev, require_all=stats_source is None)
                       if self.frozen_aware else None)
@@ -112,6 +118,7 @@ class GradES(Checkpointing):
         self._history.setup(config.history_every)
         self._copies = HostCopies(C, dev)
         self._warned_no_grad = self._warned_no_new_step = False
+        self._no_grad_watch = NoGradientWatch(self.components, self.optimizer)
         _attach_engines(self, model)  # a DDP wrapper or a compiled model: freezes go through FreezeWaves
 
     # ------------------------------------------------------------------ views
@@ -231,6 +238,8 @@ class GradES(Checkpointing):
                 self._step(rule, clip_coef)
         if link is not None:
             link.calls = calls
+        if not self._no_grad_watch.done:
+            self._no_grad_watch.observe(self.last_stats, self.last_stats_step)
         if self.autograd_gate is not None:
             self.autograd_gate.after_step(self)
 

@@ -22,12 +22,27 @@ def unwrap_optimizer(opt: Any) -> Any:
     if opt is not None and not (isinstance(opt, (torch.optim.Optimizer, FreezableOptimizer))
                                 or callable(getattr(opt, "step", None))):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None), got {type(opt).__name__}")
-    for _ in range(4):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(opt, FreezableOptimizer) or not isinstance(inner, torch.optim.Optimizer):
-            break
-        opt = inner
-    return opt
+    # through wrappers that are no torch optimizer themselves (accelerate's, a DeepSpeed engine's
+    # ZeRO optimizer) to the first frozen-aware optimizer, else to the innermost torch optimizer
+    found, seen = opt, 0
+    while opt is not None and not isinstance(opt, FreezableOptimizer) and seen < 4:
+        opt, seen = getattr(opt, "optimizer", None), seen + 1
+        if isinstance(opt, (torch.optim.Optimizer, FreezableOptimizer)):
+            found = opt
+    return found
+
+
+def check_engine(opt: Any) -> None:
+    """Refuse a DeepSpeed optimizer GradES cannot drive (DeepSpeed is imported only when one is present)."""
+    o = opt
+    for _ in range(5):
+        if o is None:
+            return
+        if type(o).__module__.startswith("deepspeed."):
+            from ..integrations.deepspeed import check_engine_optimizer
+            check_engine_optimizer(opt)
+            return
+        o = getattr(o, "optimizer", None)
 
 
 class OptimizerLink:
