@@ -4,7 +4,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
-from ..models import LLAMA_SIZES
+from .models import LLAMA_SIZES
+
+
+#: embedded tasks of the demo and their allowed --digits
+TASKS = {"sort": (2, 8), "addition": (1, 6)}
 
 
 @dataclass
@@ -31,10 +35,12 @@ class DemoConfig:
     device: str = "cpu"
     seed: int = 0
     model_size: str = "tiny"
-    digits: int = 2
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-3
+    task: str = "sort"
+    digits: int = 5
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta2: float = 0.999
     weight_decay: float = 0.01
     warmup_frac: float = 0.05
     n_val: int = 200
@@ -43,7 +49,7 @@ class DemoConfig:
     # GradES
     statistic: str = "l1"
     rel_tau: float = 0.5
-    alpha: float = 0.5
+    alpha: float = 0.4
     patience: int = 10
     ema: float = 0.9
     # checkpoints and TTC
@@ -77,8 +83,11 @@ def validate(cfg: DemoConfig) -> None:
     """Raise ``ValueError`` with a clear message for settings that cannot work together."""
     if cfg.model_size not in LLAMA_SIZES:
         raise ValueError(f"unknown model size {cfg.model_size!r}; choose one of {', '.join(LLAMA_SIZES)}")
-    if not 1 <= cfg.digits <= 6:
-        raise ValueError(f"--digits must be in [1, 6], got {cfg.digits}")
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    lo, hi = TASKS[cfg.task]
+    if not lo <= cfg.digits <= hi:
+        raise ValueError(f"--digits must be in [{lo}, {hi}] for {cfg.task}, got {cfg.digits}")
     if cfg.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.steps < 4:
@@ -88,12 +97,11 @@ def validate(cfg: DemoConfig) -> None:
         raise ValueError(f"batch size must be >= 1, got {cfg.batch_size}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
-    total = (10 ** cfg.digits) ** 2
+    total = (10 ** cfg.digits) ** (2 if cfg.task == "addition" else 1)
     if cfg.n_val + cfg.n_test >= total:
-        # small digit counts have few distinct problems: shrink the held-out splits to fit
-        raise ValueError(f"{cfg.digits}-digit addition has only {total} distinct problems, too few for "
+        raise ValueError(f"{cfg.digits}-digit {cfg.task} has only {total} distinct problems, too few for "
                          f"{cfg.n_val} validation + {cfg.n_test} test problems and a training set; "
-                         "use --digits 2 or more")
+                         "use more --digits")
     train = min(20000, total - cfg.n_val - cfg.n_test)
     if train < cfg.batch_size:
         raise ValueError(f"only {train} training problems for a batch of {cfg.batch_size}")

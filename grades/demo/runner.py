@@ -10,7 +10,7 @@ from typing import Optional, TextIO
 
 import torch
 
-from ..tasks import greedy_accuracy
+from .tasks import greedy_accuracy
 from .config import DemoConfig
 from .plots import write_all
 from .train import RunResult, make_task, train

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..tasks import AdditionTask, generate_answers
+from .tasks import AdditionTask, generate_answers
 from ..ttc import CheckpointSamples, Selection, inference_flops_per_sample, samples_from_completions, select
 from .config import DemoConfig
 from .train import Checkpoint

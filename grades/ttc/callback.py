@@ -130,7 +130,7 @@ class TTCMonitor:
         if not self.problems:
             raise ValueError("no evaluation problems")
         if task is not None:
-            from ..tasks import generate_answers
+            from ..demo.tasks import generate_answers
             if sample_fn is None:
                 def sample_fn(model, probs, n, _task=task):
                     return generate_answers(model, _task, probs, num_samples=n, do_sample=True,
