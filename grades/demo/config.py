@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
+from ..ttc.cli import DEFAULT_TOLERANCE
 from .models import LLAMA_SIZES
 
 
@@ -58,7 +59,7 @@ class DemoConfig:
     ttc_samples: int = 16
     ttc_k_max: int = 16
     ttc_temperature: float = 1.0
-    ttc_tolerance: float = 0.02
+    ttc_tolerance: float = DEFAULT_TOLERANCE
     quick: bool = False
     out: str = "grades_report"
     extra: dict = field(default_factory=dict)
