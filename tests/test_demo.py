@@ -183,3 +183,21 @@ def test_module_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "grades", "demo", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "--quick" in r.stdout
+
+
+def test_sort_task_problems_are_sorted_distinct_and_seeded():
+    from grades.demo.tasks import SortTask
+    t = SortTask(digits=5, seed=3, n_val=10, n_test=20, max_train=200)
+    exs = t.val + t.test + t.train
+    assert len({e.prompt for e in exs}) == len(exs) == 230
+    for e in exs:
+        assert e.prompt.endswith("=") and len(e.prompt) == 6 and e.answer == "".join(sorted(e.prompt[:-1]))
+        assert t.verify(e, e.answer) and not t.verify(e, e.answer[::-1] if e.answer != e.answer[::-1] else "x")
+    assert SortTask(digits=5, seed=3, n_val=10, n_test=20, max_train=200).test == t.test
+    assert SortTask(digits=5, seed=4, n_val=10, n_test=20, max_train=200).test != t.test
+    b = t.train_batch(t.train[:3])
+    assert b["input_ids"].shape == (3, t.prompt_len + t.answer_len + 1)
+    with pytest.raises(ValueError, match="digits must be in"):
+        SortTask(digits=1)
+    with pytest.raises(ValueError, match="leaves no training data"):
+        SortTask(digits=2, n_val=50, n_test=50)
