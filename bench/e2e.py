@@ -94,6 +94,31 @@ def plot(res: dict, path: str) -> None:
     plt.close(fig)
 
 
+def write(per_seed: list, cfg, seeds: list, device, args, elapsed: float) -> dict:
+    """Summarise the seeds done so far and write the JSON and the figure; returns the result."""
+    summary = {run: {k: _mean_sd([r[run][k] for r in per_seed])
+                     for k in ("wall_time_s", "steps", "train_flops", "test_accuracy")} for run in ("A", "B")}
+    for k in ("speedup_steps", "speedup_wall", "speedup_flops", "accuracy_delta"):
+        summary[k] = _mean_sd([r[k] for r in per_seed])
+    cfgd = cfg.to_dict()
+    cfgd.pop("seed")
+    cap = os.environ.get("ATEN_CPU_CAPABILITY") or "native"
+    done = [r["seed"] for r in per_seed]
+    res = {"benchmark": "e2e", "device": device_slug(device), "torch": torch.__version__,
+           "capability": cap, "threads": torch.get_num_threads(),
+           "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+           "promise_met": sum(r["promise_met"] for r in per_seed),
+           "smoke": args.smoke, "seeds": done, "seeds_planned": seeds, "config": cfgd, "per_seed": per_seed,
+           "summary": summary, "total_time_s": elapsed}
+    out = results_dir(device, args.out)
+    name = "e2e" if (cap, res["threads"]) == ("native", 1) or args.device != "cpu" else f"e2e-{cap}-t{res['threads']}"
+    with open(os.path.join(out, name + ".json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plot(res, os.path.join(out, name + ".png"))
+    res["path"] = out
+    return res
+
+
 def main(argv=None) -> int:
     from grades.demo.config import DemoConfig, validate
     d = DemoConfig()
@@ -140,29 +165,14 @@ def main(argv=None) -> int:
               f"B {r['B']['wall_time_s']:.1f}s {r['B']['steps']} steps acc {r['B']['test_accuracy']:.3f} "
               f"frozen {r['B']['frozen']}/{r['B']['num_components']} | speedup {r['speedup_wall']:.2f}x time, "
               f"{r['speedup_steps']:.2f}x steps | promise {'met' if r['promise_met'] else 'NOT met'}", flush=True)
-    summary = {run: {k: _mean_sd([r[run][k] for r in per_seed])
-                     for k in ("wall_time_s", "steps", "train_flops", "test_accuracy")} for run in ("A", "B")}
-    for k in ("speedup_steps", "speedup_wall", "speedup_flops", "accuracy_delta"):
-        summary[k] = _mean_sd([r[k] for r in per_seed])
-    cfgd = cfg.to_dict()
-    cfgd.pop("seed")
-    cap = os.environ.get("ATEN_CPU_CAPABILITY") or "native"
-    res = {"benchmark": "e2e", "device": device_slug(device), "torch": torch.__version__,
-           "capability": cap, "threads": torch.get_num_threads(),
-           "promise_met": sum(r["promise_met"] for r in per_seed),
-           "smoke": args.smoke, "seeds": seeds, "config": cfgd, "per_seed": per_seed, "summary": summary,
-           "total_time_s": time.perf_counter() - t0}
-    out = results_dir(device, args.out)
-    name = "e2e" if (cap, res["threads"]) == ("native", 1) or args.device != "cpu" else f"e2e-{cap}-t{res['threads']}"
-    with open(os.path.join(out, name + ".json"), "w") as f:
-        json.dump(res, f, indent=1)
-    plot(res, os.path.join(out, name + ".png"))
-    sm = summary
+        # written after every seed, so an interrupted run keeps what it measured
+        res = write(per_seed, cfg, seeds, device, args, time.perf_counter() - t0)
+    sm = res["summary"]
     print(f"A: {sm['A']['wall_time_s']['mean']:.1f}+-{sm['A']['wall_time_s']['sd']:.1f}s acc "
           f"{sm['A']['test_accuracy']['mean']:.3f}+-{sm['A']['test_accuracy']['sd']:.3f} | "
           f"B: {sm['B']['wall_time_s']['mean']:.1f}+-{sm['B']['wall_time_s']['sd']:.1f}s acc "
           f"{sm['B']['test_accuracy']['mean']:.3f}+-{sm['B']['test_accuracy']['sd']:.3f} | speedup "
-          f"{sm['speedup_wall']['mean']:.2f}x+-{sm['speedup_wall']['sd']:.2f} -> {out}")
+          f"{sm['speedup_wall']['mean']:.2f}x+-{sm['speedup_wall']['sd']:.2f} -> {res['path']}")
     return 0
 
 

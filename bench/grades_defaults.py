@@ -99,6 +99,21 @@ def plot(res: dict, path: str) -> None:
         plt.close(fig)
 
 
+def write(per: list, steps: int, seeds: list, args, elapsed: float) -> dict:
+    """Summarise the runs done so far, write the JSON and the figure; returns the result."""
+    res = {"benchmark": "grades_defaults", "device": device_slug("cpu"), "torch": torch.__version__,
+           "budget": steps, "seeds": sorted({r["seed"] for r in per}), "seeds_planned": seeds,
+           "rules": rules(), "per_seed": per,
+           "summary": {t: {r: {k: v for k, v in s.items() if k not in ("saved", "delta_points")}
+                           for r, s in rs.items()} for t, rs in summarise(per, steps).items()},
+           "total_time_s": elapsed, "smoke": args.smoke}
+    out = results_dir("cpu", args.out)
+    with open(os.path.join(out, "grades_defaults.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plot(res, os.path.join(out, "grades_defaults.png"))
+    return res
+
+
 def main(argv=None) -> int:
     from grades.demo.config import DemoConfig
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -121,15 +136,8 @@ def main(argv=None) -> int:
             per.append({"task": f"{task}-{digits}", "seed": seed, "runs": runs})
             print(f"{task}-{digits} seed {seed}: " + " | ".join(
                 f"{k} {v['steps']} steps acc {v['acc']:.3f}" for k, v in runs.items()), flush=True)
-    res = {"benchmark": "grades_defaults", "device": device_slug("cpu"), "torch": torch.__version__,
-           "budget": steps, "seeds": seeds, "rules": rules(), "per_seed": per,
-           "summary": {t: {r: {k: v for k, v in s.items() if k not in ("saved", "delta_points")}
-                           for r, s in rs.items()} for t, rs in summarise(per, steps).items()},
-           "total_time_s": time.perf_counter() - t0, "smoke": args.smoke}
-    out = results_dir("cpu", args.out)
-    with open(os.path.join(out, "grades_defaults.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    plot(res, os.path.join(out, "grades_defaults.png"))
+            # written after every run, so an interrupted sweep keeps what it measured
+            res = write(per, steps, seeds, args, time.perf_counter() - t0)
     for t, rs in res["summary"].items():
         print(t + ": " + " | ".join(f"{r} saves {100 * s['saved_mean']:.0f}%, {s['delta_mean']:+.2f} points "
                                      f"(worst {s['delta_worst']:+.2f})" for r, s in rs.items()))
