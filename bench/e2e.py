@@ -66,32 +66,33 @@ def promise_met(r: dict) -> bool:
 
 
 def plot(res: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    seeds = [r["seed"] for r in res["per_seed"]]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, lab in ((axes[0], "wall_time_s", "time to finish (s)"),
-                         (axes[1], "train_flops", "training FLOPs"),
-                         (axes[2], "test_accuracy", "test accuracy (greedy)")):
-        for i, (run, col) in enumerate((("A", "tab:gray"), ("B", "tab:red"))):
-            vals = [r[run][key] for r in res["per_seed"]]
-            s = res["summary"][run][key]
-            ax.bar(i, s["mean"], yerr=s["sd"], color=col, alpha=0.6, capsize=4)
-            ax.plot([i] * len(vals), vals, "k.", ms=5)
-        ax.set_xticks([0, 1], ["A: GradES off", "B: GradES on"])
-        ax.set_title(lab, fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-    c = res["config"]
-    sm = res["summary"]
-    fig.suptitle(f"e2e: Llama-{c['model_size']}, {c['digits']}-digit {c['task']}, {c['steps']} step budget, "
-                 f"seeds {seeds}, {res['device']} ({res['capability']}, {res['threads']} thread(s)); "
-                 f"speedup {sm['speedup_wall']['mean']:.2f}x +- {sm['speedup_wall']['sd']:.2f} in time, "
-                 f"{sm['speedup_steps']['min']:.2f}-{sm['speedup_steps']['max']:.2f}x in steps; "
-                 f"promise met on {sum(r['promise_met'] for r in res['per_seed'])}/{len(seeds)} seeds", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Per seed: optimizer steps, training FLOPs and test accuracy of A and B (shared style)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from grades.ttc.plot import RUN_COLORS, legend_below, style
+    per = res["per_seed"]
+    seeds = [r["seed"] for r in per]
+    with style() as plt:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+        for ax, key, lab in ((axes[0], "steps", "optimizer steps"), (axes[1], "train_flops", "training FLOPs"),
+                             (axes[2], "test_accuracy", "test accuracy (greedy)")):
+            for j, (run, name) in enumerate((("A", "A: GradES off"), ("B", "B: GradES on"))):
+                ax.plot([s + (j - 0.5) * 0.25 for s in seeds], [r[run][key] for r in per], "o",
+                        color=RUN_COLORS[run], label=name)
+            ax.set_xlabel("seed")
+            ax.set_ylabel(lab)
+            ax.set_xticks(seeds)
+        accs = [r[run]["test_accuracy"] for r in per for run in "AB"]
+        axes[2].set_ylim(min(0.98, min(accs) - 0.005), 1.002)
+        axes[2].axhline(0.99, color="k", ls=":", lw=1, label="0.99")
+        c, sm = res["config"], res["summary"]
+        fig.suptitle(f"e2e: Llama-{c['model_size']}, {c['digits']}-digit {c['task']}, {c['steps']}-step budget, "
+                     f"{res['device']} ({res['capability']}, {res['threads']} thread(s))\n"
+                     f"B: {sm['speedup_steps']['min']:.2f}-{sm['speedup_steps']['max']:.2f}x fewer steps, accuracy "
+                     f"{sm['accuracy_delta']['min']:+.3f}..{sm['accuracy_delta']['max']:+.3f} vs A; promise met on "
+                     f"{sum(r['promise_met'] for r in per)}/{len(per)} seeds", fontsize=10)
+        legend_below(fig, axes, ncol=3)
+        fig.savefig(path)
+        plt.close(fig)
 
 
 def write(per_seed: list, cfg, seeds: list, device, args, elapsed: float) -> dict:
