@@ -42,7 +42,7 @@ from _common import device_name, results_dir
 
 import grades
 from grades import backends
-from grades.models import qwen3_06b_shapes
+from grades.demo.models import qwen3_06b_shapes
 
 FP32_ADAMW_BYTES = 28  # read p, g, m, v + write p, m, v, 4 bytes each
 FROZEN_FRACTIONS = (0.0, 0.25, 0.5, 0.75)

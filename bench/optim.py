@@ -1,6 +1,6 @@
 """Step time of FrozenAwareAdamW against torch.optim.AdamW (fused and foreach).
 
-Parameter set shaped like Qwen3-0.6B (``grades.models.qwen3_06b_shapes``): 28 layers of hidden 1024, q_proj 2048x1024, k/v 1024x1024
+Parameter set shaped like Qwen3-0.6B (``grades.demo.models.qwen3_06b_shapes``): 28 layers of hidden 1024, q_proj 2048x1024, k/v 1024x1024
 (8 kv heads x 128), o_proj 1024x2048, gate/up 3072x1024, down 1024x3072, four norms per layer,
 the tied 151936x1024 embedding and the final norm. For each frozen fraction (the first parameters
 in model order, by element count, i.e. whole early layers, as GradES freezes them) it times:
@@ -55,7 +55,7 @@ from _common import device_slug, results_dir
 
 import grades
 from grades import FrozenAwareAdamW, backends
-from grades.models import qwen3_06b_shapes
+from grades.demo.models import qwen3_06b_shapes
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

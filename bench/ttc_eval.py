@@ -30,8 +30,8 @@ import torch
 
 from _common import device_slug, results_dir
 
-from grades.models import tiny_llama
-from grades.tasks import AdditionTask, generate_answers
+from grades.demo.models import tiny_llama
+from grades.demo.tasks import AdditionTask, generate_answers
 from grades.ttc import majority_at_k, pass_at_k, training_flops
 
 

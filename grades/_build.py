@@ -5,8 +5,10 @@ Order of preference:
 1. an ahead-of-time module built by ``setup.py`` (``GRADES_BUILD_EXT=1 pip install ...``):
    ``grades._C_cpu`` / ``grades._C_cuda``;
 2. a just-in-time build with ``torch.utils.cpp_extension.load`` (ninja), cached under
-   ``$GRADES_CACHE`` (default ``~/.cache/grades``) in a folder keyed by the sources' hash, the torch
-   version and the Python version, so it compiles once per machine and is reused afterwards.
+   ``$GRADES_CACHE`` (default ``~/.cache/grades``) in a folder keyed by everything that changes the
+   binary (sources, flags, the torch build and where it is installed, the Python ABI and headers,
+   the compiler, the CPU for ``-march=native``), so environments sharing a cache never rebuild each
+   other's module; a file lock serialises processes building the same one, and a build says so.
 
 Any failure is captured and reported as the backend's "not available" reason (``grades env``).
 """
@@ -16,8 +18,12 @@ import hashlib
 import importlib
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import sysconfig
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -68,14 +74,39 @@ def _host_id() -> str:
     return platform.machine() + "|" + platform.processor() + "|" + "|".join(keep)
 
 
-def _digest(kind: str, files: list[Path]) -> str:
+def _compiler_id(exe: str) -> str:
+    """Path and ``--version`` banner of a compiler (``exe`` as torch would call it)."""
+    path = shutil.which(exe)
+    if path is None:
+        return f"{exe}: not found"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        out = type(e).__name__
+    return f"{os.path.realpath(path)}: {out.strip()}"
+
+
+def _inputs(kind: str) -> tuple:
+    """Everything besides the sources that changes the binary torch builds for ``kind``."""
     import torch
+    from torch.utils import cpp_extension
+    toolchain = [_compiler_id(os.environ.get("CXX", "c++"))]
+    if kind == "cuda":
+        home = cpp_extension.CUDA_HOME
+        toolchain.append(_compiler_id(os.path.join(home, "bin", "nvcc")) if home else "no CUDA_HOME")
+    env = {k: os.environ.get(k) for k in ("CFLAGS", "CXXFLAGS", "LDFLAGS", "TORCH_CUDA_ARCH_LIST")}
+    return (CXX_FLAGS.get(kind), NVCC_FLAGS if kind == "cuda" else None, LD_FLAGS.get(kind),
+            torch.__version__, torch.version.git_version, torch.version.cuda,
+            os.path.dirname(os.path.realpath(torch.__file__)), sys.implementation.cache_tag,
+            sysconfig.get_paths()["include"], toolchain, env, _host_id() if kind == "cpu" else None)
+
+
+def _digest(kind: str, files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files + sorted((csrc_dir() / kind).glob("*.h")) + sorted((csrc_dir() / kind).glob("*.cuh")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    h.update(repr((CXX_FLAGS.get(kind), NVCC_FLAGS, LD_FLAGS.get(kind), torch.__version__,
-                   sys.version_info[:2], _host_id() if kind == "cpu" else None)).encode())
+    h.update(repr(_inputs(kind)).encode())
     return h.hexdigest()[:12]
 
 
@@ -84,24 +115,37 @@ def cache_root() -> Path:
 
 
 def _jit(kind: str) -> ModuleType:
-    from torch.utils import cpp_extension
+    from filelock import FileLock  # a torch dependency
     files = sources(kind)
     if not files:
         raise FileNotFoundError(f"no {kind} sources under {csrc_dir() / kind}")
     name = f"grades_{kind}_{_digest(kind, files)}"
     build_dir = cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    # one builder per module across processes; the others wait, then load what it built
+    with FileLock(str(build_dir) + ".lock"):
+        return _load_or_build(kind, name, files, build_dir)
+
+
+def _load_or_build(kind: str, name: str, files: list[Path], build_dir: Path) -> ModuleType:
+    from torch.utils import cpp_extension
     kwargs = dict(name=name, sources=[str(f) for f in files], extra_cflags=CXX_FLAGS[kind],
                   extra_ldflags=LD_FLAGS[kind], build_directory=str(build_dir),
                   extra_include_paths=[str(csrc_dir() / kind)],
                   verbose=os.environ.get("GRADES_BUILD_VERBOSE", "0") == "1")
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = NVCC_FLAGS
-    if not any(build_dir.glob(f"{name}*.so")) and not kwargs["verbose"]:
-        # the first use on a machine compiles for a minute or more: say so instead of going quiet
-        print(f"grades: compiling the native {kind} backend once (a minute or more); cached in {build_dir}",
+    building = not any(build_dir.glob(f"{name}*.so"))
+    if building:
+        # the first use in an environment compiles for a minute or more: say so instead of going quiet
+        print(f"grades: compiling the native {kind} backend once for this environment (a minute or "
+              f"more); cached in {build_dir}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    mod = cpp_extension.load(**kwargs)
+    if building:
+        print(f"grades: built the native {kind} backend in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr, flush=True)
-    return cpp_extension.load(**kwargs)
+    return mod
 
 
 def load(kind: str) -> tuple[ModuleType | None, str]:

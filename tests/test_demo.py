@@ -1,4 +1,6 @@
 """``grades demo``: the quick configuration end to end, its report directory, and bad flags."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -25,19 +27,23 @@ def _check_png(path):
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "report"
-    rc = main(["--quick", "--out", str(out), "--no-progress", "--seed", "0"])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["--quick", "--out", str(out), "--no-progress", "--seed", "0"])
     assert rc == 0
-    return out
+    return out, buf.getvalue()
 
 
-def test_quick_report_has_every_figure(quick_report, capsys):
-    out = quick_report
+def test_quick_report_has_every_figure(quick_report):
+    out, printed = quick_report
     rep = json.loads((out / "report.json").read_text())
     for key in ("config", "model", "task", "runs", "speedup", "accuracy_delta", "grades", "ttc", "files",
                 "environment", "table"):
         assert key in rep, key
     assert rep["config"]["quick"] is True
-    for run in ("A", "B"):
+    assert [rep["runs"][r]["optimizer"] for r in "ABP"] == [
+        "grades.FrozenAwareAdamW (GradES off)", "grades.FrozenAwareAdamW + grades.GradES", "torch.optim.AdamW"]
+    for run in ("A", "B", "P"):
         r = rep["runs"][run]
         for key in ("wall_time_s", "optimizer_steps", "train_flops", "test_accuracy", "checkpoints"):
             assert key in r, (run, key)
@@ -47,6 +53,11 @@ def test_quick_report_has_every_figure(quick_report, capsys):
     assert a["optimizer_steps"] == rep["config"]["steps"]
     assert 1 <= b["optimizer_steps"] <= a["optimizer_steps"]
     assert b["stopped_early"] == (b["frozen_components"] == b["num_components"])
+    # A and B are one run until B's first freeze: bit-identical losses through that step
+    assert b["first_freeze"] is not None and rep["identical_steps"] >= b["first_freeze"]
+    # P (torch AdamW) differs from A in the last bits only
+    assert rep["runs"]["P"]["final_loss"] == pytest.approx(a["final_loss"], rel=1e-3)
+    assert rep["premise"]["baseline_converged"] == (a["test_accuracy"] >= 0.9)
     # the ledger charges frozen matrices less: B never costs more FLOPs per step than A
     assert b["train_flops"] / b["optimizer_steps"] <= a["train_flops"] / a["optimizer_steps"] * (1 + 1e-9)
     for key in ("wall_time", "steps", "train_flops"):
@@ -71,27 +82,71 @@ def test_quick_report_has_every_figure(quick_report, capsys):
     for name in rep["files"]["plots"].values():
         _check_png(out / name)
     assert (out / rep["files"]["samples"]).stat().st_size > 0
+    for line in (out / rep["files"]["samples"]).read_text().splitlines():
+        assert json.loads(line)["infer_flops_per_sample"] == ttc["infer_flops_per_sample"]
+    report_line = next(ln for ln in printed.splitlines() if ln.startswith("report:"))
+    for f in ("report.json", "table.txt", "grades_history.json", "ttc_samples.jsonl", "loss.png"):
+        assert f in report_line, f
     table = (out / "table.txt").read_text()
     for needle in ("wall time", "optimizer steps", "training FLOPs", "test accuracy", "pass@k", "majority@k",
                    "break-even"):
         assert needle in table
 
 
+def test_ttc_cli_on_the_demo_samples(quick_report, capsys):
+    """``grades ttc`` on the demo's samples: a choice per strategy (pass@k marked as an upper
+    bound), Q* from the file alone, the demo's tolerance, and the full table only on request."""
+    from grades.ttc.cli import main as ttc_main
+    out, _ = quick_report
+    samples = str(out / "ttc_samples.jsonl")
+    rep = json.loads((out / "report.json").read_text())
+    ttc_main([samples])
+    text = capsys.readouterr().out
+    assert "tolerance 0.02" in text and "from the samples file" in text
+    lines = text.splitlines()
+    i = lines.index("choice per strategy (fewest training FLOPs meeting the target):")
+    per = {ln.split()[0]: ln for ln in lines[i + 1:i + 3]}
+    assert set(per) == {"pass@k", "majority@k"} and "upper bound" in per["pass@k"]
+    assert "upper bound" not in per["majority@k"]
+    for s, ln in per.items():
+        c = rep["ttc"]["selections"][s]["choice"]
+        assert f"{c['checkpoint']}, k={c['k']}:" in ln and "n/a" not in ln  # the demo's own choice
+    assert "(* meets target - tolerance)" not in text
+    ttc_main([samples, "--table"])
+    assert "(* meets target - tolerance)" in capsys.readouterr().out
+
+
 def test_table_is_printed(tmp_path, capsys):
     rc = main(["--quick", "--steps", "12", "--out", str(tmp_path / "r"), "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "A: AdamW" in printed and "B: GradES" in printed
+    assert "A: GradES off" in printed and "B: GradES on" in printed
     for needle in ("wall time (s)", "optimizer steps", "training FLOPs", "test accuracy", "TTC"):
         assert needle in printed
+    # 12 steps learn nothing: the premise check says so, and no TTC target is derived from A
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["premise"]["baseline_converged"] is False
+    assert "NOTE: the baseline A did not converge" in printed and "[baseline did not converge]" in printed
+    assert rep["ttc"]["selections"] == {} and "no choice: the baseline A did not converge" in printed
+    assert rep["ttc"]["accuracy_vs_k"]["pass@k"]  # the curves are still measured
+    _check_png(tmp_path / "r" / "ttc_accuracy.png")
+
+
+def test_premise():
+    from grades.demo.runner import premise
+    assert premise(0.95) == {"baseline_converged": True, "min_accuracy": 0.9, "reason": None}
+    bad = premise(0.102)
+    assert bad["baseline_converged"] is False and "0.102" in bad["reason"]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--steps", "-5"], "--steps must be >= 1"),
     (["--model-size", "huge"], "unknown model size"),
-    (["--digits", "9"], "--digits must be in [1, 6]"),
-    (["--digits", "1"], "too few"),
+    (["--digits", "9"], "--digits must be in [2, 8] for sort"),
+    (["--task", "addition", "--digits", "7"], "--digits must be in [1, 6] for addition"),
+    (["--task", "addition", "--digits", "1"], "too few"),
+    (["--digits", "2"], "too few"),
     (["--device", "tpu"], "unknown device"),
     (["--rel-tau", "0"], "--rel-tau"),
 ])
@@ -128,3 +183,21 @@ def test_module_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "grades", "demo", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "--quick" in r.stdout
+
+
+def test_sort_task_problems_are_sorted_distinct_and_seeded():
+    from grades.demo.tasks import SortTask
+    t = SortTask(digits=5, seed=3, n_val=10, n_test=20, max_train=200)
+    exs = t.val + t.test + t.train
+    assert len({e.prompt for e in exs}) == len(exs) == 230
+    for e in exs:
+        assert e.prompt.endswith("=") and len(e.prompt) == 6 and e.answer == "".join(sorted(e.prompt[:-1]))
+        assert t.verify(e, e.answer) and not t.verify(e, e.answer[::-1] if e.answer != e.answer[::-1] else "x")
+    assert SortTask(digits=5, seed=3, n_val=10, n_test=20, max_train=200).test == t.test
+    assert SortTask(digits=5, seed=4, n_val=10, n_test=20, max_train=200).test != t.test
+    b = t.train_batch(t.train[:3])
+    assert b["input_ids"].shape == (3, t.prompt_len + t.answer_len + 1)
+    with pytest.raises(ValueError, match="digits must be in"):
+        SortTask(digits=1)
+    with pytest.raises(ValueError, match="leaves no training data"):
+        SortTask(digits=2, n_val=50, n_test=50)

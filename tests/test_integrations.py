@@ -12,7 +12,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from grades import GradES, GradESConfig  # noqa: E402
 from grades.components import discover_components  # noqa: E402
 from grades.integrations.transformers import HISTORY_FILE, GradESCallback  # noqa: E402
-from grades.models import tiny_llama  # noqa: E402
+from grades.demo.models import tiny_llama  # noqa: E402
 
 VOCAB = 16
 
@@ -377,3 +377,18 @@ def test_megatron_flat_main_grad_one_call():
     buf.zero_()
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(float(c.params[0].main_grad.abs().sum()) == 0 for c in frozen)
+
+
+def test_trainer_stop_is_announced_and_checkpointed(tmp_path, capsys):
+    """When GradES stops the Trainer it says so in one line and the stopped model is saved,
+    although the save schedule would not have saved at that step."""
+    cfg = GradESConfig(tau=1e9, grace_steps=2, patience=1, ema=None)
+    tr = Trainer(model=tiny_llama(VOCAB), args=args(tmp_path, 12, save_strategy="steps", save_steps=100),
+                 train_dataset=RandomLM(), callbacks=[GradESCallback(cfg)])
+    tr.train()
+    stop = tr.state.global_step
+    assert stop < 12
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("GradES:")]
+    assert lines == [f"GradES: all 14 matrices frozen at step {stop}; stopping "
+                     f"(checkpoint-{stop} saved in {tmp_path})"]
+    assert (tmp_path / f"checkpoint-{stop}" / "trainer_state.json").is_file()

@@ -26,7 +26,7 @@ def _block(lang: str, marker: str) -> str:
 
 @pytest.fixture
 def tiny(monkeypatch):
-    from grades.models import tiny_llama
+    from grades.demo.models import tiny_llama
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)

@@ -366,7 +366,7 @@ def test_select_projection_target():
 # FLOPs
 # ---------------------------------------------------------------------------------------------
 def test_flops_hand_count_llama():
-    from grades.models import llama_config, tiny_llama
+    from grades.demo.models import llama_config, tiny_llama
     cfg = llama_config(vocab_size=15, size="tiny")  # hidden 64, 2 layers, 4 heads (dim 16), 2 kv, MLP 128
     per_layer = 64 * 64 + 2 * (32 * 64) + 64 * 64 + 3 * (128 * 64)  # q, k+v, o, gate+up+down
     n = 2 * per_layer + 15 * 64  # + LM head; embeddings excluded
@@ -391,7 +391,7 @@ def test_flops_hand_count_llama():
 
 
 def test_inference_flops_per_sample_hand_count():
-    from grades.models import llama_config
+    from grades.demo.models import llama_config
     cfg = llama_config(vocab_size=15, size="tiny")
     body, head, att = 73728, 15 * 64, 4 * 2 * 4 * 16  # matrices without the LM head; QK+AV per ctx
     # 5 prompt tokens, 3 new: the prefill's last position gives token 1 (LM head there only),
@@ -410,8 +410,8 @@ def test_inference_flops_per_sample_matches_generate():
     on the masked half of the prefill's square (the count is causal), equal the formula."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from grades.models import tiny_llama
-    from grades.tasks import AdditionTask
+    from grades.demo.models import tiny_llama
+    from grades.demo.tasks import AdditionTask
     task = AdditionTask(digits=1, seed=0, n_val=4, n_test=4)
     model = tiny_llama(task.vocab_size, "tiny", seed=0).eval()
     batch = task.prompt_batch(task.val[:2])
@@ -428,7 +428,7 @@ def test_inference_flops_per_sample_matches_generate():
 
 
 def test_flop_ledger_adds_up():
-    from grades.models import llama_config
+    from grades.demo.models import llama_config
     cfg = llama_config(vocab_size=15, size="tiny")
     led = FlopLedger(cfg, seq_len=8)
     led.add_step(512)
@@ -783,7 +783,7 @@ def test_verdicts_must_be_bools_or_0_1():
 
 
 def test_flop_accounting_refuses_non_finite_and_non_counts():
-    from grades.models import llama_config
+    from grades.demo.models import llama_config
     cfg = llama_config(vocab_size=15, size="tiny")
     nan = float("nan")
     for call in (lambda: training_flops(cfg, nan), lambda: training_flops(cfg, math.inf),

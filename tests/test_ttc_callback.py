@@ -149,7 +149,7 @@ def test_monitor_bad_inputs(tmp_path):
 def test_callback_flop_sources_and_ledger():
     from types import SimpleNamespace
     from transformers import TrainerControl
-    from grades.models import llama_config
+    from grades.demo.models import llama_config
     from grades.ttc import FlopLedger
     kw = dict(sample_fn=stub_sample_fn, verifier=stub_verifier, n_samples=10, strategies=["majority"],
               target=0.99, infer_flops_per_sample=1e6)
@@ -178,7 +178,7 @@ def test_callback_flop_sources_and_ledger():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def addition():
-    from grades.tasks import AdditionTask
+    from grades.demo.tasks import AdditionTask
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threading only adds overhead on a shared CPU
     yield AdditionTask(digits=1, seed=0, n_val=16, n_test=16)
@@ -186,7 +186,7 @@ def addition():
 
 
 def test_monitor_in_plain_loop_samples_verifies_records_stops(addition, tmp_path):
-    from grades.models import tiny_llama
+    from grades.demo.models import tiny_llama
     task = addition
     torch.manual_seed(0)
     model = tiny_llama(task.vocab_size, "tiny", seed=0)
@@ -233,7 +233,7 @@ def test_monitor_in_plain_loop_samples_verifies_records_stops(addition, tmp_path
 
 
 def test_sampling_leaves_training_rng_alone(addition):
-    from grades.models import tiny_llama
+    from grades.demo.models import tiny_llama
     model = tiny_llama(addition.vocab_size, "tiny", seed=0)
     mon = TTCMonitor(addition.val[:4], task=addition, n_samples=4, target=0.5, seed=3)
     torch.manual_seed(11)
@@ -249,7 +249,7 @@ def test_sampling_leaves_training_rng_alone(addition):
 
 def test_callback_stops_trainer(addition, tmp_path):
     from transformers import Trainer, TrainingArguments
-    from grades.models import tiny_llama
+    from grades.demo.models import tiny_llama
     task = addition
     model = tiny_llama(task.vocab_size, "tiny", seed=0)
     seq = task.prompt_len + task.answer_len + 1
@@ -382,7 +382,7 @@ def test_monitor_state_refused_leaves_monitor_unchanged():
 
 def test_flop_ledger_state_round_trip_and_refusals():
     import json
-    from grades.models import llama_config
+    from grades.demo.models import llama_config
     from grades.ttc import FlopLedger
     cfg = llama_config(vocab_size=15, size="tiny")
     led = FlopLedger(cfg, seq_len=8)
@@ -424,7 +424,7 @@ def test_callback_resumes_from_checkpoint_with_its_evaluations_and_ledger(additi
     import shutil
     import warnings
     from transformers import Trainer, TrainingArguments
-    from grades.models import tiny_llama
+    from grades.demo.models import tiny_llama
     from grades.ttc import FlopLedger
     task = addition
     seq = task.prompt_len + task.answer_len + 1

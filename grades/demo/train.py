@@ -1,10 +1,13 @@
-"""The demo's two training runs: plain ``torch.optim.AdamW`` and ``FrozenAwareAdamW`` + GradES.
+"""The demo's training runs: (A) ``FrozenAwareAdamW`` with GradES off, (B) the same with GradES
+on, and (P) plain ``torch.optim.AdamW``, the parity check of A.
 
-Both runs start from the same seeded model, see the same batches in the same order under the
+All runs start from the same seeded model, see the same batches in the same order under the
 same learning-rate schedule, and are timed the same way (training loop only; checkpoint copies
 and evaluation are outside the timed region). Training FLOPs are counted per step with
 :class:`grades.ttc.FlopLedger`, which charges a frozen matrix 4 instead of 6 FLOPs per weight
-and token (no weight-gradient GEMM).
+and token (no weight-gradient GEMM). A and B run the same optimizer and kernels, so they are
+the same run, bit for bit, until GradES freezes its first matrix: every later difference is
+GradES's doing. P differs from A only in the last bits of its float sums.
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from ..models import tiny_llama
-from ..tasks import AdditionTask
+from .models import tiny_llama
+from .tasks import AdditionTask, DigitTask, SortTask
 from ..ttc import FlopLedger
 from .config import DemoConfig
 
@@ -47,8 +50,14 @@ class RunResult:
     frozen_steps: list[tuple[int, int]] = field(default_factory=list)  # (step, frozen count)
 
 
-def make_task(cfg: DemoConfig) -> AdditionTask:
-    """The embedded addition task of the demo (reversed answers, seeded split)."""
+RUNS = {"A": "grades.FrozenAwareAdamW (GradES off)", "B": "grades.FrozenAwareAdamW + grades.GradES",
+        "P": "torch.optim.AdamW"}
+
+
+def make_task(cfg: DemoConfig) -> DigitTask:
+    """The demo's embedded task: digit sorting, or addition with reversed answers (seeded split)."""
+    if cfg.task == "sort":
+        return SortTask(digits=cfg.digits, seed=cfg.seed, n_val=cfg.n_val, n_test=cfg.n_test)
     return AdditionTask(digits=cfg.digits, seed=cfg.seed, n_val=cfg.n_val, n_test=cfg.n_test,
                         reverse_answer=True)
 
@@ -87,39 +96,44 @@ def warm_up(device: torch.device) -> None:
     _sync(device)
 
 
-def train(cfg: DemoConfig, task: AdditionTask, run: str, *, progress: bool = True) -> RunResult:
-    """Train one run: ``run="A"`` (torch AdamW, full budget) or ``run="B"`` (FrozenAwareAdamW +
-    GradES, stops when every component is frozen or at the budget)."""
-    from tqdm.auto import tqdm
-
+def _optimizer(cfg: DemoConfig, model: torch.nn.Module, run: str):
+    """The optimizer of ``run`` and, for B, its GradES policy."""
     from ..optim import FrozenAwareAdamW
     from ..policy import GradES, GradESConfig
 
-    if run not in ("A", "B"):
-        raise ValueError(f"run must be 'A' or 'B', got {run!r}")
+    kw = dict(lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay)
+    if run == "P":
+        return torch.optim.AdamW(model.parameters(), **kw), None
+    opt = FrozenAwareAdamW(model.parameters(), **kw)
+    if run == "A":
+        return opt, None
+    return opt, GradES(model, opt, GradESConfig(rel_tau=cfg.rel_tau, statistic=cfg.statistic, ema=cfg.ema,
+                                                alpha=cfg.alpha, total_steps=cfg.steps,
+                                                patience=cfg.patience, history_every=1,
+                                                history_max=max(2000, cfg.steps + 1)))
+
+
+def train(cfg: DemoConfig, task: DigitTask, run: str, *, progress: bool = True) -> RunResult:
+    """Train one run (see :data:`RUNS`): ``"A"`` and ``"P"`` use the full budget, ``"B"`` stops
+    when every component is frozen or at the budget. Raises ``ValueError`` for another name."""
+    from tqdm.auto import tqdm
+
+    if run not in RUNS:
+        raise ValueError(f"run must be one of {', '.join(RUNS)}, got {run!r}")
     device = torch.device(cfg.device)
     warm_up(device)
     model = tiny_llama(task.vocab_size, cfg.model_size, seed=cfg.seed).to(device)
     model.train()
-    kw = dict(lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    if run == "A":
-        opt = torch.optim.AdamW(model.parameters(), **kw)
-        gs = None
-    else:
-        opt = FrozenAwareAdamW(model.parameters(), **kw)
-        gs = GradES(model, opt, GradESConfig(rel_tau=cfg.rel_tau, statistic=cfg.statistic, ema=cfg.ema,
-                                             alpha=cfg.alpha, total_steps=cfg.steps,
-                                             patience=cfg.patience, history_every=1,
-                                             history_max=max(2000, cfg.steps + 1)))
+    opt, gs = _optimizer(cfg, model, run)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     ledger = FlopLedger(model.config, seq_len=None)
     batches = task.iterate(cfg.batch_size, seed=cfg.seed)
-    ck_steps = set(_checkpoint_steps(cfg))
+    ck_steps = set(_checkpoint_steps(cfg)) if run != "P" else set()
     checkpoints: list[Checkpoint] = []
     losses: list[torch.Tensor] = []
     frozen_steps: list[tuple[int, int]] = []
     frozen_names: list[str] = []
-    label = "A: AdamW                   " if run == "A" else "B: FrozenAwareAdamW + GradES"
+    label = {"A": "A: GradES off", "B": "B: GradES on ", "P": "P: torch AdamW"}[run]
     bar = tqdm(total=cfg.steps, desc=label, disable=not progress, leave=True, dynamic_ncols=True,
                mininterval=0.5)
     torch.manual_seed(cfg.seed)

@@ -268,8 +268,25 @@ class GradESCallback(TrainerCallback, ExportableState):
         if self.gs is not None:
             self.gs.poll()
             if self.gs.should_stop:
-                control.should_training_stop = True
+                self._stop(args, state, control)
         return control
+
+    def _stop(self, args, state, control) -> None:
+        """Stop training; the first time, say so in one line and have the Trainer save a
+        checkpoint of the stopped model (unless it saves none: ``save_strategy="no"``)."""
+        control.should_training_stop = True
+        if getattr(self, "_stop_announced", False):
+            return
+        self._stop_announced = True
+        save = str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
+        if save:
+            control.should_save = True
+        if state.is_world_process_zero:
+            frozen, n = len(self.gs.frozen_components), self.gs.num_components
+            which = f"all {n}" if frozen == n else f"{frozen} of {n}"
+            print(f"GradES: {which} matrices frozen at step {state.global_step}; stopping"
+                  + (f" (checkpoint-{state.global_step} saved in {args.output_dir})" if save else ""),
+                  file=sys.stderr, flush=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.gs is None or logs is None:

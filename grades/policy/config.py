@@ -19,9 +19,10 @@ REF_DECAY = 0.9
 
 #: Default EMA decay of the statistic and default patience (consecutive checks below the
 #: threshold). A single step's statistic is noisy; these defaults keep noise from freezing a
-#: matrix while a real drop is still caught within about a dozen steps.
+#: matrix while a real drop is still caught within about twenty steps (patience 10, measured in
+#: bench/grades_defaults.py: patience 3 froze matrices on dips and cost accuracy).
 DEFAULT_EMA = 0.9
-DEFAULT_PATIENCE = 3
+DEFAULT_PATIENCE = 10
 
 TauLike = Union[float, Mapping[str, float], None]
 
@@ -88,7 +89,7 @@ class GradESConfig:
     rel_tau: TauLike = None
     statistic: str = "l1"
     ema: Optional[float] = DEFAULT_EMA
-    alpha: float = 0.3
+    alpha: float = 0.4
     grace_steps: Optional[int] = None
     total_steps: Optional[int] = None
     patience: int = DEFAULT_PATIENCE

@@ -93,8 +93,8 @@ class TTCMonitor:
 
     Args:
         problems: evaluation problems (any objects your ``sample_fn``/``verifier`` understand).
-        task: an :class:`~grades.tasks.AdditionTask`; supplies the default ``sample_fn``
-            (:func:`~grades.tasks.generate_answers` with ``do_sample=True``) and ``verifier``.
+        task: an :class:`~grades.demo.tasks.AdditionTask`; supplies the default ``sample_fn``
+            (:func:`~grades.demo.tasks.generate_answers` with ``do_sample=True``) and ``verifier``.
         sample_fn: ``sample_fn(model, problems, n) -> [len(problems)][n]`` completion strings.
             It runs inside :func:`torch.random.fork_rng`: seeding there leaves training's RNG as is.
         verifier: ``verifier(problem, completion) -> bool``.
@@ -130,7 +130,7 @@ class TTCMonitor:
         if not self.problems:
             raise ValueError("no evaluation problems")
         if task is not None:
-            from ..tasks import generate_answers
+            from ..demo.tasks import generate_answers
             if sample_fn is None:
                 def sample_fn(model, probs, n, _task=task):
                     return generate_answers(model, _task, probs, num_samples=n, do_sample=True,

@@ -1,8 +1,12 @@
 """``grades ttc SAMPLES.jsonl``: the offline test-time-compute table and (checkpoint, k) choice.
 
-Reads a samples file (format: :mod:`grades.ttc.samples`), prints accuracy by (checkpoint, k,
-strategy), the choice with the fewest training FLOPs meeting the target (and, with ``--queries``,
-the one with the fewest total FLOPs), the training FLOPs saved and the break-even query count Q*.
+Reads a samples file (format: :mod:`grades.ttc.samples`) and prints, per strategy, the choice
+with the fewest training FLOPs meeting the target (pass@k marked as the upper bound it is: it
+assumes an oracle verifier), the overall choice (and, with ``--queries``, the one with the fewest
+total FLOPs), the training FLOPs saved and the break-even query count Q*; ``--table`` adds the
+accuracy of every (checkpoint, k, strategy). Q* needs the inference FLOPs of one sample:
+``--infer-flops``, or the ``infer_flops_per_sample`` field the lines of ``grades demo``'s samples
+file carry.
 ``--json`` also holds the saturating accuracy-vs-k fit of every (checkpoint, strategy) (k_max >= 4)
 with its residuals and, where the fit passes its checks, the accuracy it extrapolates to k beyond
 k_max (``extrapolated``; not measured, not used by the choice).
@@ -22,7 +26,12 @@ from .fits import ExtrapolationError, PoorFitError, fit_accuracy_vs_k
 from .samples import LoadReport, SamplesFormatError, common_problems, load_samples
 from .select import STRATEGIES, Candidate, Selection, select
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "DEFAULT_TOLERANCE"]
+
+#: accuracy slack of the target, the same in ``grades ttc`` and ``grades demo``
+DEFAULT_TOLERANCE = 0.02
+#: optional field of a samples line: inference FLOPs of one sampled completion
+INFER_FIELD = "infer_flops_per_sample"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,12 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy in [0, 1], 'final' (measured k=1 accuracy of the checkpoint with the "
                         "most training FLOPs; default) or 'projection' (accuracy-vs-FLOPs fit at "
                         "--final-flops)")
-    p.add_argument("--tolerance", type=float, default=0.0, help="accuracy slack (default 0)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"accuracy slack (default {DEFAULT_TOLERANCE}, as in grades demo)")
+    p.add_argument("--table", action="store_true",
+                   help="also print the accuracy of every (checkpoint, k, strategy)")
     p.add_argument("--k-max", type=int, default=None,
                    help="k budget (default: the smallest number of samples of any problem)")
     p.add_argument("--queries", type=float, default=None, help="expected query volume Q")
     p.add_argument("--infer-flops", type=float, default=None,
-                   help="inference FLOPs of one sampled completion (for Q* and total FLOPs)")
+                   help=f"inference FLOPs of one sampled completion (for Q* and total FLOPs; default: "
+                        f"the file's '{INFER_FIELD}' field, when its lines carry one)")
     p.add_argument("--final-flops", type=float, default=None,
                    help="training FLOPs of the full run (default: the largest checkpoint's)")
     p.add_argument("--strategies", nargs="+", default=None, metavar="S",
@@ -93,6 +106,42 @@ def _describe(c: Candidate, sel: Selection, label: str, out) -> None:
     if c.total_flops is not None:
         print(f"  total FLOPs at Q={sel.queries:.4g}: {c.total_flops:.4g} "
               f"(reference {sel.reference_total_flops:.4g})", file=out)
+
+
+def _infer_flops_from(path: str) -> float | None:
+    """The ``infer_flops_per_sample`` the samples file's lines carry (the first positive finite
+    value found; ``None`` when no line has one)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        for line in fh:
+            if INFER_FIELD not in line:
+                continue
+            try:
+                v = json.loads(line).get(INFER_FIELD)
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+                return float(v)
+    return None
+
+
+def _per_strategy(common, sel: Selection, args, target, infer_flops) -> dict[str, Selection]:
+    """One selection per strategy of ``sel`` (the same target and tolerance)."""
+    return {s: select(common, k_max=sel.k_max, target=target, tolerance=args.tolerance, strategies=[s],
+                      infer_flops_per_sample=infer_flops, final_train_flops=args.final_flops)
+            for s in sel.strategies}
+
+
+def _print_choices(per: dict[str, Selection], out) -> None:
+    print("choice per strategy (fewest training FLOPs meeting the target):", file=out)
+    for s, ps in per.items():
+        c = ps.min_train
+        bound = "  [upper bound: assumes an oracle verifier]" if s == "pass@k" else ""
+        if c is None:
+            print(f"  {s:<11} none meets the target{bound}", file=out)
+            continue
+        pct = 100.0 * c.train_flops_saved / ps.reference_flops if ps.reference_flops > 0 else 0.0
+        print(f"  {s:<11} {c.checkpoint}, k={c.k}: accuracy {c.accuracy:.4f}, saves {pct:.1f}% of training "
+              f"FLOPs, Q* = {_fmt_q(c.break_even)}{bound}", file=out)
 
 
 def _k_fits(sel: Selection) -> dict:
@@ -160,13 +209,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"grades ttc: error: {e}", file=sys.stderr)
         return 2
     _report_skipped(rep)
+    infer_flops = args.infer_flops if args.infer_flops is not None else _infer_flops_from(args.samples)
     try:
         common, dropped = common_problems(cks)
         k_max = args.k_max if args.k_max is not None else min(c.min_samples for c in common)
         sel = select(common, k_max=k_max, target=target, tolerance=args.tolerance,
                      strategies=None if args.strategies is None else " ".join(args.strategies),
                      queries=args.queries,
-                     infer_flops_per_sample=args.infer_flops, final_train_flops=args.final_flops)
+                     infer_flops_per_sample=infer_flops, final_train_flops=args.final_flops)
+        per = _per_strategy(common, sel, args, target, infer_flops)
     except (PoorFitError, ExtrapolationError) as e:
         print(f"grades ttc: error: cannot use the projection: {e}", file=sys.stderr)
         return 2
@@ -187,19 +238,25 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"RMSE {pr.rmse:.4f}, R^2 {pr.r2:.4f}", file=out)
     print(f"target {sel.target:.4f} ({sel.target_source}), tolerance {sel.tolerance:g} -> "
           f"threshold {sel.threshold:.4f}", file=out)
+    if infer_flops is not None and args.infer_flops is None:
+        print(f"inference FLOPs per sample {infer_flops:.4g} (from the samples file)", file=out)
     print(file=out)
-    _print_table(sel, out)
+    if args.table:
+        _print_table(sel, out)
+        print(file=out)
+    _print_choices(per, out)
     print(file=out)
     code = 0
     if sel.min_train is None:
         print("no (checkpoint, k, strategy) meets the target", file=out)
         code = 1
     else:
-        _describe(sel.min_train, sel, "fewest training FLOPs", out)
+        _describe(sel.min_train, sel, "overall, fewest training FLOPs", out)
         if sel.min_total is not None:
-            _describe(sel.min_total, sel, "fewest total FLOPs", out)
+            _describe(sel.min_total, sel, "overall, fewest total FLOPs", out)
     if "pass@k" in sel.strategies:
-        print("note: pass@k assumes an oracle verifier picks a correct sample at deployment.", file=out)
+        print("note: pass@k assumes an oracle verifier picks a correct sample at deployment: an upper bound.",
+              file=out)
     try:
         if args.json:
             d = sel.to_dict()
@@ -216,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"JSON written to {args.json}", file=out)
         if args.plot:
             from .plot import plot_selection
-            plot_selection(sel, args.plot)
+            plot_selection(sel, args.plot, choices={s: ps.min_train for s, ps in per.items()})
             print(f"plot written to {args.plot}", file=out)
     except OSError as e:
         print(f"grades ttc: error: cannot write {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)

@@ -1,8 +1,8 @@
-"""An embedded, verifiable task for demos and tests: multi-digit addition.
+"""Embedded, verifiable tasks for demos and tests: multi-digit addition and digit sorting.
 
 Everything is generated deterministically from a seed, needs no download, and every answer can
 be checked exactly. Text is tokenised one character per token with a fixed vocabulary, so the
-task works with any model built from a config (see :mod:`grades.models`).
+task works with any model built from a config (see :mod:`grades.demo.models`).
 
 A sample reads ``"<bos>37+45=82<eos>"``: the prompt is ``"37+45="`` and the answer ``"82"``.
 Training labels cover the answer and the end token only.
@@ -26,72 +26,51 @@ class Example:
     answer: str
 
 
-class AdditionTask:
-    """``a + b`` with ``digits``-digit operands (leading zeros allowed), split into train/val/test.
+class DigitTask:
+    """What every embedded task shares: a character vocabulary, seeded train/val/test splits of
+    :class:`Example`, exact verification and causal-LM batches. Subclasses set ``answer_len`` and
+    ``prompt_len`` and generate the problems (:meth:`_problems`)."""
 
-    Args:
-        digits: digits per operand (1-6).
-        seed: seed of the problem order and split.
-        n_val, n_test: sizes of the validation and test splits; the rest is training data
-            (capped at ``max_train``).
-        reverse_answer: write answers least-significant digit first (much easier for small
-            models); ``verify`` and ``answer_of`` handle either form.
-    """
+    name = "task"
 
-    def __init__(self, digits: int = 2, seed: int = 0, n_val: int = 200, n_test: int = 500,
-                 max_train: int = 20000, reverse_answer: bool = False):
-        if not 1 <= digits <= 6:
-            raise ValueError(f"digits must be in [1, 6], got {digits}")
+    def __init__(self, seed: int, n_val: int, n_test: int, max_train: int):
         if n_val < 0 or n_test < 0:
             raise ValueError("n_val and n_test must be non-negative")
-        self.digits, self.seed, self.reverse_answer = digits, seed, reverse_answer
+        self.seed = seed
         self.vocab = [PAD, BOS, EOS] + list("0123456789+=")
         self.stoi = {s: i for i, s in enumerate(self.vocab)}
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-        rng = random.Random(seed)
-        top = 10 ** digits
-        total = top * top
-        need = n_val + n_test + max_train
-        if total <= need:
-            pairs = [(a, b) for a in range(top) for b in range(top)]
-            rng.shuffle(pairs)
-        else:
-            seen: set[int] = set()
-            pairs = []
-            while len(pairs) < need:
-                k = rng.randrange(total)
-                if k not in seen:
-                    seen.add(k)
-                    pairs.append(divmod(k, top))
-        if n_val + n_test >= len(pairs):
+        exs = self._problems(random.Random(seed), n_val + n_test + max_train)
+        if n_val + n_test >= len(exs):
             raise ValueError(f"n_val + n_test = {n_val + n_test} leaves no training data "
-                             f"({len(pairs)} problems exist with {digits} digits)")
-        exs = [self._example(a, b) for a, b in pairs]
+                             f"({len(exs)} distinct problems exist)")
         self.val = exs[:n_val]
         self.test = exs[n_val:n_val + n_test]
         self.train = exs[n_val + n_test:n_val + n_test + max_train]
+
+    def _problems(self, rng: random.Random, need: int) -> list[Example]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _distinct(rng: random.Random, total: int, need: int) -> list[int]:
+        """``need`` distinct integers in ``[0, total)`` in a seeded random order (all if fewer)."""
+        if total <= need:
+            keys = list(range(total))
+            rng.shuffle(keys)
+            return keys
+        seen: set[int] = set()
+        keys = []
+        while len(keys) < need:
+            k = rng.randrange(total)
+            if k not in seen:
+                seen.add(k)
+                keys.append(k)
+        return keys
 
     # --- text <-> ids -------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
-
-    @property
-    def answer_len(self) -> int:
-        """Longest answer in characters (``digits + 1``)."""
-        return self.digits + 1
-
-    @property
-    def prompt_len(self) -> int:
-        """Prompt length in tokens, including ``<bos>`` (all prompts have the same length)."""
-        return 1 + 2 * self.digits + 2
-
-    def _example(self, a: int, b: int) -> Example:
-        fmt = f"{{:0{self.digits}d}}"
-        ans = str(a + b)
-        if self.reverse_answer:
-            ans = ans[::-1]
-        return Example(f"{fmt.format(a)}+{fmt.format(b)}=", ans)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -156,8 +135,89 @@ class AdditionTask:
             e += 1
 
 
+class AdditionTask(DigitTask):
+    """``a + b`` with ``digits``-digit operands (leading zeros allowed), split into train/val/test.
+
+    Args:
+        digits: digits per operand (1-6).
+        seed: seed of the problem order and split.
+        n_val, n_test: sizes of the validation and test splits; the rest is training data
+            (capped at ``max_train``).
+        reverse_answer: write answers least-significant digit first (much easier for small
+            models); ``verify`` handles either form.
+    """
+
+    name = "addition"
+
+    def __init__(self, digits: int = 2, seed: int = 0, n_val: int = 200, n_test: int = 500,
+                 max_train: int = 20000, reverse_answer: bool = False):
+        if not 1 <= digits <= 6:
+            raise ValueError(f"digits must be in [1, 6], got {digits}")
+        self.digits, self.reverse_answer = digits, reverse_answer
+        super().__init__(seed, n_val, n_test, max_train)
+
+    def _problems(self, rng: random.Random, need: int) -> list[Example]:
+        top = 10 ** self.digits
+        fmt = f"{{:0{self.digits}d}}"
+        out = []
+        for k in self._distinct(rng, top * top, need):
+            a, b = divmod(k, top)
+            ans = str(a + b)
+            out.append(Example(f"{fmt.format(a)}+{fmt.format(b)}=", ans[::-1] if self.reverse_answer else ans))
+        return out
+
+    @property
+    def answer_len(self) -> int:
+        """Longest answer in characters (``digits + 1``)."""
+        return self.digits + 1
+
+    @property
+    def prompt_len(self) -> int:
+        """Prompt length in tokens, including ``<bos>`` (all prompts have the same length)."""
+        return 1 + 2 * self.digits + 2
+
+
+class SortTask(DigitTask):
+    """Sort a string of ``digits`` decimal digits: ``"31415="`` -> ``"11345"``.
+
+    Each answer digit depends on the whole prompt (a count of smaller digits), yet a two-layer
+    model learns it steadily, without the long loss plateau of carrying in addition: the task of
+    ``grades demo``.
+
+    Args:
+        digits: length of the string (2-8).
+        seed, n_val, n_test, max_train: as in :class:`AdditionTask`.
+    """
+
+    name = "sort"
+
+    def __init__(self, digits: int = 5, seed: int = 0, n_val: int = 200, n_test: int = 500,
+                 max_train: int = 20000):
+        if not 2 <= digits <= 8:
+            raise ValueError(f"digits must be in [2, 8], got {digits}")
+        self.digits = digits
+        super().__init__(seed, n_val, n_test, max_train)
+
+    def _problems(self, rng: random.Random, need: int) -> list[Example]:
+        out = []
+        for k in self._distinct(rng, 10 ** self.digits, need):
+            s = f"{k:0{self.digits}d}"
+            out.append(Example(s + "=", "".join(sorted(s))))
+        return out
+
+    @property
+    def answer_len(self) -> int:
+        """Answer length in characters (``digits``)."""
+        return self.digits
+
+    @property
+    def prompt_len(self) -> int:
+        """Prompt length in tokens, including ``<bos>``."""
+        return 1 + self.digits + 1
+
+
 @torch.no_grad()
-def generate_answers(model, task: AdditionTask, examples: Sequence[Example], *, num_samples: int = 1,
+def generate_answers(model, task: DigitTask, examples: Sequence[Example], *, num_samples: int = 1,
                      do_sample: bool = False, temperature: float = 1.0, batch_size: int = 64,
                      seed: int | None = None) -> list[list[str]]:
     """Completions for each example: ``[len(examples)][num_samples]`` strings.
@@ -189,7 +249,7 @@ def generate_answers(model, task: AdditionTask, examples: Sequence[Example], *, 
     return out
 
 
-def greedy_accuracy(model, task: AdditionTask, examples: Sequence[Example], batch_size: int = 128) -> float:
+def greedy_accuracy(model, task: DigitTask, examples: Sequence[Example], batch_size: int = 128) -> float:
     """Exact-match accuracy of greedy decoding over ``examples`` (fraction in [0, 1])."""
     if not examples:
         raise ValueError("no examples to evaluate")
