@@ -13,10 +13,14 @@ met the target is reported (``TTCDecision.earliest``).
 
 :class:`TTCEarlyStopping` wraps a monitor as a ``transformers.TrainerCallback``.
 
-The target is either a number or ``"projection"``: the accuracy-vs-FLOPs fit evaluated at
-``planned_train_flops``. The projection is used only when the fit passes its quality checks and
-``planned_train_flops`` lies within ``max_extrapolation`` x the fitted FLOP range past the last
-checkpoint; until then the monitor does not stop (the decision's ``reason`` says why).
+The target is either a number or ``"projection"``: the accuracy (k = 1) that the full run is
+projected to reach at ``planned_train_flops`` (:mod:`grades.ttc.projection`). With a projection
+the monitor stops only when a candidate of this checkpoint reaches the projection's *upper* bound
+at ``confidence`` (minus ``tolerance``): the final model is then, with that confidence, no better
+than what this checkpoint delivers with k samples. A still-rising curve keeps a wide interval and
+does not stop; a saturated one stops as soon as its points say so, however far the planned FLOPs
+lie beyond them. Until ``min_checkpoints`` are recorded (and a form has enough points) it does not
+stop (the decision's ``reason`` says why).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
-from .fits import ExtrapolationError, FitResult, PoorFitError, fit_accuracy_vs_flops
+from .projection import FORMS, Projection, project_checkpoints
 from .samples import CheckpointSamples, _verdict, samples_from_completions, write_samples
 from .select import Candidate, Selection, normalise_strategies, select
 
@@ -45,7 +49,8 @@ class TTCDecision:
         step, train_flops: where the evaluation happened (FLOPs as a float).
         stop: whether training should stop now.
         reason: a sentence on why (not).
-        target: the target accuracy used (None when none could be set yet).
+        target: the target accuracy used (None when none could be set yet); with a projection,
+            its upper bound at the monitor's ``confidence``.
         choice: when ``stop``, the (k, strategy) of *this* checkpoint that meets the target (the
             weights in hand); None otherwise.
         accuracy: ``{strategy: [accuracy at k=1..k_max]}`` of this checkpoint.
@@ -67,7 +72,7 @@ class TTCDecision:
     eval_flops: float | None = None
     earliest: Candidate | None = None
     selection: Selection | None = field(default=None, repr=False)
-    projection: FitResult | None = field(default=None, repr=False)
+    projection: Projection | None = field(default=None, repr=False)
 
 
 def _number(v, name: str, *, lo: float = 0.0, strict: bool = False, none: bool = True) -> float | None:
@@ -111,7 +116,12 @@ class TTCMonitor:
         expected_queries: declared query volume Q; stop only if Q <= Q* of the candidate.
         infer_flops_per_sample: inference FLOPs of one completion (needed with ``expected_queries``).
         min_checkpoints: checkpoints needed before a projection is attempted (>= 1).
-        fit_model, max_extrapolation: passed to :func:`~grades.ttc.fits.fit_accuracy_vs_flops`.
+        fit_model: ``"auto"`` (the form with the lowest held-out error) or one of
+            :data:`~grades.ttc.projection.FORMS` (``"paper"``, ``"exp"``, ``"power"``).
+        confidence: confidence of the projection's upper bound that a candidate must reach, in
+            [0.5, 1).
+        max_extrapolation: deprecated and ignored (the interval replaces the range cut-off); a
+            ``FutureWarning`` says so.
         problem_ids: distinct identifiers for the recorded table (default ``0..P-1``).
         seed: base seed; evaluation at step s samples with seed ``seed + s``.
     """
@@ -124,7 +134,7 @@ class TTCMonitor:
                  target: float | str = "projection", tolerance: float = 0.0,
                  planned_train_flops: float | None = None, expected_queries: float | None = None,
                  infer_flops_per_sample: float | None = None, min_checkpoints: int = 4,
-                 fit_model: str = "exp", max_extrapolation: float = 1.0,
+                 fit_model: str = "auto", confidence: float = 0.95, max_extrapolation: float | None = None,
                  problem_ids: Sequence[Hashable] | None = None, seed: int = 0):
         self.problems = list(problems)
         if not self.problems:
@@ -163,9 +173,17 @@ class TTCMonitor:
         self.planned_train_flops = _number(planned_train_flops, "planned_train_flops")
         self.expected_queries = _number(expected_queries, "expected_queries")
         self.infer_flops_per_sample = _number(infer_flops_per_sample, "infer_flops_per_sample", strict=True)
-        self.max_extrapolation = _number(max_extrapolation, "max_extrapolation", none=False)
-        if fit_model not in ("exp", "power"):
-            raise ValueError(f"fit_model must be 'exp' or 'power', got {fit_model!r}")
+        if max_extrapolation is not None:
+            _number(max_extrapolation, "max_extrapolation")
+            warnings.warn("TTCMonitor: max_extrapolation is deprecated and ignored: the projection's "
+                          "confidence interval decides how far it can be trusted (see confidence)",
+                          FutureWarning, stacklevel=2)
+        if fit_model != "auto" and fit_model not in FORMS:
+            raise ValueError(f"fit_model must be 'auto' or one of {FORMS}, got {fit_model!r}")
+        if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) \
+                or not 0.5 <= confidence < 1:
+            raise ValueError(f"confidence must be a number in [0.5, 1), got {confidence!r}")
+        self.confidence = float(confidence)
         self.sample_fn, self.verifier, self.score_fn = sample_fn, verifier, score_fn
         self.answer_fn = answer_fn or (lambda c: c.strip())
         self.n_samples = int(n_samples)
@@ -262,6 +280,10 @@ class TTCMonitor:
             if earliest is not None and earliest.checkpoint != ck.name:
                 reason += (f"; the earlier {earliest.checkpoint} met it with {earliest.strategy} "
                            f"k={earliest.k} (its weights are not kept by this monitor)")
+            if projection is not None:
+                reason += (f"; target = the {projection.confidence:.0%} upper bound of the projection "
+                           f"({projection.form} form: {projection.point:.4f}, bounds [{projection.lower:.4f}, "
+                           f"{projection.upper:.4f}])")
         f = self.infer_flops_per_sample
         drawn = sum(len(v) for v in ck.problems.values())
         return TTCDecision(step, ck.train_flops, choice is not None, reason, target, choice, acc, drawn,
@@ -286,25 +308,18 @@ class TTCMonitor:
             return "Q*=inf (no extra inference per query)"
         return f"Q*={c.break_even:.3g} queries"
 
-    def _target(self, cks: list[CheckpointSamples]) -> tuple[float | None, FitResult | None, str]:
+    def _target(self, cks: list[CheckpointSamples]) -> tuple[float | None, Projection | None, str]:
+        """``(target, projection, why none)``: the number given, or the projection's upper bound."""
         if not isinstance(self.target, str):
             return float(self.target), None, ""
         if len(cks) < self.min_checkpoints:
             return None, None, (f"projection waits for {self.min_checkpoints} checkpoints "
                                 f"(have {len(cks)})")
-        from .estimators import pass_at_k
-        xs, ys, se = [], [], []
-        for c in cks:
-            e = pass_at_k(c.correct(), 1)
-            xs.append(c.train_flops)
-            ys.append(float(e.mean[0]))
-            se.append(float(e.se[0]))
-        fit = fit_accuracy_vs_flops(xs, ys, se if len(self.problems) > 1 else None, model=self.fit_model,
-                                    max_extrapolation=self.max_extrapolation)
-        try:
-            return float(fit.predict(self.planned_train_flops)), fit, ""
-        except (PoorFitError, ExtrapolationError) as e:
-            return None, fit, f"no trusted projection yet: {e}"
+        forms = FORMS if self.fit_model == "auto" else (self.fit_model,)
+        proj = project_checkpoints(cks, self.planned_train_flops, forms=forms, confidence=self.confidence)
+        if not proj.ok:
+            return None, proj, f"no projection yet: {proj.reason}"
+        return proj.upper, proj, ""
 
     # -- state -------------------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -316,7 +331,7 @@ class TTCMonitor:
                 "planned_train_flops": self.planned_train_flops, "expected_queries": self.expected_queries,
                 "infer_flops_per_sample": self.infer_flops_per_sample,
                 "min_checkpoints": self.min_checkpoints, "fit_model": self.fit_model,
-                "max_extrapolation": self.max_extrapolation, "seed": self.seed}
+                "confidence": self.confidence, "seed": self.seed}
 
     def state_dict(self) -> dict:
         """The recorded evaluations as a JSON-serialisable dict (what :meth:`load_state_dict`
