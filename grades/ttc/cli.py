@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Sequence
 
-from .fits import ExtrapolationError, PoorFitError, fit_accuracy_vs_k
+from .fits import fit_accuracy_vs_k
 from .samples import LoadReport, SamplesFormatError, common_problems, load_samples
 from .select import STRATEGIES, Candidate, Selection, select
 
@@ -167,9 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                      strategies=None if args.strategies is None else " ".join(args.strategies),
                      queries=args.queries,
                      infer_flops_per_sample=args.infer_flops, final_train_flops=args.final_flops)
-    except (PoorFitError, ExtrapolationError) as e:
-        print(f"grades ttc: error: cannot use the projection: {e}", file=sys.stderr)
-        return 2
     except (ValueError, TypeError) as e:
         print(f"grades ttc: error: {e}", file=sys.stderr)
         return 2
@@ -183,8 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(common)} checkpoints x {sel.n_problems} problems, k = 1..{sel.k_max}", file=out)
     if sel.projection is not None:
         pr = sel.projection
-        print(f"projection fit ({pr.model}): {', '.join(f'{k}={v:.4g}' for k, v in pr.params.items())}; "
-              f"RMSE {pr.rmse:.4f}, R^2 {pr.r2:.4f}", file=out)
+        print(f"projection ({pr.form} form): {pr.point:.4f}, {pr.confidence:.0%} bounds [{pr.lower:.4f}, "
+              f"{pr.upper:.4f}]; held-out error by form: "
+              + ", ".join(f"{f}={'n/a' if e is None else f'{e:.3g}'}" for f, e in pr.held_out_error.items()),
+              file=out)
     print(f"target {sel.target:.4f} ({sel.target_source}), tolerance {sel.tolerance:g} -> "
           f"threshold {sel.threshold:.4f}", file=out)
     print(file=out)

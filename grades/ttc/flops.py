@@ -223,7 +223,7 @@ class FlopLedger:
     history: list[tuple[int, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._shapes = matrix_shapes(self.config)
+        model_shape(self.config)  # refuse an unusable config now, not at the first step
         if self.seq_len is not None:
             self.seq_len = _check_int(self.seq_len, "seq_len", 1)
 

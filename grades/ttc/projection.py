@@ -108,14 +108,19 @@ def accuracy_variance(correct: Sequence[Sequence[bool]]) -> float:
     """
     if not correct:
         raise ValueError("no problems")
-    terms, total = [], 0
+    terms, fracs, singles, total = [], [], 0, 0
     for row in correct:
         n, c = len(row), int(sum(bool(v) for v in row))
         if n == 0:
             raise ValueError("a problem has no samples")
         total += n
-        terms.append(c * (n - c) / (n * n * (n - 1)) if n > 1 else (c / n) * (1 - c / n))
-    var = math.fsum(terms) / len(correct) ** 2
+        fracs.append(c / n)
+        if n > 1:
+            terms.append(c * (n - c) / (n * n * (n - 1)))
+        else:  # one sample: no within-problem estimate; the checkpoint's y (1 - y) stands in
+            singles += 1
+    y = math.fsum(fracs) / len(fracs)
+    var = (math.fsum(terms) + singles * y * (1 - y)) / len(correct) ** 2
     return max(var, (0.5 / total) ** 2)
 
 
