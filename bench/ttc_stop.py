@@ -9,8 +9,9 @@ is ``p_j(x) = clip(A(x) + d_j, 0.02, 0.98)`` with a per-problem offset ``d_j`` (
 * ``rising``: still rising linearly (``0.3 + 0.45 x``).
 
 A :class:`grades.ttc.TTCMonitor` with ``target="projection"`` evaluates every 5% of the planned
-FLOPs, drawing ``n`` Bernoulli(``p_j``) samples per problem (100 or 500 problems), and the run
-stops at its first ``stop``. The truth is exact: the accuracy of (checkpoint x, k) is
+FLOPs up to 95% (at 100% the run is over), drawing ``n`` Bernoulli(``p_j``) samples per problem
+(100 or 500 problems; n = 16, the monitor's default, or ``--samples``), and the run stops at its
+first ``stop``. The truth is exact: the accuracy of (checkpoint x, k) is
 ``mean_j p_j(x)`` at k = 1 and ``mean_j 1 - (1 - p_j(x))^k`` for pass@k; the target is the final
 model's ``mean_j p_j(1)``. A stop is *wrong* when the chosen (checkpoint, k) misses that target by
 more than the tolerance. Two settings: ``k1`` (k_max = 1: the projection alone decides) and
@@ -18,9 +19,9 @@ more than the tolerance. Two settings: ``k1`` (k_max = 1: the projection alone d
 
 Goals: on ``early``, a stop by 40% of the planned FLOPs in >= 80% of trials; on ``rising``, at
 most 5% wrong stops. Writes ``bench/results/<device>/ttc_stop.json`` and ``.png``
-(``ttc_stop.smoke.*`` with ``--smoke``). CPU only (no model is trained).
+(``ttc_stop-n<samples>.*`` with another ``--samples``, ``ttc_stop.smoke.*`` with ``--smoke``). CPU only (no model is trained).
 
-    python bench/ttc_stop.py            # full run (a few minutes)
+    python bench/ttc_stop.py            # full run (about 10 minutes on a small CPU)
     python bench/ttc_stop.py --smoke    # seconds
 """
 from __future__ import annotations
@@ -76,7 +77,7 @@ def trial(curve: str, problems: int, setting: str, seed: int, n_samples: int, to
     final = truth(probs(curve, 1.0, offsets), 1)
     steps = int(round(1.0 / EVAL_EVERY))
     d = None
-    for i in range(1, steps + 1):
+    for i in range(1, steps):  # the last evaluation is at 95%: at 100% the run is over anyway
         x = round(i * EVAL_EVERY, 10)
         d = mon.evaluate(x, step=i, train_flops=x * PLANNED)
         if d.stop:
@@ -133,13 +134,13 @@ def plot(res: dict, path: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="3 trials, 100 problems (seconds)")
-    ap.add_argument("--trials", type=int, default=None, help="trials per (curve, problems) (default 50)")
-    ap.add_argument("--samples", type=int, default=4, help="samples per problem per evaluation")
+    ap.add_argument("--trials", type=int, default=None, help="trials per (curve, problems) (default 30)")
+    ap.add_argument("--samples", type=int, default=16, help="samples per problem per evaluation")
     ap.add_argument("--tolerance", type=float, default=0.02)
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
     args = ap.parse_args(argv)
-    trials = args.trials or (3 if args.smoke else 50)
+    trials = args.trials or (3 if args.smoke else 30)
     sizes = (100,) if args.smoke else (100, 500)
     res = {"planned_flops": PLANNED, "eval_every": EVAL_EVERY, "samples_per_problem": args.samples,
            "tolerance": args.tolerance, "confidence": args.confidence, "trials": trials,
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
                                  "rising_wrong_stops_max": max(rising), "goal_rising": "<= 0.05",
                                  "met": min(early) >= 0.8 and max(rising) <= 0.05}
     folder = results_dir("cpu", args.out)
-    stem = "ttc_stop.smoke" if args.smoke else "ttc_stop"
+    stem = "ttc_stop" + ("" if args.samples == 16 else f"-n{args.samples}") + (".smoke" if args.smoke else "")
     res["device"] = device_slug("cpu")
     with open(os.path.join(folder, stem + ".json"), "w") as fh:
         json.dump(res, fh, indent=1)

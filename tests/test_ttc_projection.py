@@ -42,13 +42,16 @@ def test_accuracy_variance_is_the_binomial_one():
 
 
 def test_noise_free_saturated_curve_projects_tightly_far_out():
-    # saturated by 10% of the plan; 4 checkpoints up to 25%: the interval is narrow at 100%
-    xs = np.array([0.05, 0.1, 0.15, 0.25])
+    # saturated by 10% of the plan; 5 checkpoints up to 25%: the interval is narrow at 100%
+    xs = np.array([0.05, 0.1, 0.15, 0.2, 0.25])
     ys = 0.3 + 0.5 * (1 - np.exp(-xs / 0.02))
-    pr = project_accuracy(xs * 1e18, ys, np.full(4, 1e-4), 1e18)
-    assert pr.ok and pr.form in FORMS and pr.n_points == 4
+    pr = project_accuracy(xs * 1e18, ys, np.full(5, 1e-4), 1e18)
+    assert pr.ok and pr.form in FORMS and pr.n_points == 5
     assert pr.lower <= 0.8 <= pr.upper and pr.upper - 0.8 < 0.03
-    assert set(pr.held_out_error) == set(FORMS) and pr.held_out_error["power"] is None  # 4 params
+    assert 0 <= pr.gain <= pr.gain_upper < 0.03 and pr.last_accuracy == ys[-1]
+    # power has 4 parameters: it needs 6 points (two residual degrees of freedom)
+    assert set(pr.held_out_error) == set(FORMS) and pr.held_out_error["power"] is None
+    assert not project_accuracy(xs[:4], ys[:4], np.full(4, 1e-4), 1.0).ok
     d = pr.to_dict()
     assert d["form"] == pr.form and d["upper"] == pr.upper
 
@@ -57,6 +60,7 @@ def test_still_rising_curve_keeps_a_wide_interval():
     xs = np.linspace(0.05, 0.4, 8)
     pr = project_accuracy(xs, 0.2 + 0.6 * xs, np.full(8, 1e-4), 1.0)
     assert pr.upper >= 0.75 and pr.upper - pr.lower > 0.05  # the linear trend says 0.8 at the plan
+    assert pr.gain_upper >= 0.35  # 0.6 x 0.6 still to come
 
 
 def test_the_data_choose_the_form():
@@ -76,21 +80,24 @@ def test_the_data_choose_the_form():
 
 
 def test_interval_covers_the_truth_at_its_confidence():
-    """One-sided 95% upper bounds on noisy curves (200 problems, 4 samples): the truth is below the
-    upper bound in at least ~95% of runs, for a saturating and a still-rising curve."""
+    """One-sided 95% upper bounds on noisy curves (200 problems, 4 samples): the final accuracy is
+    below ``upper``, and the gain still to come below ``gain_upper``, in at least ~95% of runs, for
+    a saturating and a still-rising curve."""
     rng = np.random.default_rng(0)
     xs = np.arange(1, 9) * 0.05
     for curve in (lambda x: 0.3 + 0.45 * (1 - np.exp(-x / 0.15)), lambda x: 0.3 + 0.45 * x):
-        below = 0
+        below = gain_below = 0
         for _ in range(60):
             ys, vs, true = noisy_points(curve, xs, 200, 4, rng)
             pr = project_accuracy(xs, ys, vs, 1.0)
             below += true <= pr.upper
-        assert below >= 54, below  # 60 x 0.95 = 57; binomial slack
+            true_last = float(np.mean(np.clip(curve(xs[-1]) + np.linspace(-0.15, 0.15, 200), 0.01, 0.99)))
+            gain_below += true - true_last <= pr.gain_upper
+        assert below >= 54 and gain_below >= 54, (below, gain_below)  # 60 x 0.95 = 57; binomial slack
 
 
 def test_too_few_points_and_bad_input():
-    pr = project_accuracy([1.0, 2.0, 3.0], [0.1, 0.2, 0.3], [1e-3] * 3, 10.0)
+    pr = project_accuracy([1.0, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 0.4], [1e-3] * 4, 10.0)
     assert not pr.ok and "enough points" in pr.reason and pr.upper is None
     for kw, match in ((dict(train_flops=[2.0, 1.0, 3.0, 4.0]), "non-decreasing"),
                       (dict(accuracy=[0.1, 0.2, 1.3, 0.4]), r"\[0, 1\]"),
@@ -144,7 +151,9 @@ def test_monitor_stops_early_on_a_saturated_curve():
             stop = x
             break
     assert stop is not None and stop <= 0.4, [d.reason for d in mon.decisions]
-    assert d.target == d.projection.upper and "upper bound of the projection" in d.reason
+    pr = d.projection
+    assert d.target == pytest.approx(pr.last_accuracy + pr.gain_upper) and pr.gain_upper <= 0.02
+    assert "upper bound of the gain still projected" in d.reason
 
 
 def test_monitor_does_not_stop_on_a_rising_curve():

@@ -13,13 +13,15 @@ met the target is reported (``TTCDecision.earliest``).
 
 :class:`TTCEarlyStopping` wraps a monitor as a ``transformers.TrainerCallback``.
 
-The target is either a number or ``"projection"``: the accuracy (k = 1) that the full run is
-projected to reach at ``planned_train_flops`` (:mod:`grades.ttc.projection`). With a projection
-the monitor stops only when a candidate of this checkpoint reaches the projection's *upper* bound
-at ``confidence`` (minus ``tolerance``): the final model is then, with that confidence, no better
-than what this checkpoint delivers with k samples. A still-rising curve keeps a wide interval and
-does not stop; a saturated one stops as soon as its points say so, however far the planned FLOPs
-lie beyond them. Until ``min_checkpoints`` are recorded (and a form has enough points) it does not
+The target is either a number or ``"projection"``: what the full run is projected to reach at
+``planned_train_flops`` (:mod:`grades.ttc.projection`). With a projection the monitor stops only
+when, with probability ``confidence``, the rest of the run would add less than what a candidate of
+this checkpoint gains with k samples (plus ``tolerance``): the target is this checkpoint's measured
+accuracy (k = 1) plus the upper bound of the gain the fit still expects (``Projection.gain_upper``).
+For k = 1 that reads "the fit says, with that confidence, the remaining training adds at most
+``tolerance``". A still-rising curve keeps a large bound and does not stop; a saturated one stops
+as soon as its points say so, however far the planned FLOPs lie beyond them (no range cut-off).
+Until ``min_checkpoints`` are recorded (and a form has enough points) it does not
 stop (the decision's ``reason`` says why).
 """
 from __future__ import annotations
@@ -50,7 +52,7 @@ class TTCDecision:
         stop: whether training should stop now.
         reason: a sentence on why (not).
         target: the target accuracy used (None when none could be set yet); with a projection,
-            its upper bound at the monitor's ``confidence``.
+            this checkpoint's k = 1 accuracy plus the projected gain's upper bound.
         choice: when ``stop``, the (k, strategy) of *this* checkpoint that meets the target (the
             weights in hand); None otherwise.
         accuracy: ``{strategy: [accuracy at k=1..k_max]}`` of this checkpoint.
@@ -118,8 +120,7 @@ class TTCMonitor:
         min_checkpoints: checkpoints needed before a projection is attempted (>= 1).
         fit_model: ``"auto"`` (the form with the lowest held-out error) or one of
             :data:`~grades.ttc.projection.FORMS` (``"paper"``, ``"exp"``, ``"power"``).
-        confidence: confidence of the projection's upper bound that a candidate must reach, in
-            [0.5, 1).
+        confidence: confidence of the bound on the projected remaining gain, in [0.5, 1).
         max_extrapolation: deprecated and ignored (the interval replaces the range cut-off); a
             ``FutureWarning`` says so.
         problem_ids: distinct identifiers for the recorded table (default ``0..P-1``).
@@ -281,9 +282,10 @@ class TTCMonitor:
                 reason += (f"; the earlier {earliest.checkpoint} met it with {earliest.strategy} "
                            f"k={earliest.k} (its weights are not kept by this monitor)")
             if projection is not None:
-                reason += (f"; target = the {projection.confidence:.0%} upper bound of the projection "
-                           f"({projection.form} form: {projection.point:.4f}, bounds [{projection.lower:.4f}, "
-                           f"{projection.upper:.4f}])")
+                reason += (f"; target = {projection.last_accuracy:.4f} (k=1 here) + {projection.gain_upper:.4f} "
+                           f"(the {projection.confidence:.0%} upper bound of the gain still projected; "
+                           f"{projection.form} form, final accuracy {projection.point:.4f} in "
+                           f"[{projection.lower:.4f}, {projection.upper:.4f}])")
         f = self.infer_flops_per_sample
         drawn = sum(len(v) for v in ck.problems.values())
         return TTCDecision(step, ck.train_flops, choice is not None, reason, target, choice, acc, drawn,
@@ -309,7 +311,8 @@ class TTCMonitor:
         return f"Q*={c.break_even:.3g} queries"
 
     def _target(self, cks: list[CheckpointSamples]) -> tuple[float | None, Projection | None, str]:
-        """``(target, projection, why none)``: the number given, or the projection's upper bound."""
+        """``(target, projection, why none)``: the number given, or this checkpoint's accuracy plus
+        the upper bound of the projected remaining gain."""
         if not isinstance(self.target, str):
             return float(self.target), None, ""
         if len(cks) < self.min_checkpoints:
@@ -319,7 +322,7 @@ class TTCMonitor:
         proj = project_checkpoints(cks, self.planned_train_flops, forms=forms, confidence=self.confidence)
         if not proj.ok:
             return None, proj, f"no projection yet: {proj.reason}"
-        return proj.upper, proj, ""
+        return round(min(1.0, proj.last_accuracy + proj.gain_upper), 9), proj, ""
 
     # -- state -------------------------------------------------------------------------------------
     def _settings(self) -> dict:

@@ -177,11 +177,13 @@ def pass_at_k(correct: Sequence[Sequence[bool]], k: int | Iterable[int]) -> Esti
     _check_k_le_n(ks, [len(r) for r in rows])
     kmax = int(ks.max())
     per = np.empty((len(rows), ks.size))
+    done: dict[tuple[int, int], np.ndarray] = {}  # problems sharing (n, c) share their values
     for p, r in enumerate(rows):
-        n, c = r.size, int(r.sum())
-        logr = _log_none_ratio(n, c, kmax)
-        # probability that none of the k is correct = C(n-c,k)/C(n,k)
-        per[p] = -np.expm1(logr[ks - 1])
+        key = (r.size, int(r.sum()))
+        if key not in done:
+            # probability that none of the k is correct = C(n-c,k)/C(n,k)
+            done[key] = -np.expm1(_log_none_ratio(key[0], key[1], kmax)[ks - 1])
+        per[p] = done[key]
     return _summarise("pass@k", ks, per)
 
 

@@ -14,7 +14,8 @@ The paper form is the test-time-compute paper's fit: a later checkpoint that mea
 an earlier one is treated as noise and dropped before fitting. The form is chosen by the data:
 each eligible form is fitted with each point left out in turn and scored on that point (squared
 error over its variance); the lowest mean held-out error wins (ties: the order above). A form
-needs at least one point more than its parameters (3, or 4 for ``power``).
+needs at least two points more than its parameters (3, or 4 for ``power``): with one residual
+degree of freedom nothing in the fit can tell a saturated curve from noise on a rising one.
 
 Noise model. Checkpoint i's accuracy is a mean over P problems of per-problem fractions
 ``c_j / n_j``: its sampling variance is ``sum_j p_j (1 - p_j) / n_j / P^2`` (binomial noise per
@@ -52,6 +53,9 @@ __all__ = ["FORMS", "Projection", "project_accuracy", "project_checkpoints", "ac
 FORMS = ("paper", "exp", "power")
 _N_PARAMS = {"paper": 3, "exp": 3, "power": 4}
 _DIGITS = 9
+#: residual degrees of freedom a form needs: with one, a curve through 4 noisy points of a rising
+#: run can look saturated and nothing in the fit can tell (measured: bench/ttc_stop.py)
+_MIN_DOF = 2
 
 
 @dataclass
@@ -69,6 +73,12 @@ class Projection:
         held_out_error: mean held-out error per form (None where a form had too few points).
         n_points: checkpoints given; ``n_used``: those the chosen form fitted (the filter drops some).
         dispersion: ``phi`` (>= 1), the widening for scatter beyond binomial noise.
+        gain, gain_upper: the accuracy the fit still expects from the last checkpoint to
+            ``planned_flops`` (``f(1) - f(x_last)``) and its one-sided upper bound at ``confidence``.
+            Both ends share the fit's level, so this bound is much tighter than ``upper`` minus the
+            last point's accuracy: it is what the stop rule of
+            :class:`~grades.ttc.callback.TTCMonitor` uses.
+        last_accuracy: the measured accuracy of the last checkpoint.
         reason: why there is no projection ("" when there is one).
     """
 
@@ -83,6 +93,9 @@ class Projection:
     n_points: int = 0
     n_used: int = 0
     dispersion: float = 1.0
+    gain: float | None = None
+    gain_upper: float | None = None
+    last_accuracy: float | None = None
     reason: str = ""
 
     @property
@@ -94,7 +107,8 @@ class Projection:
                 "lower": self.lower, "upper": self.upper, "confidence": self.confidence,
                 "params": dict(self.params), "held_out_error": dict(self.held_out_error),
                 "n_points": self.n_points, "n_used": self.n_used, "dispersion": self.dispersion,
-                "reason": self.reason}
+                "gain": self.gain, "gain_upper": self.gain_upper,
+                "last_accuracy": self.last_accuracy, "reason": self.reason}
 
 
 def accuracy_variance(correct: Sequence[Sequence[bool]]) -> float:
@@ -108,19 +122,17 @@ def accuracy_variance(correct: Sequence[Sequence[bool]]) -> float:
     """
     if not correct:
         raise ValueError("no problems")
-    terms, fracs, singles, total = [], [], 0, 0
-    for row in correct:
-        n, c = len(row), int(sum(bool(v) for v in row))
-        if n == 0:
-            raise ValueError("a problem has no samples")
-        total += n
-        fracs.append(c / n)
-        if n > 1:
-            terms.append(c * (n - c) / (n * n * (n - 1)))
-        else:  # one sample: no within-problem estimate; the checkpoint's y (1 - y) stands in
-            singles += 1
-    y = math.fsum(fracs) / len(fracs)
-    var = (math.fsum(terms) + singles * y * (1 - y)) / len(correct) ** 2
+    n = np.array([len(row) for row in correct], dtype=np.int64)
+    if (n == 0).any():
+        raise ValueError("a problem has no samples")
+    c = np.array([sum(bool(v) for v in row) for row in correct], dtype=np.int64)
+    total = int(n.sum())
+    many = n > 1
+    # exact integer numerators; math.fsum keeps the sums independent of the summation order
+    terms = (c[many] * (n[many] - c[many])) / (n[many] ** 2 * (n[many] - 1)).astype(np.float64)
+    y = math.fsum((c / n).tolist()) / n.size
+    # one sample: no within-problem estimate; the checkpoint's y (1 - y) stands in
+    var = (math.fsum(terms.tolist()) + int((~many).sum()) * y * (1 - y)) / n.size ** 2
     return max(var, (0.5 / total) ** 2)
 
 
@@ -153,12 +165,26 @@ def _g(form: str, grid: list[np.ndarray], x: np.ndarray) -> np.ndarray:
     return 1.0 - (1.0 + x[None, :] / grid[0][:, None]) ** (-grid[1][:, None])
 
 
-def _wls(g: np.ndarray, y: np.ndarray, w: np.ndarray, gp: np.ndarray):
-    """Per grid row: weighted fit of ``lo (1 - g) + hi g`` (sums in point order, elementwise).
+@dataclass
+class _GridFit:
+    """Weighted fits of ``lo (1 - g) + hi g``, one per grid row: ``chi2`` (inf where the 2x2
+    system is singular), ``lo``, ``hi`` and the inverse normal matrix ``[[i11, i12], [i12, i22]]``."""
 
-    Returns ``(chi2 [S], v [S], var_v [S], lo [S], hi [S])`` with ``v`` the value at ``gp``; rows
-    whose 2x2 system is singular get ``chi2 = inf``.
-    """
+    chi2: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    i11: np.ndarray
+    i12: np.ndarray
+    i22: np.ndarray
+
+    def linear(self, t1: np.ndarray, t2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Value and variance of ``t1 lo + t2 hi`` per row."""
+        var = t1 * t1 * self.i11 + 2 * t1 * t2 * self.i12 + t2 * t2 * self.i22
+        return t1 * self.lo + t2 * self.hi, var
+
+
+def _wls(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> _GridFit:
+    """Per grid row (``g`` is ``[S, m]``): the weighted least-squares fit, sums in point order."""
     s11 = s12 = s22 = r1 = r2 = 0.0
     for i in range(y.size):  # a fixed summation order: no SIMD reordering of the point sums
         u, v = 1.0 - g[:, i], g[:, i]
@@ -172,15 +198,20 @@ def _wls(g: np.ndarray, y: np.ndarray, w: np.ndarray, gp: np.ndarray):
     chi2 = np.zeros_like(lo)
     for i in range(y.size):
         chi2 = chi2 + w[i] * (y[i] - lo * (1.0 - g[:, i]) - hi * g[:, i]) ** 2
-    tp1, tp2 = 1.0 - gp, gp
-    var_v = (tp1 * tp1 * s22 - 2 * tp1 * tp2 * s12 + tp2 * tp2 * s11) / det
-    return np.where(good, chi2, np.inf), lo * tp1 + hi * tp2, var_v, lo, hi
+    return _GridFit(np.where(good, chi2, np.inf), lo, hi, s22 / det, -s12 / det, s11 / det)
 
 
-def _fit(form: str, x: np.ndarray, y: np.ndarray, var: np.ndarray, xp: float):
-    """Grid fit of one form; returns the per-shape arrays and the grid (see :func:`_wls`)."""
+def _fit(form: str, x: np.ndarray, y: np.ndarray, var: np.ndarray) -> tuple[list[np.ndarray], _GridFit]:
+    """Grid fit of one form: ``(grid, fits)``."""
     grid = _grid(form, x)
-    return grid, _wls(_g(form, grid, x), y, 1.0 / var, _g(form, grid, np.array([xp]))[:, 0])
+    return grid, _wls(_g(form, grid, x), y, 1.0 / var)
+
+
+def _bounds(fit: _GridFit, v: np.ndarray, var: np.ndarray, room: np.ndarray) -> tuple[float, float]:
+    """``(lower, upper)`` of the profile of ``v``: the envelope of the per-row parabolas."""
+    inside = np.isfinite(fit.chi2) & (room >= 0)
+    half = np.sqrt(np.maximum(var, 0.0) * np.where(inside, room, 0.0))
+    return float(np.min(np.where(inside, v - half, np.inf))), float(np.max(np.where(inside, v + half, -np.inf)))
 
 
 def _points(form: str, y: np.ndarray) -> np.ndarray:
@@ -195,11 +226,12 @@ def _held_out(form: str, x: np.ndarray, y: np.ndarray, var: np.ndarray) -> float
         use = rest[_points(form, y[rest])]
         if use.size < _N_PARAMS[form]:
             return None
-        _, (chi2, v, _, _, _) = _fit(form, x[use], y[use], var[use], float(x[i]))
-        j = int(np.argmin(chi2))
-        if not math.isfinite(chi2[j]):
+        grid, fit = _fit(form, x[use], y[use], var[use])
+        j = int(np.argmin(fit.chi2))
+        if not math.isfinite(fit.chi2[j]):
             return None
-        errs.append((y[i] - float(v[j])) ** 2 / var[i])
+        gi = _g(form, [a[j:j + 1] for a in grid], np.array([x[i]]))[0, 0]
+        errs.append((y[i] - float(fit.lo[j] * (1 - gi) + fit.hi[j] * gi)) ** 2 / var[i])
     return round(math.fsum(errs) / len(errs), _DIGITS)
 
 
@@ -207,7 +239,7 @@ def _choose(x, y, var, forms) -> tuple[str | None, dict[str, float | None]]:
     errors: dict[str, float | None] = {}
     for f in forms:
         n_used = _points(f, y).size
-        errors[f] = _held_out(f, x, y, var) if n_used >= _N_PARAMS[f] + 1 else None
+        errors[f] = _held_out(f, x, y, var) if n_used >= _N_PARAMS[f] + _MIN_DOF else None
     scored = [(e, i, f) for i, (f, e) in enumerate(errors.items()) if e is not None]
     return (min(scored)[2] if scored else None), errors
 
@@ -257,31 +289,34 @@ def project_accuracy(train_flops: Sequence[float], accuracy: Sequence[float], va
     x, y, var, forms = _check(train_flops, accuracy, variance, planned_flops, forms, confidence)
     form, errors = _choose(x, y, var, forms)
     empty = Projection(None, float(planned_flops), None, None, None, float(confidence),
-                       held_out_error=errors, n_points=int(y.size))
+                       held_out_error=errors, n_points=int(y.size), last_accuracy=float(y[-1]))
     if form is None:
-        need = min(_N_PARAMS[f] for f in forms) + 1
+        need = min(_N_PARAMS[f] for f in forms) + _MIN_DOF
         empty.reason = (f"no form has enough points to fit and check ({y.size} checkpoints; the "
                         f"filtered paper form may have fewer; need {need})")
         return empty
     use = _points(form, y)
-    grid, (chi2, v, var_v, lo, hi) = _fit(form, x[use], y[use], var[use], 1.0)
-    best = int(np.argmin(chi2))
+    grid, fit = _fit(form, x[use], y[use], var[use])
+    best = int(np.argmin(fit.chi2))
     dof = use.size - _N_PARAMS[form]
-    phi = max(1.0, float(chi2[best]) / dof) if dof > 0 else 1.0
-    room = phi * NormalDist().inv_cdf(confidence) ** 2 - (chi2 - chi2[best])
-    inside = np.isfinite(chi2) & (room >= 0)
-    half = np.sqrt(np.maximum(var_v, 0.0) * np.where(inside, room, 0.0))
-    upper = float(np.max(np.where(inside, v + half, -np.inf)))
-    lower = float(np.min(np.where(inside, v - half, np.inf)))
+    phi = max(1.0, float(fit.chi2[best]) / dof) if dof > 0 else 1.0
+    room = phi * NormalDist().inv_cdf(confidence) ** 2 - (fit.chi2 - fit.chi2[best])
+    gp, gc = _g(form, grid, np.array([1.0, x[-1]])).T
+    v, var_v = fit.linear(1.0 - gp, gp)
+    lower, upper = _bounds(fit, v, var_v, room)
+    # the gain still to come from the last checkpoint: (hi - lo) (g(1) - g(x_last))
+    gain, var_gain = fit.linear(gc - gp, gp - gc)
+    _, gain_upper = _bounds(fit, gain, var_gain, room)
     planned = float(planned_flops)
     if form == "power":
-        params = {"lo": float(lo[best]), "hi": float(hi[best]), "s_flops": float(grid[0][best]) * planned,
+        params = {"lo": float(fit.lo[best]), "hi": float(fit.hi[best]), "s_flops": float(grid[0][best]) * planned,
                   "alpha": float(grid[1][best])}
     else:  # a (1 - exp(-b B)) + c with b per FLOP
-        params = {"a": float(hi[best] - lo[best]), "b_per_flop": float(grid[0][best]) / planned,
-                  "c": float(lo[best])}
+        params = {"a": float(fit.hi[best] - fit.lo[best]), "b_per_flop": float(grid[0][best]) / planned,
+                  "c": float(fit.lo[best])}
     return Projection(form, planned, _unit(float(v[best])), _unit(lower), _unit(upper), float(confidence),
-                      params, errors, int(y.size), int(use.size), round(phi, _DIGITS))
+                      params, errors, int(y.size), int(use.size), round(phi, _DIGITS),
+                      gain=round(float(gain[best]), _DIGITS), gain_upper=round(min(1.0, gain_upper), _DIGITS), last_accuracy=float(y[-1]))
 
 
 def _unit(t: float) -> float:

@@ -252,11 +252,10 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
                              f"{ref.train_flops:.6g} of checkpoint {ref.name!r}: the full run cannot "
                              "cost less than one of its checkpoints")
         ref_flops = float(final_train_flops)
-    acc1 = {c.name: pass_at_k(c.correct(), 1) for c in cks}
     projection = None
     if isinstance(target, str):
         if target == "final":
-            tgt, source = float(acc1[ref.name].mean[0]), f"final:{ref.name}"
+            tgt, source = float(pass_at_k(ref.correct(), 1).mean[0]), f"final:{ref.name}"
         elif target == "projection":
             if ref_flops <= 0:
                 raise ValueError("target='projection' needs training FLOPs > 0 for the full run")
