@@ -18,15 +18,16 @@ from __future__ import annotations
 
 from .estimators import Estimate, best_of_k, majority_at_k, pass_at_k
 from .fits import ExtrapolationError, FitResult, PoorFitError, fit_accuracy_vs_flops, fit_accuracy_vs_k
-from .flops import (FlopLedger, inference_flops_per_sample, inference_flops_per_token, matrix_shapes,
-                    training_flops)
+from .flops import (FlopLedger, LoraSpec, active_weights, inference_flops_per_sample,
+                    inference_flops_per_token, matrix_shapes, training_flops)
 from .samples import (CheckpointSamples, Sample, SamplesFormatError, load_samples,
                       samples_from_completions, write_samples)
 from .select import STRATEGIES, Candidate, Selection, break_even_queries, select
 
 __all__ = ["Estimate", "pass_at_k", "majority_at_k", "best_of_k", "FitResult", "PoorFitError",
            "ExtrapolationError", "fit_accuracy_vs_k", "fit_accuracy_vs_flops", "FlopLedger",
-           "training_flops", "inference_flops_per_token", "inference_flops_per_sample", "matrix_shapes",
+           "training_flops", "LoraSpec", "active_weights", "inference_flops_per_token",
+           "inference_flops_per_sample", "matrix_shapes",
            "Sample", "CheckpointSamples", "SamplesFormatError", "load_samples", "write_samples",
            "samples_from_completions", "STRATEGIES", "Candidate", "Selection", "select",
            "break_even_queries", "TTCMonitor", "TTCEarlyStopping", "TTCDecision"]
