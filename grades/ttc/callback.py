@@ -34,6 +34,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 from .projection import FORMS, Projection, project_checkpoints
 from .samples import CheckpointSamples, _verdict, samples_from_completions, write_samples
+from .shard import shard_for
 from .select import Candidate, Selection, normalise_strategies, select
 
 __all__ = ["TTCDecision", "TTCMonitor", "TTCEarlyStopping"]
@@ -125,6 +126,12 @@ class TTCMonitor:
             ``FutureWarning`` says so.
         problem_ids: distinct identifiers for the recorded table (default ``0..P-1``).
         seed: base seed; evaluation at step s samples with seed ``seed + s``.
+        distributed: ``None`` (default): under an initialised ``torch.distributed`` job with more
+            than one rank, each rank samples its share of the problems, the verdicts are gathered
+            and rank 0's decision is used on every rank (:mod:`grades.ttc.shard`; every rank must
+            call :meth:`evaluate` at the same steps with the same ``train_flops``). ``True``
+            requires such a job, ``False`` makes every rank sample everything.
+        process_group: the group to shard over (default: the whole job).
     """
 
     def __init__(self, problems: Sequence[Any], *, task=None, sample_fn: SampleFn | None = None,
@@ -136,7 +143,8 @@ class TTCMonitor:
                  planned_train_flops: float | None = None, expected_queries: float | None = None,
                  infer_flops_per_sample: float | None = None, min_checkpoints: int = 4,
                  fit_model: str = "auto", confidence: float = 0.95, max_extrapolation: float | None = None,
-                 problem_ids: Sequence[Hashable] | None = None, seed: int = 0):
+                 problem_ids: Sequence[Hashable] | None = None, seed: int = 0,
+                 distributed: bool | None = None, process_group=None):
         self.problems = list(problems)
         if not self.problems:
             raise ValueError("no evaluation problems")
@@ -200,27 +208,48 @@ class TTCMonitor:
             raise ValueError("problem_ids must be distinct")
         self.seed = int(seed)
         self._seed = self.seed
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
+        self.distributed, self.process_group = distributed, process_group
         self.checkpoints: list[CheckpointSamples] = []
         self.decisions: list[TTCDecision] = []
         self.samples_drawn = 0
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _sample(self, model, step: int) -> CheckpointSamples:
+    def _sample(self, model, step: int, problems: list) -> list[tuple]:
+        """``(answers, verdicts, scores)`` rows of ``problems`` (scores None without a score_fn)."""
         self._seed = self.seed + int(step)
+        if not problems:
+            return []
         with _rng_fork(model):
-            comps = self.sample_fn(model, self.problems, self.n_samples)
-        if len(comps) != len(self.problems):
-            raise ValueError(f"sample_fn returned {len(comps)} rows for {len(self.problems)} problems")
-        answers, correct, scores = [], [], []
-        for prob, row in zip(self.problems, comps):
+            comps = self.sample_fn(model, problems, self.n_samples)
+        if len(comps) != len(problems):
+            raise ValueError(f"sample_fn returned {len(comps)} rows for {len(problems)} problems")
+        rows = []
+        for prob, row in zip(problems, comps):
             if len(row) != self.n_samples:
                 raise ValueError(f"sample_fn returned {len(row)} completions, expected {self.n_samples}")
-            answers.append([str(self.answer_fn(c)) for c in row])
-            correct.append([_verdict(self.verifier(prob, c), "verifier result") for c in row])
-            if self.score_fn is not None:
-                scores.append([float(self.score_fn(prob, c)) for c in row])
-        self.samples_drawn += len(self.problems) * self.n_samples
-        return samples_from_completions(f"step-{step}", 0.0, self.problem_ids, answers, correct,
+            rows.append(([str(self.answer_fn(c)) for c in row],
+                         [_verdict(self.verifier(prob, c), "verifier result") for c in row],
+                         None if self.score_fn is None else [float(self.score_fn(prob, c)) for c in row]))
+        return rows
+
+    def _checkpoint(self, model, step: int, train_flops: float, shard) -> CheckpointSamples:
+        """Sample (this rank's share, gathered when sharded) and build the checkpoint's table."""
+        n = len(self.problems)
+        if shard is None:
+            rows = self._sample(model, step, self.problems)
+        else:
+            mine, error = None, None
+            try:
+                mine = self._sample(model, step, [self.problems[i] for i in shard.indices(n)])
+            except Exception as e:  # reported to every rank, so none waits in the gather
+                error = f"{type(e).__name__}: {e}"
+            header = {"step": int(step), "train_flops": float(train_flops), "problems": n,
+                      "n_samples": self.n_samples, "checkpoints": len(self.checkpoints)}
+            rows = shard.gather(header, mine, n, error)
+        answers, correct, scores = (list(col) for col in zip(*rows))
+        return samples_from_completions(f"step-{step}", float(train_flops), self.problem_ids, answers, correct,
                                         scores if self.score_fn is not None else None)
 
     def evaluate(self, model, step: int, train_flops: float) -> TTCDecision:
@@ -242,9 +271,13 @@ class TTCMonitor:
             raise ValueError("train_flops must not decrease between evaluations")
         if any(c.name == f"step-{step}" for c in self.checkpoints):
             raise ValueError(f"step {step} was already evaluated")
-        ck = self._sample(model, step)
-        ck.train_flops = float(train_flops)
-        d = self._decide(self.checkpoints + [ck], int(step))
+        shard = shard_for(self.distributed, self.process_group)
+        ck = self._checkpoint(model, step, train_flops, shard)
+        self.samples_drawn += len(self.problems) * self.n_samples
+        if shard is None:
+            d = self._decide(self.checkpoints + [ck], int(step))
+        else:  # one decision, rank 0's, on every rank
+            d = shard.from_first(self._decide(self.checkpoints + [ck], int(step)) if shard.rank == 0 else None)
         self.checkpoints.append(ck)
         self.decisions.append(d)
         return d
