@@ -5,11 +5,15 @@ the fully trained model for fewer training FLOPs, and up to how many queries doe
 
 * :mod:`~grades.ttc.estimators` -- accuracy at every k from one set of n samples per problem.
 * :mod:`~grades.ttc.fits` -- saturating fits of accuracy vs k and vs training FLOPs.
+* :mod:`~grades.ttc.projection` -- accuracy projected to the planned training FLOPs, with a
+  confidence interval (what early stopping decides by).
 * :mod:`~grades.ttc.select` -- the (checkpoint, k, strategy) choice and the break-even volume Q*.
-* :mod:`~grades.ttc.flops` -- training / inference FLOP accounting, GradES-aware ledger.
+* :mod:`~grades.ttc.flops` -- training / inference FLOP accounting (dense, MoE, LoRA),
+  GradES-aware ledger.
 * :mod:`~grades.ttc.samples` -- the samples JSONL format.
 * :mod:`~grades.ttc.callback` -- :class:`TTCMonitor` (plain loops) and :class:`TTCEarlyStopping`
   (transformers ``TrainerCallback``); imported lazily (they pull in transformers).
+* :mod:`~grades.ttc.shard` -- evaluation problems split across ``torch.distributed`` ranks.
 * ``grades ttc SAMPLES.jsonl`` -- the offline command (:mod:`~grades.ttc.cli`).
 
 pass@k assumes an oracle verifier at deployment; it bounds what a real selector can reach.

@@ -469,6 +469,10 @@ class TTCEarlyStopping(_trainer_callback_base()):
     the monitor needs ``infer_flops_per_sample``. When the monitor decides to stop,
     ``control.should_training_stop`` is set; the model's weights at that step are the chosen
     checkpoint. Decisions are in ``monitor.decisions``.
+    Under ``torch.distributed`` (the Trainer calls callbacks on every rank) the monitor shards the
+    evaluation problems across the ranks and every rank gets the same decision (see
+    :class:`TTCMonitor`'s ``distributed``); the training FLOPs must then be the same on every rank
+    (a ledger counting the global batch), or the evaluation is refused on every rank.
 
     Resuming: the monitor's recorded evaluations (and the ledger's totals) travel in every
     checkpoint's ``trainer_state.json``, under ``stateful_callbacks["grades.TTCEarlyStopping"]``,
