@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("samples", help="samples JSONL file, one line per (checkpoint, problem)")
     p.add_argument("--target", default="final",
                    help="accuracy in [0, 1], 'final' (measured k=1 accuracy of the checkpoint with the "
-                        "most training FLOPs; default) or 'projection' (accuracy-vs-FLOPs fit at "
-                        "--final-flops)")
+                        "most training FLOPs; default) or 'projection' (the 95%% upper bound of the "
+                        "accuracy projected to --final-flops)")
     p.add_argument("--tolerance", type=float, default=0.0, help="accuracy slack (default 0)")
     p.add_argument("--k-max", type=int, default=None,
                    help="k budget (default: the smallest number of samples of any problem)")
