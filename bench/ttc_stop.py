@@ -134,23 +134,25 @@ def plot(res: dict, path: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="3 trials, 100 problems (seconds)")
-    ap.add_argument("--trials", type=int, default=None, help="trials per (curve, problems) (default 30)")
+    ap.add_argument("--trials", type=int, default=None,
+                    help="trials per curve with 100 problems (default 60; 20 with 500 problems)")
     ap.add_argument("--samples", type=int, default=16, help="samples per problem per evaluation")
     ap.add_argument("--tolerance", type=float, default=0.02)
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>)")
     args = ap.parse_args(argv)
-    trials = args.trials or (3 if args.smoke else 30)
-    sizes = (100,) if args.smoke else (100, 500)
+    trials = args.trials or (3 if args.smoke else 60)
+    sizes = {100: trials} if args.smoke else {100: trials, 500: max(1, trials // 3)}
     res = {"planned_flops": PLANNED, "eval_every": EVAL_EVERY, "samples_per_problem": args.samples,
-           "tolerance": args.tolerance, "confidence": args.confidence, "trials": trials,
+           "tolerance": args.tolerance, "confidence": args.confidence,
+           "trials": {f"P{k}": v for k, v in sizes.items()},
            "settings": {}, "goals": {}}
     for setting in SETTINGS:
         out = res["settings"][setting] = {}
         for curve in CURVES:
-            for problems in sizes:
+            for problems, count in sizes.items():
                 runs = [trial(curve, problems, setting, 1000 * t + problems, args.samples, args.tolerance,
-                              args.confidence) for t in range(trials)]
+                              args.confidence) for t in range(count)]
                 out[f"{curve}/P{problems}"] = row = summarise(runs)
                 print(f"{setting:6s} {curve:7s} P={problems:4d}: stopped {row['stopped']:.0%}, by 40% "
                       f"{row['stopped_by_40pct']:.0%}, wrong {row['wrong_stops']:.0%}, median stop "
