@@ -214,7 +214,8 @@ def _frozen_weights(active: dict[str, float], frozen: Iterable[str], lora: dict[
         if half:
             base = n[:half.start()]
             if base not in lora:
-                raise ValueError(f"{f!r} names an adapter on {base!r}, which has none here")
+                raise ValueError(f"{f!r} names an adapter on {base!r}, which has none here"
+                                 + ("" if lora else " (give lora= the LoraConfig to count adapters)"))
             key = (base, half.group(1))
         elif n in active:
             key = (n, "")
