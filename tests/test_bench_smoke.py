@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-SCRIPTS = ("kernels", "optim", "overhead", "ttc_eval", "e2e", "grades_defaults")
+SCRIPTS = ("kernels", "optim", "overhead", "ttc_eval", "ttc_stop", "e2e", "grades_defaults")
 
 
 def _help(script: Path) -> str:

@@ -4,7 +4,6 @@ no unsynchronised step, decisions and parameters equal to a 1-process run over t
 bytes all-reduced per step falling with the frozen fraction."""
 import pytest
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_util import CFG, LR, Net, batch, flat_params, ranks_equal, spawn

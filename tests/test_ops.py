@@ -9,7 +9,6 @@ Sizes stay small except in one test per form, so the Triton interpreter stays qu
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from scipy.special import gammaln as sp_gammaln
 
 from grades.ttc import (CheckpointSamples, ExtrapolationError, FlopLedger, PoorFitError, Sample,
                         SamplesFormatError, best_of_k, break_even_queries, fit_accuracy_vs_flops,
@@ -113,10 +112,24 @@ def test_out_of_range_probabilities_raise_instead_of_being_clipped(monkeypatch):
     monkeypatch.setattr(estimators, "_log_comb", lambda n, k: log_comb(n, k) + 0.5)
     with pytest.raises(FloatingPointError, match="outside"):
         majority_at_k([["x"] * 6], [[True] * 6], [1, 3])
-    # a wrong C(m, k)/C(n, k) that is not monotone in m: the top-scored (correct) sample gets < 0
-    monkeypatch.setattr(estimators, "gammaln", lambda x: sp_gammaln(x) - 0.5 * np.square(x))
+    # a wrong probability of holding the maximum (3x too large) gives best-of-k > 1
+    probs = estimators._max_group_probs
+    monkeypatch.setattr(estimators, "_max_group_probs", lambda *a: 3.0 * probs(*a))
     with pytest.raises(FloatingPointError, match="outside"):
         best_of_k([list(range(8))], [[False] * 7 + [True]], [2, 5])
+
+
+def test_best_of_k_exact_for_large_n():
+    # one correct sample at ranks n - 4 and n / 2 + 1 of n = 1e6 distinct scores:
+    # best-of-k = sum over them of C(r - 1, k - 1) / C(n, k), in exact rational arithmetic
+    n = 1_000_000
+    correct = np.zeros(n, dtype=bool)
+    correct[[n - 5, n // 2]] = True
+    ks = [1, 2, 7, 64]
+    est = best_of_k([np.arange(n, dtype=np.float64)], [correct], ks)
+    for k, got in zip(ks, est.mean):
+        exact = sum(Fraction(math.comb(r - 1, k - 1), math.comb(n, k)) for r in (n - 4, n // 2 + 1))
+        assert got == pytest.approx(float(exact), rel=1e-12)
 
 
 def test_k_must_be_whole():
@@ -347,7 +360,8 @@ def test_break_even_queries():
 
 
 def test_select_projection_target():
-    # accuracies on an exact saturating curve: projection at the last checkpoint equals its value
+    # accuracies on an exact saturating curve: the projection brackets the curve's value at the
+    # full run's FLOPs, and the target is its upper bound
     f = np.linspace(0, 1e15, 6)
     acc = 0.8 - 0.7 * np.exp(-f / 3e14)
     cks = []
@@ -356,10 +370,38 @@ def test_select_projection_target():
         cks.append(samples_from_completions(f"c{i}", x, list(range(400)), [["x"]] * 400,
                                             [[j < ncor] for j in range(400)]))
     sel = select(cks, k_max=1, target="projection", strategies=["pass"])
-    assert sel.projection is not None and sel.projection.ok
-    assert sel.target == pytest.approx(acc[-1], abs=0.01)
-    with pytest.raises(ExtrapolationError):
-        select(cks, k_max=1, target="projection", final_train_flops=5e15)
+    pr = sel.projection
+    assert pr is not None and pr.ok and sel.target == pr.upper and sel.target_source == "projection"
+    assert pr.lower <= acc[-1] <= pr.upper and pr.upper - pr.lower < 0.1
+    assert set(pr.held_out_error) == {"paper", "exp", "power"} and pr.form in pr.held_out_error
+    # farther out the interval widens, but a projection is still made (no range cut-off)
+    far = select(cks, k_max=1, target="projection", final_train_flops=5e15).projection
+    assert far.ok and far.lower <= 0.8 - 0.7 * math.exp(-50 / 3) <= far.upper
+    with pytest.warns(FutureWarning, match="max_extrapolation"):
+        select(cks, k_max=1, target="projection", max_extrapolation=0.5)
+    with pytest.raises(ValueError, match="cannot project"):
+        select(cks[:3], k_max=1, target="projection")
+    with pytest.raises(ValueError, match="fit_model"):
+        select(cks, k_max=1, target="projection", fit_model="cubic")
+
+
+def test_select_accounts_for_the_monte_carlo_bound(monkeypatch):
+    import importlib
+    select_module = importlib.import_module("grades.ttc.select")  # the package re-exports select()
+    answers = [[str(i % 3) for i in range(60)]]
+    correct = [[a == "0" for a in answers[0]]]
+    ck = samples_from_completions("c", 1.0, [0], answers, correct)
+    exact = select([ck], k_max=1, target="final", strategies=["majority"])
+    assert exact.table[0].mc_error_bound == 0.0 and exact.table[0].meets
+    orig = select_module.majority_at_k
+    # the Monte Carlo path (taken by "auto" only for k_max in the hundreds), forced here
+    monkeypatch.setattr(select_module, "majority_at_k",
+                        lambda a, c, ks: orig(a, c, ks, method="monte-carlo", mc_draws=50))
+    mc = select([ck], k_max=1, target=0.3, strategies=["majority"])
+    cand = mc.table[0]
+    assert cand.mc_error_bound > 0.2  # sqrt(log(2 / 0.01) / 100)
+    assert abs(cand.accuracy - 1 / 3) < 0.2 and not cand.meets and mc.min_train is None
+    assert select([ck], k_max=1, target=0.05, strategies=["majority"]).table[0].meets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,6 +519,17 @@ def small_jsonl(tmp_path, extra=()):
         lines.append(_line("late", 4e12, prob, good))
     lines[2:2] = list(extra)
     return write_lines(tmp_path / "s.jsonl", lines)
+
+
+def test_load_samples_refuses_bad_argument_types(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"checkpoint": "c", "train_flops": 1, "problem": 0, "samples": [{"answer": "1", "correct": true}]}\n')
+    with pytest.raises(TypeError, match="report must be a LoadReport"):
+        load_samples(p, report="x")
+    for fd in (3, True):  # an int would be opened as a file descriptor
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+            load_samples(fd)
+    assert load_samples(str(p))[0].name == "c"
 
 
 def test_load_bad_lines_skip_or_error(tmp_path):
@@ -636,14 +689,18 @@ def test_cli_projection_target(tmp_path, capsys):
                      "--strategies", "pass", "--json", str(out)])
     cap = capsys.readouterr()
     assert code == 0, cap.err
-    assert "projection fit (flops-exp)" in cap.out and "(projection)" in cap.out
+    assert "projection (" in cap.out and "held-out error by form" in cap.out and "(projection)" in cap.out
     res = json.loads(out.read_text())
+    pr = res["projection"]
     assert res["target_source"] == "projection" and res["reference_flops"] == 1.4e15
-    assert res["target"] == pytest.approx(0.8 - 0.7 * math.exp(-1.4e15 / 3e14), abs=0.01)
-    assert res["projection"]["ok"] and len(res["projection"]["residuals"]) == 6
-    # target ~0.793 - 0.06: c4 (150 of 200 correct at 8e14 FLOPs) is the first to meet it
-    assert res["min_train"]["checkpoint"] == "c4" and res["min_train"]["accuracy"] == 0.75
-    assert res["min_train"]["train_flops_saved"] == pytest.approx(1.4e15 - 8e14)
+    # (the points are rounded to 1/200: the bounds hold the curve up to that)
+    assert pr["lower"] - 0.005 <= 0.8 - 0.7 * math.exp(-1.4e15 / 3e14) <= pr["upper"] + 0.005
+    assert pr["upper"] == res["target"]
+    assert pr["n_points"] == 6 and pr["form"] in pr["held_out_error"]
+    # the first checkpoint within the tolerance of the upper bound is chosen
+    first = next(i for i, a in enumerate(acc) if round(a * 200) / 200 >= res["threshold"] - 1e-12)
+    assert res["min_train"]["checkpoint"] == f"c{first}"
+    assert res["min_train"]["train_flops_saved"] == pytest.approx(1.4e15 - f[first])
 
 
 def test_grades_cli_dispatches_ttc(tmp_path, capsys):

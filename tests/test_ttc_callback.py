@@ -28,20 +28,26 @@ def curve(f):
 def test_monitor_projection_waits_then_stops():
     mon = TTCMonitor(list(range(5)), sample_fn=stub_sample_fn, verifier=stub_verifier, n_samples=20,
                      k_max=8, strategies=["majority"], target="projection", planned_train_flops=1e15,
-                     min_checkpoints=4, max_extrapolation=1.0)
+                     min_checkpoints=4)
     decisions = []
     for i, f in enumerate([1e14, 2e14, 3e14, 4e14, 5e14, 6e14]):
         decisions.append(mon.evaluate(curve(f), step=i + 1, train_flops=f))
         if decisions[-1].stop:
             break
     assert all("waits" in d.reason for d in decisions[:3])
-    assert all(d.target is None and not d.stop for d in decisions[:3])
+    assert all(d.target is None and not d.stop for d in decisions[:4])
+    assert "no projection yet" in decisions[3].reason and "need 5" in decisions[3].reason
     last = decisions[-1]
     assert last.stop, [d.reason for d in decisions]
-    # the projection at 1e15 is close to the curve's value there (0.8 - 0.7 e^-3.3 = 0.774)
-    assert last.target == pytest.approx(curve(1e15), abs=0.05)
+    # the projection at 1e15 brackets the curve's value there (0.8 - 0.7 e^-3.3 = 0.774); the target
+    # is this checkpoint's k=1 accuracy plus the bound on the gain still to come
+    proj = last.projection
+    assert proj.lower <= curve(1e15) <= proj.upper
+    assert last.target == pytest.approx(min(1.0, proj.last_accuracy + proj.gain_upper))
+    assert proj.point == pytest.approx(curve(1e15), abs=0.06)
+    assert decisions[4].projection.ok and decisions[4].target == 1.0 and not decisions[4].stop  # rising: wide
     c = last.choice
-    assert c.strategy == "majority@k" and c.k <= 8 and c.accuracy >= last.target
+    assert c.strategy == "majority@k" and c.k <= 8 and c.accuracy >= last.target - 1e-9
     assert c.train_flops_saved == pytest.approx(1e15 - c.train_flops)
     assert mon.samples_drawn == len(decisions) * 5 * 20
     assert len(mon.checkpoints) == len(decisions)
@@ -71,15 +77,16 @@ def test_monitor_stops_only_on_the_checkpoint_in_hand():
 
     mon = TTCMonitor([0, 1], sample_fn=sample_fn, verifier=stub_verifier, n_samples=100, k_max=10,
                      strategies=["majority"], target="projection", planned_train_flops=1.4e14)
-    for i, f in enumerate([2e13, 4e13, 6e13, 8e13]):
-        d = mon.evaluate((curve(f), i == 3), step=i + 1, train_flops=f)
-    # step-4 is more accurate at k=1 (0.26) but its wrong answers agree: its majority vote fails
-    assert d.target == pytest.approx(0.335, abs=0.01) and max(d.accuracy["majority@k"]) < d.target
+    for i, f in enumerate([2e13, 3e13, 4e13, 6e13, 8e13]):
+        d = mon.evaluate((curve(f), i == 4), step=i + 1, train_flops=f)
+    # step-5 is more accurate at k=1 (0.26) but its wrong answers agree: its majority vote fails
+    assert d.projection.point == pytest.approx(0.335, abs=0.01)
+    assert d.target == pytest.approx(0.26 + d.projection.gain_upper) and max(d.accuracy["majority@k"]) < d.target
     assert not d.stop and d.choice is None
-    assert (d.earliest.checkpoint, d.earliest.k) == ("step-1", 7)
-    assert "the earlier step-1 met it with majority@k k=7 (its weights are not kept" in d.reason
-    d = mon.evaluate((curve(1e14), False), step=5, train_flops=1e14)
-    assert d.stop and d.choice.checkpoint == "step-5" and d.earliest.checkpoint == "step-1"
+    assert d.earliest.checkpoint == "step-1"
+    assert f"the earlier step-1 met it with majority@k k={d.earliest.k} (its weights are not kept" in d.reason
+    d = mon.evaluate((curve(1e14), False), step=6, train_flops=1e14)
+    assert d.stop and d.choice.checkpoint == "step-6" and d.earliest.checkpoint == "step-1"
 
 
 def test_monitor_reason_texts():

@@ -13,10 +13,16 @@ met the target is reported (``TTCDecision.earliest``).
 
 :class:`TTCEarlyStopping` wraps a monitor as a ``transformers.TrainerCallback``.
 
-The target is either a number or ``"projection"``: the accuracy-vs-FLOPs fit evaluated at
-``planned_train_flops``. The projection is used only when the fit passes its quality checks and
-``planned_train_flops`` lies within ``max_extrapolation`` x the fitted FLOP range past the last
-checkpoint; until then the monitor does not stop (the decision's ``reason`` says why).
+The target is either a number or ``"projection"``: what the full run is projected to reach at
+``planned_train_flops`` (:mod:`grades.ttc.projection`). With a projection the monitor stops only
+when, with probability ``confidence``, the rest of the run would add less than what a candidate of
+this checkpoint gains with k samples (plus ``tolerance``): the target is this checkpoint's measured
+accuracy (k = 1) plus the upper bound of the gain the fit still expects (``Projection.gain_upper``).
+For k = 1 that reads "the fit says, with that confidence, the remaining training adds at most
+``tolerance``". A still-rising curve keeps a large bound and does not stop; a saturated one stops
+as soon as its points say so, however far the planned FLOPs lie beyond them (no range cut-off).
+Until ``min_checkpoints`` are recorded (and a form has enough points) it does not
+stop (the decision's ``reason`` says why).
 """
 from __future__ import annotations
 
@@ -26,8 +32,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
-from .fits import ExtrapolationError, FitResult, PoorFitError, fit_accuracy_vs_flops
+from .projection import FORMS, Projection, project_checkpoints
 from .samples import CheckpointSamples, _verdict, samples_from_completions, write_samples
+from .shard import shard_for
 from .select import Candidate, Selection, normalise_strategies, select
 
 __all__ = ["TTCDecision", "TTCMonitor", "TTCEarlyStopping"]
@@ -45,7 +52,8 @@ class TTCDecision:
         step, train_flops: where the evaluation happened (FLOPs as a float).
         stop: whether training should stop now.
         reason: a sentence on why (not).
-        target: the target accuracy used (None when none could be set yet).
+        target: the target accuracy used (None when none could be set yet); with a projection,
+            this checkpoint's k = 1 accuracy plus the projected gain's upper bound.
         choice: when ``stop``, the (k, strategy) of *this* checkpoint that meets the target (the
             weights in hand); None otherwise.
         accuracy: ``{strategy: [accuracy at k=1..k_max]}`` of this checkpoint.
@@ -67,7 +75,7 @@ class TTCDecision:
     eval_flops: float | None = None
     earliest: Candidate | None = None
     selection: Selection | None = field(default=None, repr=False)
-    projection: FitResult | None = field(default=None, repr=False)
+    projection: Projection | None = field(default=None, repr=False)
 
 
 def _number(v, name: str, *, lo: float = 0.0, strict: bool = False, none: bool = True) -> float | None:
@@ -111,9 +119,19 @@ class TTCMonitor:
         expected_queries: declared query volume Q; stop only if Q <= Q* of the candidate.
         infer_flops_per_sample: inference FLOPs of one completion (needed with ``expected_queries``).
         min_checkpoints: checkpoints needed before a projection is attempted (>= 1).
-        fit_model, max_extrapolation: passed to :func:`~grades.ttc.fits.fit_accuracy_vs_flops`.
+        fit_model: ``"auto"`` (the form with the lowest held-out error) or one of
+            :data:`~grades.ttc.projection.FORMS` (``"paper"``, ``"exp"``, ``"power"``).
+        confidence: confidence of the bound on the projected remaining gain, in [0.5, 1).
+        max_extrapolation: deprecated and ignored (the interval replaces the range cut-off); a
+            ``FutureWarning`` says so.
         problem_ids: distinct identifiers for the recorded table (default ``0..P-1``).
         seed: base seed; evaluation at step s samples with seed ``seed + s``.
+        distributed: ``None`` (default): under an initialised ``torch.distributed`` job with more
+            than one rank, each rank samples its share of the problems, the verdicts are gathered
+            and rank 0's decision is used on every rank (:mod:`grades.ttc.shard`; every rank must
+            call :meth:`evaluate` at the same steps with the same ``train_flops``). ``True``
+            requires such a job, ``False`` makes every rank sample everything.
+        process_group: the group to shard over (default: the whole job).
     """
 
     def __init__(self, problems: Sequence[Any], *, task=None, sample_fn: SampleFn | None = None,
@@ -124,8 +142,9 @@ class TTCMonitor:
                  target: float | str = "projection", tolerance: float = 0.0,
                  planned_train_flops: float | None = None, expected_queries: float | None = None,
                  infer_flops_per_sample: float | None = None, min_checkpoints: int = 4,
-                 fit_model: str = "exp", max_extrapolation: float = 1.0,
-                 problem_ids: Sequence[Hashable] | None = None, seed: int = 0):
+                 fit_model: str = "auto", confidence: float = 0.95, max_extrapolation: float | None = None,
+                 problem_ids: Sequence[Hashable] | None = None, seed: int = 0,
+                 distributed: bool | None = None, process_group=None):
         self.problems = list(problems)
         if not self.problems:
             raise ValueError("no evaluation problems")
@@ -163,9 +182,17 @@ class TTCMonitor:
         self.planned_train_flops = _number(planned_train_flops, "planned_train_flops")
         self.expected_queries = _number(expected_queries, "expected_queries")
         self.infer_flops_per_sample = _number(infer_flops_per_sample, "infer_flops_per_sample", strict=True)
-        self.max_extrapolation = _number(max_extrapolation, "max_extrapolation", none=False)
-        if fit_model not in ("exp", "power"):
-            raise ValueError(f"fit_model must be 'exp' or 'power', got {fit_model!r}")
+        if max_extrapolation is not None:
+            _number(max_extrapolation, "max_extrapolation")
+            warnings.warn("TTCMonitor: max_extrapolation is deprecated and ignored: the projection's "
+                          "confidence interval decides how far it can be trusted (see confidence)",
+                          FutureWarning, stacklevel=2)
+        if fit_model != "auto" and fit_model not in FORMS:
+            raise ValueError(f"fit_model must be 'auto' or one of {FORMS}, got {fit_model!r}")
+        if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) \
+                or not 0.5 <= confidence < 1:
+            raise ValueError(f"confidence must be a number in [0.5, 1), got {confidence!r}")
+        self.confidence = float(confidence)
         self.sample_fn, self.verifier, self.score_fn = sample_fn, verifier, score_fn
         self.answer_fn = answer_fn or (lambda c: c.strip())
         self.n_samples = int(n_samples)
@@ -181,27 +208,48 @@ class TTCMonitor:
             raise ValueError("problem_ids must be distinct")
         self.seed = int(seed)
         self._seed = self.seed
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
+        self.distributed, self.process_group = distributed, process_group
         self.checkpoints: list[CheckpointSamples] = []
         self.decisions: list[TTCDecision] = []
         self.samples_drawn = 0
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _sample(self, model, step: int) -> CheckpointSamples:
+    def _sample(self, model, step: int, problems: list) -> list[tuple]:
+        """``(answers, verdicts, scores)`` rows of ``problems`` (scores None without a score_fn)."""
         self._seed = self.seed + int(step)
+        if not problems:
+            return []
         with _rng_fork(model):
-            comps = self.sample_fn(model, self.problems, self.n_samples)
-        if len(comps) != len(self.problems):
-            raise ValueError(f"sample_fn returned {len(comps)} rows for {len(self.problems)} problems")
-        answers, correct, scores = [], [], []
-        for prob, row in zip(self.problems, comps):
+            comps = self.sample_fn(model, problems, self.n_samples)
+        if len(comps) != len(problems):
+            raise ValueError(f"sample_fn returned {len(comps)} rows for {len(problems)} problems")
+        rows = []
+        for prob, row in zip(problems, comps):
             if len(row) != self.n_samples:
                 raise ValueError(f"sample_fn returned {len(row)} completions, expected {self.n_samples}")
-            answers.append([str(self.answer_fn(c)) for c in row])
-            correct.append([_verdict(self.verifier(prob, c), "verifier result") for c in row])
-            if self.score_fn is not None:
-                scores.append([float(self.score_fn(prob, c)) for c in row])
-        self.samples_drawn += len(self.problems) * self.n_samples
-        return samples_from_completions(f"step-{step}", 0.0, self.problem_ids, answers, correct,
+            rows.append(([str(self.answer_fn(c)) for c in row],
+                         [_verdict(self.verifier(prob, c), "verifier result") for c in row],
+                         None if self.score_fn is None else [float(self.score_fn(prob, c)) for c in row]))
+        return rows
+
+    def _checkpoint(self, model, step: int, train_flops: float, shard) -> CheckpointSamples:
+        """Sample (this rank's share, gathered when sharded) and build the checkpoint's table."""
+        n = len(self.problems)
+        if shard is None:
+            rows = self._sample(model, step, self.problems)
+        else:
+            mine, error = None, None
+            try:
+                mine = self._sample(model, step, [self.problems[i] for i in shard.indices(n)])
+            except Exception as e:  # reported to every rank, so none waits in the gather
+                error = f"{type(e).__name__}: {e}"
+            header = {"step": int(step), "train_flops": float(train_flops), "problems": n,
+                      "n_samples": self.n_samples, "checkpoints": len(self.checkpoints)}
+            rows = shard.gather(header, mine, n, error)
+        answers, correct, scores = (list(col) for col in zip(*rows))
+        return samples_from_completions(f"step-{step}", float(train_flops), self.problem_ids, answers, correct,
                                         scores if self.score_fn is not None else None)
 
     def evaluate(self, model, step: int, train_flops: float) -> TTCDecision:
@@ -223,9 +271,13 @@ class TTCMonitor:
             raise ValueError("train_flops must not decrease between evaluations")
         if any(c.name == f"step-{step}" for c in self.checkpoints):
             raise ValueError(f"step {step} was already evaluated")
-        ck = self._sample(model, step)
-        ck.train_flops = float(train_flops)
-        d = self._decide(self.checkpoints + [ck], int(step))
+        shard = shard_for(self.distributed, self.process_group)
+        ck = self._checkpoint(model, step, train_flops, shard)
+        self.samples_drawn += len(self.problems) * self.n_samples
+        if shard is None:
+            d = self._decide(self.checkpoints + [ck], int(step))
+        else:  # one decision, rank 0's, on every rank
+            d = shard.from_first(self._decide(self.checkpoints + [ck], int(step)) if shard.rank == 0 else None)
         self.checkpoints.append(ck)
         self.decisions.append(d)
         return d
@@ -262,6 +314,11 @@ class TTCMonitor:
             if earliest is not None and earliest.checkpoint != ck.name:
                 reason += (f"; the earlier {earliest.checkpoint} met it with {earliest.strategy} "
                            f"k={earliest.k} (its weights are not kept by this monitor)")
+            if projection is not None:
+                reason += (f"; target = {projection.last_accuracy:.4f} (k=1 here) + {projection.gain_upper:.4f} "
+                           f"(the {projection.confidence:.0%} upper bound of the gain still projected; "
+                           f"{projection.form} form, final accuracy {projection.point:.4f} in "
+                           f"[{projection.lower:.4f}, {projection.upper:.4f}])")
         f = self.infer_flops_per_sample
         drawn = sum(len(v) for v in ck.problems.values())
         return TTCDecision(step, ck.train_flops, choice is not None, reason, target, choice, acc, drawn,
@@ -286,25 +343,19 @@ class TTCMonitor:
             return "Q*=inf (no extra inference per query)"
         return f"Q*={c.break_even:.3g} queries"
 
-    def _target(self, cks: list[CheckpointSamples]) -> tuple[float | None, FitResult | None, str]:
+    def _target(self, cks: list[CheckpointSamples]) -> tuple[float | None, Projection | None, str]:
+        """``(target, projection, why none)``: the number given, or this checkpoint's accuracy plus
+        the upper bound of the projected remaining gain."""
         if not isinstance(self.target, str):
             return float(self.target), None, ""
         if len(cks) < self.min_checkpoints:
             return None, None, (f"projection waits for {self.min_checkpoints} checkpoints "
                                 f"(have {len(cks)})")
-        from .estimators import pass_at_k
-        xs, ys, se = [], [], []
-        for c in cks:
-            e = pass_at_k(c.correct(), 1)
-            xs.append(c.train_flops)
-            ys.append(float(e.mean[0]))
-            se.append(float(e.se[0]))
-        fit = fit_accuracy_vs_flops(xs, ys, se if len(self.problems) > 1 else None, model=self.fit_model,
-                                    max_extrapolation=self.max_extrapolation)
-        try:
-            return float(fit.predict(self.planned_train_flops)), fit, ""
-        except (PoorFitError, ExtrapolationError) as e:
-            return None, fit, f"no trusted projection yet: {e}"
+        forms = FORMS if self.fit_model == "auto" else (self.fit_model,)
+        proj = project_checkpoints(cks, self.planned_train_flops, forms=forms, confidence=self.confidence)
+        if not proj.ok:
+            return None, proj, f"no projection yet: {proj.reason}"
+        return round(min(1.0, proj.last_accuracy + proj.gain_upper), 9), proj, ""
 
     # -- state -------------------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -316,7 +367,7 @@ class TTCMonitor:
                 "planned_train_flops": self.planned_train_flops, "expected_queries": self.expected_queries,
                 "infer_flops_per_sample": self.infer_flops_per_sample,
                 "min_checkpoints": self.min_checkpoints, "fit_model": self.fit_model,
-                "max_extrapolation": self.max_extrapolation, "seed": self.seed}
+                "confidence": self.confidence, "seed": self.seed}
 
     def state_dict(self) -> dict:
         """The recorded evaluations as a JSON-serialisable dict (what :meth:`load_state_dict`
@@ -418,6 +469,10 @@ class TTCEarlyStopping(_trainer_callback_base()):
     the monitor needs ``infer_flops_per_sample``. When the monitor decides to stop,
     ``control.should_training_stop`` is set; the model's weights at that step are the chosen
     checkpoint. Decisions are in ``monitor.decisions``.
+    Under ``torch.distributed`` (the Trainer calls callbacks on every rank) the monitor shards the
+    evaluation problems across the ranks and every rank gets the same decision (see
+    :class:`TTCMonitor`'s ``distributed``); the training FLOPs must then be the same on every rank
+    (a ledger counting the global batch), or the evaluation is refused on every rank.
 
     Resuming: the monitor's recorded evaluations (and the ledger's totals) travel in every
     checkpoint's ``trainer_state.json``, under ``stateful_callbacks["grades.TTCEarlyStopping"]``,

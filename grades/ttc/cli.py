@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Sequence
 
-from .fits import ExtrapolationError, PoorFitError, fit_accuracy_vs_k
+from .fits import fit_accuracy_vs_k
 from .samples import LoadReport, SamplesFormatError, common_problems, load_samples
 from .select import STRATEGIES, Candidate, Selection, select
 
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("samples", help="samples JSONL file, one line per (checkpoint, problem)")
     p.add_argument("--target", default="final",
                    help="accuracy in [0, 1], 'final' (measured k=1 accuracy of the checkpoint with the "
-                        "most training FLOPs; default) or 'projection' (accuracy-vs-FLOPs fit at "
-                        "--final-flops)")
+                        "most training FLOPs; default) or 'projection' (the 95%% upper bound of the "
+                        "accuracy projected to --final-flops)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"accuracy slack (default {DEFAULT_TOLERANCE}, as in grades demo)")
     p.add_argument("--table", action="store_true",
@@ -218,9 +218,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                      queries=args.queries,
                      infer_flops_per_sample=infer_flops, final_train_flops=args.final_flops)
         per = _per_strategy(common, sel, args, target, infer_flops)
-    except (PoorFitError, ExtrapolationError) as e:
-        print(f"grades ttc: error: cannot use the projection: {e}", file=sys.stderr)
-        return 2
     except (ValueError, TypeError) as e:
         print(f"grades ttc: error: {e}", file=sys.stderr)
         return 2
@@ -234,8 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(common)} checkpoints x {sel.n_problems} problems, k = 1..{sel.k_max}", file=out)
     if sel.projection is not None:
         pr = sel.projection
-        print(f"projection fit ({pr.model}): {', '.join(f'{k}={v:.4g}' for k, v in pr.params.items())}; "
-              f"RMSE {pr.rmse:.4f}, R^2 {pr.r2:.4f}", file=out)
+        print(f"projection ({pr.form} form): {pr.point:.4f}, {pr.confidence:.0%} bounds [{pr.lower:.4f}, "
+              f"{pr.upper:.4f}]; held-out error by form: "
+              + ", ".join(f"{f}={'n/a' if e is None else f'{e:.3g}'}" for f, e in pr.held_out_error.items()),
+              file=out)
     print(f"target {sel.target:.4f} ({sel.target_source}), tolerance {sel.tolerance:g} -> "
           f"threshold {sel.threshold:.4f}", file=out)
     if infer_flops is not None and args.infer_flops is None:

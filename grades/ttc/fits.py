@@ -150,7 +150,7 @@ def _quality(y, yhat, n_params, n_distinct, max_rmse, min_r2) -> tuple[float, fl
     return rmse, r2, not reasons, "; ".join(reasons)
 
 
-def _fit(name, fn, p0, bounds, x, y, sigma, param_names, n_params, max_rmse, min_r2, max_extrap,
+def _fit(name, fn, p0, bounds, x, y, sigma, n_params, max_rmse, min_r2, max_extrap,
          to_params, make_fn) -> FitResult:
     n_distinct = int(np.unique(x).size)
     try:
@@ -201,7 +201,7 @@ def fit_accuracy_vs_k(ks: Sequence[float], accuracy: Sequence[float], se: Sequen
     span = max(float(x.max() - x.min()), 1.0)
     p0 = [float(y[i0]), float(min(1.0, y.max())), 3.0 / span]
     return _fit("k-exp", fn, p0, ([0.0, 0.0, 0.0], [1.0, 1.0, np.inf]), x, y, _sigma(se, y),
-                ("a_1", "a_inf", "b"), 3, max_rmse, min_r2, max_extrapolation,
+                3, max_rmse, min_r2, max_extrapolation,
                 lambda p: {"a_1": float(p[0]), "a_inf": float(p[1]), "b": float(p[2])},
                 lambda p: (lambda v: fn(v, *p)))
 
@@ -233,7 +233,7 @@ def fit_accuracy_vs_flops(train_flops: Sequence[float], accuracy: Sequence[float
         def fn(v, a0, amax, fs):
             return amax - (amax - a0) * np.exp(-v / fs)
         p0 = [float(y[i0]), float(min(1.0, y.max())), 0.3]
-        res = _fit("flops-exp", fn, p0, ([0, 0, 1e-6], [1, 1, 1e3]), u, y, sig, None, 3, max_rmse,
+        res = _fit("flops-exp", fn, p0, ([0, 0, 1e-6], [1, 1, 1e3]), u, y, sig, 3, max_rmse,
                    min_r2, max_extrapolation,
                    lambda p: {"a_0": float(p[0]), "a_max": float(p[1]), "f_s": float(p[2] * scale)},
                    lambda p: (lambda v: fn(np.asarray(v) / scale, *p)))
@@ -241,7 +241,7 @@ def fit_accuracy_vs_flops(train_flops: Sequence[float], accuracy: Sequence[float
         def fn(v, a0, amax, fs, alpha):
             return amax - (amax - a0) * (1.0 + v / fs) ** (-alpha)
         p0 = [float(y[i0]), float(min(1.0, y.max())), 0.3, 1.0]
-        res = _fit("flops-power", fn, p0, ([0, 0, 1e-6, 1e-3], [1, 1, 1e3, 20]), u, y, sig, None, 4,
+        res = _fit("flops-power", fn, p0, ([0, 0, 1e-6, 1e-3], [1, 1, 1e3, 20]), u, y, sig, 4,
                    max_rmse, min_r2, max_extrapolation,
                    lambda p: {"a_0": float(p[0]), "a_max": float(p[1]), "f_s": float(p[2] * scale),
                               "alpha": float(p[3])},

@@ -16,6 +16,20 @@ Counting rules (all values are floats, in FLOPs; one multiply-add = 2 FLOPs):
   ``T`` averages ``(T + 1) / 2`` keys per token: forward ``4 * L * heads * head_dim * (T+1)/2``
   per token; training (forward + backward, which has two GEMMs per forward GEMM) three times that.
   Kernels that compute the full ``T x T`` square and mask it do more work than this count.
+* **Mixture of experts** (Qwen2-MoE, Qwen3-MoE, Mixtral configs). A sparse layer's MLP is a
+  router (``mlp.gate``, E x hidden), E experts stored as two tensors (``mlp.experts.gate_up_proj``
+  and ``mlp.experts.down_proj``, listed flattened over experts) of which each token uses
+  ``num_experts_per_tok`` = k, and, for Qwen2-MoE, a shared expert and its gate. What a token costs
+  is its *active* weights: an expert tensor counts ``k / E`` of its size. Which layers are sparse
+  follows the config (``mlp_only_layers``, ``decoder_sparse_step``). Real runs can drop tokens at
+  full experts (capacity limits); this count does not.
+* **LoRA** (``lora=``: a PEFT ``LoraConfig`` or :class:`LoraSpec`). Every base matrix is frozen:
+  ``4 P`` (forward, input gradient). An adapter of rank r on an ``out x in`` matrix adds
+  ``A: r x in`` and ``B: out x r``, trainable: ``6 r (in + out)`` per token (the scaling and dropout
+  are elementwise and not counted). The input gradient is counted everywhere, as autograd computes
+  it when the embeddings' output requires grad (PEFT's ``enable_input_require_grads``, used with
+  gradient checkpointing); without that, layer 0 skips a few GEMMs and this is a slight overcount.
+  GradES-frozen adapter weights (names with ``lora_A``/``lora_B``) lose their weight-gradient GEMM.
 * **Inference.** A generated token with a KV cache over ``c`` context positions (itself included)
   costs ``2 N + 4 * L * heads * head_dim * c``; a whole sample is counted by
   :func:`inference_flops_per_sample`.
@@ -24,13 +38,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["ModelShape", "model_shape", "matrix_shapes", "training_flops", "inference_flops_per_token",
-           "inference_flops_per_sample", "FlopLedger"]
+__all__ = ["ModelShape", "LoraSpec", "model_shape", "matrix_shapes", "active_weights", "training_flops",
+           "inference_flops_per_token", "inference_flops_per_sample", "FlopLedger"]
 
 
 @dataclass(frozen=True)
@@ -44,10 +59,33 @@ class ModelShape:
     head_dim: int
     intermediate: int
     vocab: int
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    sparse_layers: tuple[int, ...] = ()
+
+
+def _moe_fields(config, layers: int, inter: int) -> dict:
+    """The MoE fields of :class:`ModelShape` (empty for a dense config)."""
+    experts = int(getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0)
+    if not experts:
+        return {}
+    k = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    if not 1 <= k <= experts:
+        raise ValueError(f"config.num_experts_per_tok must be in [1, {experts}], got {k}")
+    only = set(getattr(config, "mlp_only_layers", None) or ())
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    sparse = tuple(i for i in range(layers) if i not in only and (i + 1) % step == 0)
+    return {"experts": experts, "experts_per_token": k,
+            "expert_intermediate": int(getattr(config, "moe_intermediate_size", None) or inter),
+            "shared_intermediate": int(getattr(config, "shared_expert_intermediate_size", 0) or 0),
+            "sparse_layers": sparse}
 
 
 def model_shape(config) -> ModelShape:
-    """Read a dense decoder config (``LlamaConfig``, ``Qwen2Config``, ``Qwen3Config``, ...)."""
+    """Read a decoder config: dense (``LlamaConfig``, ``Qwen2Config``, ``Qwen3Config``, ...) or
+    mixture-of-experts (``Qwen2MoeConfig``, ``Qwen3MoeConfig``, ``MixtralConfig``)."""
     if isinstance(config, ModelShape):
         return config
     try:
@@ -58,33 +96,101 @@ def model_shape(config) -> ModelShape:
         vocab = int(config.vocab_size)
     except AttributeError as e:
         raise TypeError(f"config lacks a field of a dense decoder transformer config: {e}") from None
-    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
-        raise TypeError("mixture-of-experts configs are not supported by this FLOP count")
     kv = getattr(config, "num_key_value_heads", None) or heads
     hd = getattr(config, "head_dim", None) or h // heads
     for name, v in (("hidden_size", h), ("num_hidden_layers", layers), ("num_attention_heads", heads),
                     ("intermediate_size", inter), ("vocab_size", vocab), ("head_dim", hd)):
         if v < 1:
             raise ValueError(f"config.{name} must be >= 1, got {v}")
-    return ModelShape(h, layers, heads, int(kv), int(hd), inter, vocab)
+    return ModelShape(h, layers, heads, int(kv), int(hd), inter, vocab, **_moe_fields(config, layers, inter))
 
 
 def matrix_shapes(config) -> dict[str, tuple[int, int]]:
     """``{module name: (out_features, in_features)}`` of every counted matrix, named as in
-    transformers' Llama/Qwen modules (``model.layers.0.self_attn.q_proj``, ..., ``lm_head``)."""
+    transformers' Llama/Qwen/Mixtral modules (``model.layers.0.self_attn.q_proj``, ...,
+    ``lm_head``); a sparse layer's expert tensors appear flattened over experts
+    (``mlp.experts.gate_up_proj``: ``(E * 2 I, hidden)``)."""
+    return {name: (o, i) for name, (o, i, _) in _matrices(config).items()}
+
+
+def active_weights(config) -> dict[str, float]:
+    """Weights each token passes through, per matrix: ``out * in``, times ``k / E`` for experts."""
+    return {name: o * i * frac for name, (o, i, frac) in _matrices(config).items()}
+
+
+def _matrices(config) -> dict[str, tuple[int, int, float]]:
     s = model_shape(config)
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[int, int, float]] = {}
     for i in range(s.layers):
         p = f"model.layers.{i}."
-        out[p + "self_attn.q_proj"] = (s.heads * s.head_dim, s.hidden)
-        out[p + "self_attn.k_proj"] = (s.kv_heads * s.head_dim, s.hidden)
-        out[p + "self_attn.v_proj"] = (s.kv_heads * s.head_dim, s.hidden)
-        out[p + "self_attn.o_proj"] = (s.hidden, s.heads * s.head_dim)
-        out[p + "mlp.gate_proj"] = (s.intermediate, s.hidden)
-        out[p + "mlp.up_proj"] = (s.intermediate, s.hidden)
-        out[p + "mlp.down_proj"] = (s.hidden, s.intermediate)
-    out["lm_head"] = (s.vocab, s.hidden)
+        out[p + "self_attn.q_proj"] = (s.heads * s.head_dim, s.hidden, 1.0)
+        out[p + "self_attn.k_proj"] = (s.kv_heads * s.head_dim, s.hidden, 1.0)
+        out[p + "self_attn.v_proj"] = (s.kv_heads * s.head_dim, s.hidden, 1.0)
+        out[p + "self_attn.o_proj"] = (s.hidden, s.heads * s.head_dim, 1.0)
+        if i in s.sparse_layers:
+            e, m = s.experts, s.expert_intermediate
+            out[p + "mlp.gate"] = (e, s.hidden, 1.0)
+            out[p + "mlp.experts.gate_up_proj"] = (e * 2 * m, s.hidden, s.experts_per_token / e)
+            out[p + "mlp.experts.down_proj"] = (e * s.hidden, m, s.experts_per_token / e)
+            if s.shared_intermediate:
+                out[p + "mlp.shared_expert.gate_proj"] = (s.shared_intermediate, s.hidden, 1.0)
+                out[p + "mlp.shared_expert.up_proj"] = (s.shared_intermediate, s.hidden, 1.0)
+                out[p + "mlp.shared_expert.down_proj"] = (s.hidden, s.shared_intermediate, 1.0)
+                out[p + "mlp.shared_expert_gate"] = (1, s.hidden, 1.0)
+        else:
+            out[p + "mlp.gate_proj"] = (s.intermediate, s.hidden, 1.0)
+            out[p + "mlp.up_proj"] = (s.intermediate, s.hidden, 1.0)
+            out[p + "mlp.down_proj"] = (s.hidden, s.intermediate, 1.0)
+    out["lm_head"] = (s.vocab, s.hidden, 1.0)
     return out
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters: rank ``r`` on the matrices named by ``target_modules`` (as PEFT reads them:
+    a list of name suffixes such as ``["q_proj", "v_proj"]``, ``"all-linear"`` (every matrix but
+    the LM head), or one regular expression matched against the whole module name)."""
+
+    r: int
+    target_modules: Sequence[str] | str
+
+
+def _lora(lora) -> LoraSpec | None:
+    """A :class:`LoraSpec` from one, or from a PEFT ``LoraConfig`` (duck-typed)."""
+    if lora is None or isinstance(lora, LoraSpec):
+        spec = lora
+    elif hasattr(lora, "r") and hasattr(lora, "target_modules"):
+        for attr, what in (("rank_pattern", "per-module ranks (rank_pattern)"),
+                           ("modules_to_save", "fully trained modules (modules_to_save)"),
+                           ("use_dora", "DoRA"), ("target_parameters", "adapters on parameters")):
+            if getattr(lora, attr, None):
+                raise ValueError(f"the LoRA FLOP count does not cover {what}")
+        spec = LoraSpec(lora.r, lora.target_modules)
+    else:
+        raise TypeError(f"lora must be a LoraSpec or a peft LoraConfig, got {type(lora).__name__}")
+    if spec is not None:
+        _check_int(spec.r, "lora r", 1)
+        t = spec.target_modules
+        if not (isinstance(t, str) or (isinstance(t, (list, tuple, set, frozenset)) and t
+                                        and all(isinstance(x, str) for x in t))):
+            raise TypeError("lora target_modules must be a string or a non-empty sequence of strings")
+    return spec
+
+
+def _lora_targets(spec: LoraSpec, shapes: dict[str, tuple[int, int, float]]) -> list[str]:
+    """The matrices ``spec`` puts adapters on (experts' 3D tensors are parameters, not modules)."""
+    names = [n for n, (_, _, frac) in shapes.items() if frac == 1.0]
+    t = spec.target_modules
+    if t == "all-linear":
+        hit = [n for n in names if n != "lm_head"]
+    elif isinstance(t, str):
+        hit = [n for n in names if re.fullmatch(t, n)]
+    else:
+        hit = [n for n in names if any(n == x or n.endswith("." + x) for x in t)]
+    if not hit:
+        raise ValueError(f"lora target_modules {t!r} match none of the counted matrices "
+                         f"(e.g. {next(iter(shapes))!r})")
+    return hit
 
 
 def _norm_name(name: str) -> str:
@@ -95,20 +201,32 @@ def _norm_name(name: str) -> str:
     return name[:-len(".weight")] if name.endswith(".weight") else name
 
 
-def _frozen_params(shapes: dict[str, tuple[int, int]], frozen: Iterable[str]) -> int:
-    total = 0
-    seen = set()
+def _frozen_weights(active: dict[str, float], frozen: Iterable[str], lora: dict[str, tuple[float, float]]
+                    ) -> float:
+    """Active weights whose weight-gradient GEMM GradES removes: named base matrices (without
+    LoRA) or adapter halves (``...q_proj.lora_A...``: ``r * in``; ``lora_B``: ``out * r``)."""
+    total, seen = 0.0, set()
     for f in frozen:
         if not isinstance(f, str):
             raise TypeError(f"frozen matrix names must be strings, got {type(f).__name__}")
         n = _norm_name(f)
-        if n not in shapes:
-            raise ValueError(f"unknown matrix {f!r}; expected names like {next(iter(shapes))!r} "
-                             "(LoRA adapter weights are not counted by this dense FLOP model)")
-        if n not in seen:
-            seen.add(n)
-            o, i = shapes[n]
-            total += o * i
+        half = re.search(r"\.lora_([AB])(\.|$)", n)
+        if half:
+            base = n[:half.start()]
+            if base not in lora:
+                raise ValueError(f"{f!r} names an adapter on {base!r}, which has none here"
+                                 + ("" if lora else " (give lora= the LoraConfig to count adapters)"))
+            key = (base, half.group(1))
+        elif n in active:
+            key = (n, "")
+        else:
+            raise ValueError(f"unknown matrix {f!r}; expected names like {next(iter(active))!r}")
+        if key not in seen:
+            seen.add(key)
+            if key[1]:
+                total += lora[key[0]][0 if key[1] == "A" else 1]
+            elif not lora:  # with LoRA every base matrix is frozen already
+                total += active[n]
     return total
 
 
@@ -137,28 +255,47 @@ def _check_int(v, name: str, lo: int) -> int:
 
 
 def training_flops(config, tokens: float, *, seq_len: int | None = None,
-                   frozen: Iterable[str] = ()) -> float:
+                   frozen: Iterable[str] = (), lora=None) -> float:
     """Training FLOPs for ``tokens`` tokens (forward + backward).
 
     Args:
         config: a transformers decoder config (or :class:`ModelShape`).
         tokens: tokens processed (every position of every sequence, prompt included).
         seq_len: sequence length for the causal attention term; None leaves attention out.
-        frozen: names of frozen matrices (keys of :func:`matrix_shapes`, ``.weight`` optional).
+        frozen: names of frozen matrices (keys of :func:`matrix_shapes`, ``.weight`` optional), or
+            with ``lora`` of adapter weights (``...q_proj.lora_A.default.weight``).
+        lora: a PEFT ``LoraConfig`` or :class:`LoraSpec`; None for full fine-tuning.
     Returns:
-        ``tokens * (6 N_trainable + 4 N_frozen + 12 L heads head_dim (seq_len+1)/2)`` FLOPs.
+        ``tokens * (6 N_trainable + 4 N_frozen + 12 L heads head_dim (seq_len+1)/2)`` FLOPs with
+        ``N`` the active weights (:func:`active_weights`); with LoRA the base is frozen and each
+        adapter adds ``6 r (in + out)``, less ``2 r in`` / ``2 r out`` per frozen A / B.
+    Raises:
+        ValueError, TypeError: bad counts, unknown matrix names, a LoRA setup not covered.
     """
     tokens = _check_count(tokens, "tokens", whole=True)
     if seq_len is not None:
         seq_len = _check_int(seq_len, "seq_len", 1)
-    shapes = matrix_shapes(config)
-    s = model_shape(config)
-    n_all = sum(o * i for o, i in shapes.values())
-    n_frozen = _frozen_params(shapes, frozen)
-    per_token = 6.0 * (n_all - n_frozen) + 4.0 * n_frozen
+    per_token = _per_token(config, frozen, _lora(lora))
     if seq_len is not None:
+        s = model_shape(config)
         per_token += 3.0 * 4.0 * s.layers * s.heads * s.head_dim * (seq_len + 1) / 2.0
     return tokens * per_token
+
+
+def _per_token(config, frozen: Iterable[str], lora: LoraSpec | None) -> float:
+    """Matrix FLOPs of one training token (no attention term)."""
+    shapes = _matrices(config)
+    active = {name: o * i * frac for name, (o, i, frac) in shapes.items()}
+    n_all = sum(active.values())
+    adapters: dict[str, tuple[float, float]] = {}
+    if lora is not None:
+        for name in _lora_targets(lora, shapes):
+            o, i, _ = shapes[name]
+            adapters[name] = (float(lora.r * i), float(lora.r * o))
+    n_frozen = _frozen_weights(active, frozen, adapters)
+    if lora is None:
+        return 6.0 * (n_all - n_frozen) + 4.0 * n_frozen
+    return 4.0 * n_all + 6.0 * sum(a + b for a, b in adapters.values()) - 2.0 * n_frozen
 
 
 def inference_flops_per_token(config, context_len: int) -> float:
@@ -166,7 +303,7 @@ def inference_flops_per_token(config, context_len: int) -> float:
     ``2 N + 4 L heads head_dim context_len``."""
     context_len = _check_int(context_len, "context_len", 0)
     s = model_shape(config)
-    n_all = sum(o * i for o, i in matrix_shapes(config).values())
+    n_all = sum(active_weights(config).values())
     return 2.0 * n_all + 4.0 * s.layers * s.heads * s.head_dim * context_len
 
 
@@ -188,9 +325,9 @@ def inference_flops_per_sample(config, prompt_len: int, new_tokens: int) -> floa
     prompt_len = _check_int(prompt_len, "prompt_len", 1)
     new_tokens = _check_int(new_tokens, "new_tokens", 1)
     s = model_shape(config)
-    shapes = matrix_shapes(config)
-    n_head = shapes["lm_head"][0] * shapes["lm_head"][1]
-    n_body = sum(o * i for o, i in shapes.values()) - n_head
+    active = active_weights(config)
+    n_head = active["lm_head"]
+    n_body = sum(active.values()) - n_head
     att = 4.0 * s.layers * s.heads * s.head_dim
     steps = new_tokens - 1
     dense = 2.0 * n_body * (prompt_len + steps) + 2.0 * n_head * new_tokens
@@ -211,6 +348,8 @@ class FlopLedger:
     Args:
         config: the model's transformers config.
         seq_len: sequence length for the attention term (None: attention not counted).
+        lora: a PEFT ``LoraConfig`` or :class:`LoraSpec` for LoRA training (then ``dense_flops``
+            is the same LoRA steps with no adapter weight frozen).
     """
 
     config: object
@@ -221,17 +360,19 @@ class FlopLedger:
     steps: int = 0
     tokens: float = 0.0
     history: list[tuple[int, float]] = field(default_factory=list)
+    lora: object | None = None
 
     def __post_init__(self) -> None:
-        self._shapes = matrix_shapes(self.config)
+        model_shape(self.config)  # refuse an unusable config now, not at the first step
+        self.lora = _lora(self.lora)
         if self.seq_len is not None:
             self.seq_len = _check_int(self.seq_len, "seq_len", 1)
 
     def add_step(self, tokens: float, frozen: Iterable[str] = ()) -> float:
         """Account one step of ``tokens`` tokens with ``frozen`` matrices; returns its FLOPs."""
-        f = training_flops(self.config, tokens, seq_len=self.seq_len, frozen=frozen)
+        f = training_flops(self.config, tokens, seq_len=self.seq_len, frozen=frozen, lora=self.lora)
         self.train_flops += f
-        self.dense_flops += training_flops(self.config, tokens, seq_len=self.seq_len)
+        self.dense_flops += training_flops(self.config, tokens, seq_len=self.seq_len, lora=self.lora)
         self.steps += 1
         self.tokens += float(tokens)
         self.history.append((self.steps, self.train_flops))
@@ -286,7 +427,7 @@ class FlopLedger:
             "eval_flops": self.eval_flops, "planned_flops": None, "early_stop_saved": None,
             "total_saved": None}
         if planned_tokens is not None:
-            planned = training_flops(self.config, planned_tokens, seq_len=self.seq_len)
+            planned = training_flops(self.config, planned_tokens, seq_len=self.seq_len, lora=self.lora)
             out["planned_flops"] = planned
             out["early_stop_saved"] = planned - self.dense_flops
             out["total_saved"] = planned - self.train_flops

@@ -203,9 +203,16 @@ def load_samples(path: str | os.PathLike, *, on_bad_line: str = "skip",
             or non-finite ``train_flops``, a checkpoint named only on malformed lines, or no valid
             line at all.
         OSError: the file cannot be read (missing, a directory, no permission).
+        TypeError: ``path`` is not a str/bytes/PathLike (an int file descriptor is refused) or
+            ``report`` is not a :class:`LoadReport`.
     """
+    if isinstance(path, (bool, int)) or not isinstance(path, (str, bytes, os.PathLike)):
+        # an int would be opened as a file descriptor
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if on_bad_line not in ("skip", "error"):
         raise ValueError(f"on_bad_line must be 'skip' or 'error', got {on_bad_line!r}")
+    if report is not None and not isinstance(report, LoadReport):
+        raise TypeError(f"report must be a LoadReport or None, got {type(report).__name__}")
     rep = report if report is not None else LoadReport()
     cks: dict[str, CheckpointSamples] = {}
     # undecodable bytes become lone surrogates here and are reported per line below

@@ -2,7 +2,8 @@
 
 Every checkpoint is evaluated at every k in ``1..k_max`` with each strategy, from the one set of
 samples it has (see :mod:`grades.ttc.estimators`). A candidate *meets* the target when its mean
-accuracy is at least ``target - tolerance``. The reference deployment is the final checkpoint (the
+accuracy, less its Monte Carlo error bound (non-zero only for a Monte Carlo majority@k estimate,
+see :func:`~grades.ttc.estimators.majority_at_k`), is at least ``target - tolerance``. The reference deployment is the final checkpoint (the
 one with the most training FLOPs, or ``final_train_flops`` when given) answering each query
 with ``k_ref = 1`` sample. When several checkpoints share the most training FLOPs, the reference
 is the one whose name sorts first (so the result does not depend on the input order).
@@ -24,14 +25,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from .estimators import Estimate, best_of_k, majority_at_k, pass_at_k
-from .fits import MAX_EXTRAPOLATION, FitResult, fit_accuracy_vs_flops
+
 from .flops import _check_count as _real
+from .projection import FORMS, Projection, project_checkpoints
 from .samples import CheckpointSamples, common_problems
 
 __all__ = ["STRATEGIES", "Candidate", "Selection", "normalise_strategies", "evaluate_checkpoints",
@@ -68,7 +71,8 @@ class Candidate:
     """One (checkpoint, k, strategy) with its accuracy and costs (FLOPs as floats).
 
     ``train_flops_saved`` is against the reference; ``break_even`` is Q* (None when the inference
-    FLOPs per sample are unknown and k > k_ref); ``total_flops`` is None without a query volume.
+    FLOPs per sample are unknown and k > k_ref); ``total_flops`` is None without a query volume;
+    ``mc_error_bound`` bounds the Monte Carlo error of ``accuracy`` (0 for exact estimates).
     """
 
     checkpoint: str
@@ -81,6 +85,7 @@ class Candidate:
     train_flops_saved: float
     break_even: float | None
     total_flops: float | None
+    mc_error_bound: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -111,7 +116,7 @@ class Selection:
     min_train: Candidate | None
     min_total: Candidate | None
     reference_total_flops: float | None = None
-    projection: FitResult | None = None
+    projection: Projection | None = None
     estimates: dict[tuple[str, str], Estimate] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
@@ -200,25 +205,34 @@ def evaluate_checkpoints(checkpoints: Sequence[CheckpointSamples], k_max: int,
 def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: float | str = "final",
            tolerance: float = 0.0, strategies: Sequence[str] | None = None,
            queries: float | None = None, infer_flops_per_sample: float | None = None,
-           final_train_flops: float | None = None, fit_model: str = "exp",
-           max_extrapolation: float = MAX_EXTRAPOLATION) -> Selection:
+           final_train_flops: float | None = None, fit_model: str = "auto", confidence: float = 0.95,
+           max_extrapolation: float | None = None) -> Selection:
     """Pick (checkpoint, k, strategy) meeting ``target - tolerance`` at the lowest cost.
 
     Args:
         checkpoints: samples per checkpoint (restricted to their common problems).
         k_max: largest k considered (every problem needs n >= k_max samples).
         target: a number in [0, 1]; ``"final"``: the measured accuracy (k = 1) of the checkpoint
-            with the most training FLOPs; ``"projection"``: the accuracy-vs-FLOPs fit (k = 1)
-            evaluated at ``final_train_flops`` (raises ``PoorFitError``/``ExtrapolationError``
-            when the fit cannot be trusted there).
+            with the most training FLOPs; ``"projection"``: the upper bound at ``confidence`` of
+            the accuracy (k = 1) projected to ``final_train_flops`` (:mod:`grades.ttc.projection`).
         tolerance: accuracy slack (finite, >= 0).
         strategies: subset of :data:`STRATEGIES` (default: all; see the module note on pass@k).
         queries: expected number of queries served, for ``min_total``.
         infer_flops_per_sample: inference FLOPs of one sampled completion (for Q* and totals).
         final_train_flops: training FLOPs of the full run (default: the largest checkpoint's; at
             least that, ``ValueError`` otherwise).
-        fit_model, max_extrapolation: passed to :func:`fit_accuracy_vs_flops` for projection.
+        fit_model: ``"auto"`` or one of :data:`~grades.ttc.projection.FORMS`, for ``"projection"``.
+        confidence: for ``"projection"``: the target is the projection's upper bound at this
+            confidence (the rule :class:`~grades.ttc.callback.TTCMonitor` stops by).
+        max_extrapolation: deprecated and ignored (``FutureWarning``).
+    Raises:
+        ValueError: bad arguments, or ``"projection"`` when no form has enough checkpoints.
     """
+    if max_extrapolation is not None:
+        warnings.warn("select: max_extrapolation is deprecated and ignored: the projection's confidence "
+                      "interval decides how far it can be trusted", FutureWarning, stacklevel=2)
+    if fit_model != "auto" and fit_model not in FORMS:
+        raise ValueError(f"fit_model must be 'auto' or one of {FORMS}, got {fit_model!r}")
     tolerance = _real(tolerance, "tolerance")
     queries = None if queries is None else _real(queries, "queries")
     if queries is not None and infer_flops_per_sample is None:
@@ -238,18 +252,19 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
                              f"{ref.train_flops:.6g} of checkpoint {ref.name!r}: the full run cannot "
                              "cost less than one of its checkpoints")
         ref_flops = float(final_train_flops)
-    acc1 = {c.name: pass_at_k(c.correct(), 1) for c in cks}
     projection = None
     if isinstance(target, str):
         if target == "final":
-            tgt, source = float(acc1[ref.name].mean[0]), f"final:{ref.name}"
+            tgt, source = float(pass_at_k(ref.correct(), 1).mean[0]), f"final:{ref.name}"
         elif target == "projection":
-            xs = [c.train_flops for c in cks]
-            ys = [float(acc1[c.name].mean[0]) for c in cks]
-            se = [float(acc1[c.name].se[0]) for c in cks]
-            projection = fit_accuracy_vs_flops(xs, ys, se if len(cks[0].problems) > 1 else None,
-                                               model=fit_model, max_extrapolation=max_extrapolation)
-            tgt, source = float(projection.predict(ref_flops)), "projection"
+            if ref_flops <= 0:
+                raise ValueError("target='projection' needs training FLOPs > 0 for the full run")
+            ordered = sorted(cks, key=lambda c: (c.train_flops, c.name))
+            projection = project_checkpoints(ordered, ref_flops, confidence=confidence,
+                                             forms=FORMS if fit_model == "auto" else (fit_model,))
+            if not projection.ok:
+                raise ValueError(f"cannot project: {projection.reason}")
+            tgt, source = projection.upper, "projection"
         else:
             raise ValueError(f"target must be a number, 'final' or 'projection', got {target!r}")
     else:
@@ -266,9 +281,10 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
                 k = int(k)
                 acc = float(est.mean[i])
                 total = None if queries is None else ck.train_flops + queries * k * infer_flops_per_sample
+                bound = float(est.mc_error_bound)
                 table.append(Candidate(ck.name, ck.train_flops, k, s, acc, float(est.se[i]),
-                                       acc >= threshold - 1e-12, saved,
-                                       break_even_queries(saved, k, infer_flops_per_sample), total))
+                                       acc - bound >= threshold - 1e-12, saved,
+                                       break_even_queries(saved, k, infer_flops_per_sample), total, bound))
     order = {s: i for i, s in enumerate(strats)}
     feas = [c for c in table if c.meets]
     min_train = min(feas, key=lambda c: (c.train_flops, c.k, order[c.strategy], -c.accuracy, c.checkpoint),
