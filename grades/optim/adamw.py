@@ -149,6 +149,12 @@ class FrozenAwareAdamW(Rows, Optimizer, FreezableOptimizer):
         return nonfinite.uses_total_norm(self.nonfinite)
 
     @property
+    def reduces_stats(self) -> bool:  # type: ignore[override]
+        """Whether :attr:`last_grad_stats` are already summed over the ranks that hold shards of the
+        parameters (FSDP2 DTensor parameters), so a policy must not reduce them again."""
+        return self._shards.active
+
+    @property
     def nonfinite_count(self) -> torch.Tensor:
         """int64 0-dim: non-finite gradient elements seen in the last step."""
         return self.last_grad_stats[:, 2].sum(dtype=torch.int64)
@@ -166,10 +172,10 @@ class FrozenAwareAdamW(Rows, Optimizer, FreezableOptimizer):
             check_options(group)
             for p in group["params"]:
                 self._check_param(p)
+            self._sync_rows()  # changes nothing if it raises (DTensors on different meshes)
         except Exception:
             self.param_groups.pop()
             raise
-        self._sync_rows()
 
     # ------------------------------------------------------------------ master weights
 
