@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .. import backends
+from .. import backends, dtensor
 from .._validate import upload
 from ..contract import FreezableOptimizer
 from . import checkpoint, nonfinite, update
@@ -29,7 +29,7 @@ from .rows import Rows
 
 __all__ = ["FrozenAwareAdamW", "NonFiniteGradientError"]
 
-_CACHES = ("_plans", "_part_cache", "_step_views", "_index")
+_CACHES = ("_plans", "_part_cache", "_step_views", "_index", "_shards")  # _shards: holds a process group
 
 
 class FrozenAwareAdamW(Rows, Optimizer, FreezableOptimizer):
@@ -287,5 +287,6 @@ class FrozenAwareAdamW(Rows, Optimizer, FreezableOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "param_list" in state:  # a whole optimizer (deepcopy, pickle): caches rebuilt
+            self._shards = dtensor.ShardGroup(self.param_list)
             self._clear_plans()
 
