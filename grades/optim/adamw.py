@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .. import backends
+from .. import backends, dtensor
 from .._validate import upload
 from ..contract import FreezableOptimizer
 from . import checkpoint, nonfinite, update
@@ -29,7 +29,7 @@ from .rows import Rows
 
 __all__ = ["FrozenAwareAdamW", "NonFiniteGradientError"]
 
-_CACHES = ("_plans", "_part_cache", "_step_views", "_index")
+_CACHES = ("_plans", "_part_cache", "_step_views", "_index", "_shards")  # _shards: holds a process group
 
 
 class FrozenAwareAdamW(Rows, Optimizer, FreezableOptimizer):
@@ -149,6 +149,12 @@ class FrozenAwareAdamW(Rows, Optimizer, FreezableOptimizer):
         return nonfinite.uses_total_norm(self.nonfinite)
 
     @property
+    def reduces_stats(self) -> bool:  # type: ignore[override]
+        """Whether :attr:`last_grad_stats` are already summed over the ranks that hold shards of the
+        parameters (FSDP2 DTensor parameters), so a policy must not reduce them again."""
+        return self._shards.active
+
+    @property
     def nonfinite_count(self) -> torch.Tensor:
         """int64 0-dim: non-finite gradient elements seen in the last step."""
         return self.last_grad_stats[:, 2].sum(dtype=torch.int64)
@@ -166,10 +172,10 @@ class FrozenAwareAdamW(Rows, Optimizer, FreezableOptimizer):
             check_options(group)
             for p in group["params"]:
                 self._check_param(p)
+            self._sync_rows()  # changes nothing if it raises (DTensors on different meshes)
         except Exception:
             self.param_groups.pop()
             raise
-        self._sync_rows()
 
     # ------------------------------------------------------------------ master weights
 
@@ -281,5 +287,6 @@ class FrozenAwareAdamW(Rows, Optimizer, FreezableOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "param_list" in state:  # a whole optimizer (deepcopy, pickle): caches rebuilt
+            self._shards = dtensor.ShardGroup(self.param_list)
             self._clear_plans()
 

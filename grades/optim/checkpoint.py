@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
+from .. import dtensor
 from .._validate import STATS_DTYPE, is_wrapper_subclass
 from .hparams import IMPL_SWITCHES, REFUSED, check_hparams, check_options
 from .views import new_moment
@@ -98,6 +99,9 @@ def _check_step(gidx: int, v: Any) -> torch.Tensor:
 
 
 def _check_moment(gidx: int, k: str, t: Any, p: torch.Tensor) -> None:
+    if dtensor.is_dtensor(t) and dtensor.is_dtensor(p):  # FSDP2: sharded like its parameter
+        dtensor.check_moment(t, p, f"state of parameter {gidx}: {k!r}")
+        return
     if isinstance(t, torch.Tensor) and is_wrapper_subclass(t):
         raise TypeError(f"state of parameter {gidx}: {k!r} is a {type(t).__name__}, a tensor subclass "
                         "without plain storage (a sharded checkpoint? load it as plain tensors)")
@@ -112,7 +116,8 @@ def _check_moment(gidx: int, k: str, t: Any, p: torch.Tensor) -> None:
 def _check_all_at_once(steps: list[torch.Tensor], sqs: list[tuple[int, torch.Tensor]]) -> None:
     """Step counts finite and >= 0, second moments >= 0 (one host read for all of them)."""
     flags = [(~(torch.isfinite(s.to(torch.float64)) & (s >= 0))).reshape(1) for s in steps]
-    flags += [(torch.view_as_real(t) if t.is_complex() else t).lt(0).any().reshape(1) for _, t in sqs]
+    flags += [(torch.view_as_real(t) if t.is_complex() else t).lt(0).any().reshape(1)
+              for t in (dtensor.local(t) for _, t in sqs)]  # a DTensor: this rank's shard
     if not flags:
         return
     dev = sqs[0][1].device if sqs else flags[0].device
@@ -164,8 +169,8 @@ def adopt_saved_masters(candidates: list) -> None:
     if not candidates:
         return
     agree = []
-    for _, saved, p in candidates:
-        a, b = saved.to(p.dtype), p.detach()
+    for _, saved, p in candidates:  # DTensors: compared shard to shard
+        a, b = dtensor.local(saved.to(p.dtype)), dtensor.local(p.detach())
         same = (a.view(torch.int16) == b.view(torch.int16)) | (torch.isnan(a) & torch.isnan(b))
         agree.append(same.all())
     for ok, (master, saved, _) in zip(torch.stack(agree).cpu().tolist(), candidates):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from .. import backends
+from .. import backends, dtensor
 from .._validate import STATS_DTYPE, SUPPORTED_DTYPES, check_no_overlap, is_wrapper_subclass, upload
 from .views import KernelViews, fits, is_plain, new_moment
 
@@ -34,7 +34,8 @@ def _layout(params: list[torch.Tensor]) -> tuple:
 
 
 class Plan:
-    """What stays the same while the same parameters of a group take part (cached)."""
+    """What stays the same while the same parameters of a group take part (cached). ``params``
+    are the group's entries (DTensors stay DTensors: they key ``opt.state``)."""
 
     def __init__(self, opt: "FrozenAwareAdamW", gi: int, local: tuple[int, ...], params: list[torch.Tensor]):
         start, end = opt._ranges[gi]
@@ -49,15 +50,16 @@ class Plan:
         # the fused update's own statistics when a detection pass has already produced them
         self.discard = torch.empty_like(self.scratch)
         self.backend = backends.select(dev, "list", opt.backend)
-        self.numels = tuple(p.numel() for p in params)
-        self.layout = _layout(params)
+        self.numels = tuple(dtensor.local(p).numel() for p in params)
+        self.layout = _layout([dtensor.local(p) for p in params])
         self.checked: Optional[list[tuple]] = None  # state tensors checked last, per parameter
         self.hp: Optional[tuple] = None  # (number hyperparameters, their checked AdamWArgs)
 
 
 @dataclass
 class Work:
-    """One group's part of a step, in kernel form (lists in participation order)."""
+    """One group's part of a step, in kernel form (lists in participation order; local shards of
+    DTensors)."""
 
     gi: int
     group: dict
@@ -118,6 +120,7 @@ def _participants(opt: "FrozenAwareAdamW", gi: int, group: dict) -> tuple[list[i
             if id(p) in seen:
                 continue
             seen.add(id(p))
+        p, g = dtensor.local(p), dtensor.local(g)  # FSDP2: the kernels run on the local shards
         _check_param_now(opt, start + i, p)
         local.append(i)
         grads.append(_check_grad(start + i, p, g))
@@ -138,18 +141,24 @@ def _init_state(opt: "FrozenAwareAdamW", gi: int, local: int, p: torch.Tensor, s
 
 
 def _adopt_tensor(row: int, key: str, t: Any, p: torch.Tensor) -> torch.Tensor:
-    """A state tensor the user put there: checked, and copied into the optimizer's layout if needed."""
-    if not isinstance(t, torch.Tensor) or is_wrapper_subclass(t):
-        raise TypeError(f"state of parameter {row}: {key!r} must be a plain tensor, got {type(t).__name__}")
+    """A state tensor the user put there: checked, and copied into the optimizer's layout if needed
+    (a DTensor parameter's state is a DTensor with its placements, compared shard to shard)."""
+    what = f"state of parameter {row}: {key!r}"
+    if dtensor.is_dtensor(p):
+        if not dtensor.is_dtensor(t):
+            raise TypeError(f"{what} must be a DTensor with the parameter's placements, got {type(t).__name__}")
+        dtensor.check_moment(t, p, what)
+    elif not isinstance(t, torch.Tensor) or is_wrapper_subclass(t):
+        raise TypeError(f"{what} must be a plain tensor, got {type(t).__name__}")
     if t.shape != p.shape:
-        raise ValueError(f"state of parameter {row}: {key!r} has shape {tuple(t.shape)}, the parameter "
-                         f"{tuple(p.shape)}")
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
+    lt, lp = dtensor.local(t), dtensor.local(p)
     if key == "master_param":
-        return t if (t.dtype == torch.float32 and t.device == p.device and t.stride() == p.stride()) else \
+        return t if (t.dtype == torch.float32 and lt.device == lp.device and lt.stride() == lp.stride()) else \
             p.detach().to(torch.float32, copy=True).copy_(t)
     if t.is_complex() and not p.is_complex():
-        raise TypeError(f"state of parameter {row}: {key!r} is complex but the parameter is {p.dtype}")
-    return t if fits(t, p) else new_moment(p, t)
+        raise TypeError(f"{what} is complex but the parameter is {p.dtype}")
+    return t if fits(lt, lp) else new_moment(p, t)
 
 
 def _state_tensors(opt: "FrozenAwareAdamW", gi: int, plan: Plan, amsgrad: bool) -> list[tuple]:
@@ -175,6 +184,10 @@ def _state_tensors(opt: "FrozenAwareAdamW", gi: int, plan: Plan, amsgrad: bool) 
     return out
 
 
+def _locals(ts: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+    return [dtensor.local(t) for t in ts]
+
+
 def gather_group(opt: "FrozenAwareAdamW", gi: int, group: dict) -> Optional[Work]:
     """One group's work for this step, or None when none of its parameters takes part."""
     local, grads = _participants(opt, gi, group)
@@ -182,12 +195,14 @@ def gather_group(opt: "FrozenAwareAdamW", gi: int, group: dict) -> Optional[Work
         return None
     key = (gi, tuple(local))
     plan = opt._plans.get(key)
-    params = [group["params"][i] for i in local]
+    entries = [group["params"][i] for i in local]
+    # FSDP2 may give a DTensor a new local shard (lazy init, loading): taken afresh every step
+    params = _locals(entries)
     if plan is None:
         # the fused update writes every parameter once: no two may share memory
         start = opt._ranges[gi][0]
         check_no_overlap([(f"parameter {start + i}", p) for i, p in zip(local, params)])
-        plan = opt._plans[key] = Plan(opt, gi, key[1], params)
+        plan = opt._plans[key] = Plan(opt, gi, key[1], entries)
     elif _layout(params) != plan.layout:  # a .data replaced since the last step
         j = next((j for j, (p, n) in enumerate(zip(params, plan.numels)) if p.numel() != n), None)
         if j is not None:
@@ -198,8 +213,8 @@ def gather_group(opt: "FrozenAwareAdamW", gi: int, group: dict) -> Optional[Work
     amsgrad = bool(group.get("amsgrad", False))
     tensors = _state_tensors(opt, gi, plan, amsgrad)
     plan.checked = tensors
-    work = Work(gi, group, plan, grads, list(params), [t[0] for t in tensors], [t[1] for t in tensors],
-                [t[2] for t in tensors], [t[3] for t in tensors] if amsgrad else None)
+    work = Work(gi, group, plan, grads, params, _locals([t[0] for t in tensors]), _locals([t[1] for t in tensors]),
+                _locals([t[2] for t in tensors]), _locals([t[3] for t in tensors]) if amsgrad else None)
     if not any(m is not None for m in work.masters):
         work.masters = None
     for j, p in enumerate(params):

@@ -53,6 +53,8 @@ def _detect(opt: "FrozenAwareAdamW", work: list["Work"], frozens: list[torch.Ten
         w.plan.backend.grad_stats_list(w.grads, fz, rows)
         if not w.plan.full:
             stats_all.index_copy_(0, w.plan.idx_global, rows)
+    if opt._shards.active:  # FSDP2: partial sums over local shards, made whole (the same on every rank)
+        opt._shards.reduce_stats_(stats_all)
     if stats_all.device.type == "cpu" and not stats_all[:, 2].numpy().any():
         return None  # host memory: a clean step (the usual case) is known at once
     if opt.nonfinite == "raise":
@@ -78,7 +80,10 @@ def decide(opt: "FrozenAwareAdamW", work: list["Work"], frozens: list[torch.Tens
     pass has already written this step's statistics."""
     dev = opt.frozen.device
     if found_inf is not None:
-        return found_inf.to(device=dev, non_blocking=True).reshape(()).ne(0).to(torch.float32), False
+        found = found_inf.to(device=dev, non_blocking=True).reshape(()).ne(0).to(torch.float32)
+        if opt._shards.active:  # the scaler looked at the local shards only: every rank skips alike
+            found = opt._shards.reduce_found_(found)
+        return found, False
     if hint is not None and uses_total_norm(opt.nonfinite):
         return _from_norm(hint, dev), False
     if opt.nonfinite in ("auto", "ignore"):

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional, Union
 import numpy as np
 import torch
 
+from .. import dtensor
 from .._validate import STATS_DTYPE, is_wrapper_subclass, upload
 
 __all__ = ["Rows"]
@@ -39,16 +40,17 @@ class Rows:
         self.frozen = torch.zeros(0, dtype=torch.bool)
         self.last_grad_stats = torch.zeros(0, 3, dtype=STATS_DTYPE)
         self.last_participation = torch.zeros(0, dtype=torch.bool)
+        self._shards = dtensor.ShardGroup([])  # FSDP2: the group the per-parameter statistics are summed over
         self._clear_plans()
 
     def _check_param(self, p: torch.Tensor) -> None:
-        """What a parameter must be to join (duplicates within a group warn in torch's add_param_group)."""
+        """What a parameter must be to join (duplicates within a group warn in torch's add_param_group).
+        A DTensor (FSDP2) must have a layout :mod:`grades.dtensor` accepts; its local shard is checked."""
+        if dtensor.is_dtensor(p):
+            p = dtensor.check_param(p)
         if is_wrapper_subclass(p):
             raise TypeError(f"FrozenAwareAdamW supports plain tensor parameters, got a {type(p).__name__} "
-                            "(a tensor subclass without plain storage"
-                            + ("; FSDP2 / tensor-parallel DTensor parameters are not supported: their "
-                               "statistics and skip decisions would differ across ranks"
-                               if type(p).__name__ == "DTensor" else "") + ")")
+                            "(a tensor subclass without plain storage)")
         if p.is_neg():
             raise ValueError("a parameter has its negative bit set (a lazily negated view); the fused update "
                              "would write it without the negation: pass a parameter with .resolve_neg()")
@@ -77,6 +79,7 @@ class Rows:
         for p in flat:
             if id(p) not in old:
                 self._check_param(p)
+        shards = dtensor.ShardGroup(flat)
         dev = self._device or torch.device("cpu")
         keep = [(i, old[id(p)]) for i, p in enumerate(flat) if id(p) in old]
         new_i = upload(torch.tensor([i for i, _ in keep], dtype=torch.long), dev)
@@ -88,7 +91,7 @@ class Rows:
         host = np.zeros(len(flat), dtype=bool)
         host[[i for i, _ in keep]] = self._host_frozen[[j for _, j in keep]]
         released = {i for i, j in keep if j in self._released}
-        self.param_list = flat
+        self.param_list, self._shards = flat, shards
         self._ranges = [(sum(sizes[:g]), sum(sizes[:g + 1])) for g in range(len(sizes))]
         self._has_duplicates = any(len({id(p) for p in g["params"]}) != len(g["params"]) for g in self.param_groups)
         self.last_grad_stats = stats

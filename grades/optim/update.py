@@ -59,8 +59,8 @@ def _count_steps(w: "Work", steps: torch.Tensor, active: torch.Tensor, sign: int
 def apply(opt: "FrozenAwareAdamW", work: list["Work"], frozens: list[torch.Tensor], hps: list[AdamWArgs],
           found: Optional[torch.Tensor], detected: bool) -> None:
     """One fused call per group; the statistics go to ``last_grad_stats`` unless a detection
-    pass has written them. A backend that refuses the call (it checks before it writes) leaves
-    the step counts as they were."""
+    pass has written them (summed over the shard group for FSDP2 parameters, once). A backend
+    that refuses the call (it checks before it writes) leaves the step counts as they were."""
     ok = None if found is None else found == 0
     for w, fz, hp in zip(work, frozens, hps):
         active = fz.logical_not()
@@ -84,6 +84,8 @@ def apply(opt: "FrozenAwareAdamW", work: list["Work"], frozens: list[torch.Tenso
         mark_written([*w.plan.params, *(w.masters or ())])
         if not detected and not w.plan.full:
             opt.last_grad_stats.index_copy_(0, w.plan.idx_global, out)
+    if not detected and opt._shards.active:
+        opt._shards.reduce_stats_(opt.last_grad_stats)
 
 
 def record_skip(opt: "FrozenAwareAdamW", found: Optional[torch.Tensor], all_full: bool) -> None:
