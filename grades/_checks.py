@@ -37,13 +37,22 @@ def check_number(v: Any, name: str, *, lo: float = -math.inf, hi: float = math.i
         return None
     if not (is_integer(v) if integer else is_real(v)):
         raise TypeError(f"{name} must be {'an integer' if integer else 'a real number'}, got {type(v).__name__}")
-    x = int(v) if integer else float(v)
+    x = int(v) if integer else _float(v)
     below = x <= lo if lo_open else x < lo
     above = x >= hi if hi_open else x > hi
-    if not math.isfinite(x) or below or above:
+    if not (integer or math.isfinite(x)) or below or above:  # an int is finite (and may not fit a float)
         what = "an integer" if integer else "a finite number"
-        raise ValueError(f"{name} must be {what} {_range(lo, hi, lo_open, hi_open)}, got {v!r}")
+        rng = _range(lo, hi, lo_open, hi_open)
+        raise ValueError(f"{name} must be {what}{' ' + rng if rng else ''}, got {v!r}")
     return x
+
+
+def _float(v: Any) -> float:
+    """``float(v)``, ``inf`` for an integer too large for a float (a count of 10**400 is out of range)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
 
 
 def _range(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:

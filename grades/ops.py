@@ -8,12 +8,12 @@ Neither synchronises with the host.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
 from . import backends
+from ._checks import check_number
 from ._validate import (STATS_DTYPE, SUPPORTED_DTYPES, as_tensor_list, check_frozen, check_no_overlap, check_out,
                         check_plain, check_same_device, check_tensor, check_writable, mark_written)
 from .segment_table import SegmentTable, SegmentsLike, resolve_segments
@@ -140,16 +140,6 @@ def grad_stats(
     return out
 
 
-def _check_float(name: str, v: object, lo: float = 0.0, hi: float = math.inf, *, lo_open=False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v >= hi:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi})"
-        raise ValueError(f"Invalid {name} value: {v} (expected in {rng})")
-    return v
-
-
 def _check_scalar_tensor(name: str, t: Optional[torch.Tensor], device: torch.device,
                          shapes: tuple = ((),), convert: bool = True) -> Optional[torch.Tensor]:
     if t is None:
@@ -206,15 +196,15 @@ def _adamw_args(device, num_matrices, lr, beta1, beta2, eps, weight_decay, step,
     if isinstance(lr, torch.Tensor):
         lr_t = _check_scalar_tensor("lr", lr, device)
     else:
-        lr_t = _check_float("lr", lr)
-    beta1 = _check_float("beta1", beta1, 0.0, 1.0)
-    beta2 = _check_float("beta2", beta2, 0.0, 1.0)
-    eps = _check_float("eps", eps)
-    weight_decay = _check_float("weight_decay", weight_decay)
+        lr_t = check_number(lr, "lr", lo=0.0)
+    beta1 = check_number(beta1, "beta1", lo=0.0, hi=1.0, hi_open=True)
+    beta2 = check_number(beta2, "beta2", lo=0.0, hi=1.0, hi_open=True)
+    eps = check_number(eps, "eps", lo=0.0)
+    weight_decay = check_number(weight_decay, "weight_decay", lo=0.0)
     if isinstance(step, torch.Tensor):
         step_t = _check_scalar_tensor("step", step, device, shapes=((), (num_matrices,)))
     else:
-        step_t = _check_float("step", step, 1.0)
+        step_t = check_number(step, "step", lo=1.0)
     return AdamWArgs(lr=lr_t, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step_t,
                      grad_scale=_check_scalar_tensor("grad_scale", grad_scale, device),
                      found_inf=_found_inf(found_inf, device), maximize=_check_bool("maximize", maximize))

@@ -2,10 +2,11 @@
 ``torch.optim.AdamW``'s exception types and messages (a drop-in fails the way torch fails)."""
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
+
+from .._checks import is_real
 
 __all__ = ["check_hparams", "check_options", "REFUSED", "IMPL_SWITCHES"]
 
@@ -29,7 +30,9 @@ def _check_tensor_hp(name: str, t: torch.Tensor, foreach: Any) -> torch.Tensor:
 
 
 def _check_real(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    """The package's number test (a bool is not one). The ranges stay in :func:`check_hparams`:
+    torch's messages name each value its own way, and torch accepts an infinite lr or eps."""
+    if not is_real(v):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
 
 

@@ -32,6 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
+from .._checks import check_number
 from .projection import FORMS, Projection, project_checkpoints
 from .samples import CheckpointSamples, _verdict, samples_from_completions, write_samples
 from .shard import shard_for
@@ -79,13 +80,12 @@ class TTCDecision:
 
 
 def _number(v, name: str, *, lo: float = 0.0, strict: bool = False, none: bool = True) -> float | None:
-    """``v`` as a finite float ``>= lo`` (``> lo`` when ``strict``), or None where allowed."""
-    if v is None and none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
-            or (v <= lo if strict else v < lo):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, got {v!r}")
-    return float(v)
+    """:func:`~grades._checks.check_number` (``> lo`` when ``strict``, None passes where ``none``),
+    a non-number raising ``ValueError`` too: every bad argument of the monitor is a ``ValueError``."""
+    try:
+        return check_number(v, name, lo=lo, lo_open=strict, none=none)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
 
 
 def _rng_fork(model):

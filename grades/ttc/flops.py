@@ -36,13 +36,11 @@ Counting rules (all values are floats, in FLOPs; one multiply-add = 2 FLOPs):
 """
 from __future__ import annotations
 
-import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-import numpy as np
+from .._checks import check_number
 
 __all__ = ["ModelShape", "LoraSpec", "model_shape", "matrix_shapes", "active_weights", "training_flops",
            "inference_flops_per_token", "inference_flops_per_sample", "FlopLedger"]
@@ -169,7 +167,7 @@ def _lora(lora) -> LoraSpec | None:
     else:
         raise TypeError(f"lora must be a LoraSpec or a peft LoraConfig, got {type(lora).__name__}")
     if spec is not None:
-        _check_int(spec.r, "lora r", 1)
+        check_number(spec.r, "lora r", lo=1, integer=True)
         t = spec.target_modules
         if not (isinstance(t, str) or (isinstance(t, (list, tuple, set, frozenset)) and t
                                         and all(isinstance(x, str) for x in t))):
@@ -230,30 +228,6 @@ def _frozen_weights(active: dict[str, float], frozen: Iterable[str], lora: dict[
     return total
 
 
-def _check_count(v, name: str, *, whole: bool = False, positive: bool = False) -> float:
-    """``v`` (a Python or numpy real, not a bool) as a finite float ``>= 0`` (``> 0`` when
-    ``positive``); a whole number when ``whole``."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    try:
-        f = float(v)
-    except OverflowError:
-        f = math.inf
-    if not math.isfinite(f) or not (f > 0 if positive else f >= 0):
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {v!r}")
-    if whole and not f.is_integer():
-        raise ValueError(f"{name} must be a whole number, got {v!r}")
-    return f
-
-
-def _check_int(v, name: str, lo: int) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return int(v)
-
-
 def training_flops(config, tokens: float, *, seq_len: int | None = None,
                    frozen: Iterable[str] = (), lora=None) -> float:
     """Training FLOPs for ``tokens`` tokens (forward + backward).
@@ -272,9 +246,11 @@ def training_flops(config, tokens: float, *, seq_len: int | None = None,
     Raises:
         ValueError, TypeError: bad counts, unknown matrix names, a LoRA setup not covered.
     """
-    tokens = _check_count(tokens, "tokens", whole=True)
+    tokens = check_number(tokens, "tokens", lo=0.0)
+    if not tokens.is_integer():  # a count of tokens; 1e9 as a float is one
+        raise ValueError(f"tokens must be a whole number, got {tokens!r}")
     if seq_len is not None:
-        seq_len = _check_int(seq_len, "seq_len", 1)
+        seq_len = check_number(seq_len, "seq_len", lo=1, integer=True)
     per_token = _per_token(config, frozen, _lora(lora))
     if seq_len is not None:
         s = model_shape(config)
@@ -301,7 +277,7 @@ def _per_token(config, frozen: Iterable[str], lora: LoraSpec | None) -> float:
 def inference_flops_per_token(config, context_len: int) -> float:
     """FLOPs of generating one token with a KV cache over ``context_len`` positions:
     ``2 N + 4 L heads head_dim context_len``."""
-    context_len = _check_int(context_len, "context_len", 0)
+    context_len = check_number(context_len, "context_len", lo=0, integer=True)
     s = model_shape(config)
     n_all = sum(active_weights(config).values())
     return 2.0 * n_all + 4.0 * s.layers * s.heads * s.head_dim * context_len
@@ -322,8 +298,8 @@ def inference_flops_per_sample(config, prompt_len: int, new_tokens: int) -> floa
 
     ``new_tokens`` counts every generated token, an ``<eos>`` included.
     """
-    prompt_len = _check_int(prompt_len, "prompt_len", 1)
-    new_tokens = _check_int(new_tokens, "new_tokens", 1)
+    prompt_len = check_number(prompt_len, "prompt_len", lo=1, integer=True)
+    new_tokens = check_number(new_tokens, "new_tokens", lo=1, integer=True)
     s = model_shape(config)
     active = active_weights(config)
     n_head = active["lm_head"]
@@ -366,7 +342,7 @@ class FlopLedger:
         model_shape(self.config)  # refuse an unusable config now, not at the first step
         self.lora = _lora(self.lora)
         if self.seq_len is not None:
-            self.seq_len = _check_int(self.seq_len, "seq_len", 1)
+            self.seq_len = check_number(self.seq_len, "seq_len", lo=1, integer=True)
 
     def add_step(self, tokens: float, frozen: Iterable[str] = ()) -> float:
         """Account one step of ``tokens`` tokens with ``frozen`` matrices; returns its FLOPs."""
@@ -380,7 +356,7 @@ class FlopLedger:
 
     def add_eval(self, flops: float) -> None:
         """Account evaluation compute (e.g. TTC sampling) separately from training."""
-        self.eval_flops += _check_count(flops, "flops")
+        self.eval_flops += check_number(flops, "flops", lo=0.0)
 
     def state_dict(self) -> dict:
         """The running totals as a JSON-serialisable dict (``seq_len``, ``train_flops``,
@@ -402,9 +378,9 @@ class FlopLedger:
         if state["seq_len"] != self.seq_len:
             raise ValueError(f"FlopLedger state was counted with seq_len={state['seq_len']!r}, "
                              f"this ledger has seq_len={self.seq_len!r}")
-        vals = {k: _check_count(state[k], f"FlopLedger state {k}")
+        vals = {k: check_number(state[k], f"FlopLedger state {k}", lo=0.0)
                 for k in ("train_flops", "dense_flops", "eval_flops", "tokens")}
-        steps = _check_int(state["steps"], "FlopLedger state steps", 0)
+        steps = check_number(state["steps"], "FlopLedger state steps", lo=0, integer=True)
         if vals["train_flops"] > vals["dense_flops"]:
             raise ValueError("FlopLedger state: train_flops exceeds dense_flops")
         hist = state["history"]
@@ -414,8 +390,8 @@ class FlopLedger:
         for i, pair in enumerate(hist):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise ValueError(f"FlopLedger state: history[{i}] must be a [step, flops] pair")
-            history.append((_check_int(pair[0], f"FlopLedger state history[{i}] step", 0),
-                            _check_count(pair[1], f"FlopLedger state history[{i}] flops")))
+            history.append((check_number(pair[0], f"FlopLedger state history[{i}] step", lo=0, integer=True),
+                            check_number(pair[1], f"FlopLedger state history[{i}] flops", lo=0.0)))
         self.train_flops, self.dense_flops = vals["train_flops"], vals["dense_flops"]
         self.eval_flops, self.tokens, self.steps, self.history = vals["eval_flops"], vals["tokens"], steps, history
 

@@ -31,9 +31,9 @@ from typing import Sequence
 
 import numpy as np
 
+from .._checks import check_number
 from .estimators import Estimate, best_of_k, majority_at_k, pass_at_k
 
-from .flops import _check_count as _real
 from .projection import FORMS, Projection, project_checkpoints
 from .samples import CheckpointSamples, common_problems
 
@@ -152,7 +152,8 @@ def break_even_queries(train_flops_saved: float, k: int, infer_flops_per_sample:
         return math.inf if train_flops_saved >= 0 else 0.0
     if infer_flops_per_sample is None:
         return None
-    infer_flops_per_sample = _real(infer_flops_per_sample, "inference FLOPs per sample", positive=True)
+    infer_flops_per_sample = check_number(infer_flops_per_sample, "inference FLOPs per sample", lo=0.0,
+                                          lo_open=True)
     if train_flops_saved <= 0:
         return 0.0
     return train_flops_saved / (extra * infer_flops_per_sample)
@@ -233,12 +234,13 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
                       "interval decides how far it can be trusted", FutureWarning, stacklevel=2)
     if fit_model != "auto" and fit_model not in FORMS:
         raise ValueError(f"fit_model must be 'auto' or one of {FORMS}, got {fit_model!r}")
-    tolerance = _real(tolerance, "tolerance")
-    queries = None if queries is None else _real(queries, "queries")
+    tolerance = check_number(tolerance, "tolerance", lo=0.0)
+    queries = check_number(queries, "queries", lo=0.0, none=True)
     if queries is not None and infer_flops_per_sample is None:
         raise ValueError("a query volume needs infer_flops_per_sample to compare total FLOPs")
     if infer_flops_per_sample is not None:
-        infer_flops_per_sample = _real(infer_flops_per_sample, "infer_flops_per_sample", positive=True)
+        infer_flops_per_sample = check_number(infer_flops_per_sample, "infer_flops_per_sample", lo=0.0,
+                                              lo_open=True)
     cks, dropped = common_problems(list(checkpoints))
     estimates, strats = evaluate_checkpoints(cks, k_max, strategies)
     top = max(c.train_flops for c in cks)
@@ -246,7 +248,7 @@ def select(checkpoints: Sequence[CheckpointSamples], *, k_max: int, target: floa
     ref = min((c for c in cks if c.train_flops == top), key=lambda c: c.name)
     ref_flops = ref.train_flops
     if final_train_flops is not None:
-        final_train_flops = _real(final_train_flops, "final_train_flops")
+        final_train_flops = check_number(final_train_flops, "final_train_flops", lo=0.0)
         if final_train_flops < ref.train_flops:
             raise ValueError(f"final_train_flops={final_train_flops:.6g} is below the training FLOPs "
                              f"{ref.train_flops:.6g} of checkpoint {ref.name!r}: the full run cannot "
