@@ -176,6 +176,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     record("flat", gs)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
+    dist.barrier()  # gloo aborts when a peer leaves while another still talks to it
     dist.destroy_process_group()
 
 

@@ -335,6 +335,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             res[f"{mode}_error"] = f"megatron-core is not installed: {e}"
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
+    dist.barrier()  # gloo aborts when a peer leaves while another still talks to it
     dist.destroy_process_group()
 
 
