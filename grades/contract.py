@@ -16,6 +16,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ._validate import upload
+
 __all__ = ["FreezableOptimizer"]
 
 
@@ -63,3 +65,40 @@ class FreezableOptimizer(ABC):
     def sync_frozen_state(self, mask: Optional[Union[torch.Tensor, np.ndarray]] = None) -> int:
         """Tell the host which rows are frozen (a host copy of :attr:`frozen`); returns how many
         it learned about now."""
+
+
+class IndexedFrozenRows(FreezableOptimizer):
+    """The row bookkeeping of an optimizer whose rows are fixed at construction: ``_index``
+    (``id(param)`` → row), ``_step_calls``, the device mask :attr:`frozen` and its host copy
+    ``_host_frozen``. :meth:`_frozen_changed` is told the rows newly known to be frozen."""
+
+    def param_index(self, p: torch.Tensor) -> int:
+        try:
+            return self._index[id(p)]
+        except KeyError:
+            raise ValueError(f"parameter is not managed by this {type(self).__name__}") from None
+
+    @property
+    def step_calls(self) -> int:
+        return self._step_calls
+
+    def freeze_mask_(self, mask: torch.Tensor) -> None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (self.num_params,):
+            raise ValueError(f"mask must be a bool tensor of shape [{self.num_params}]")
+        self.frozen.logical_or_(mask.to(self.frozen.device))
+
+    def sync_frozen_state(self, mask: Optional[Union[torch.Tensor, np.ndarray]] = None) -> int:
+        host = (self.frozen.to("cpu").numpy() if mask is None else
+                (mask.to("cpu").numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask))).astype(bool)
+        if host.shape != (self.num_params,):
+            raise ValueError(f"mask must have shape [{self.num_params}], got {list(host.shape)}")
+        new = np.nonzero(host & ~self._host_frozen)[0]
+        if len(new):
+            self.frozen.index_fill_(0, upload(torch.from_numpy(new), self.frozen.device), True)
+            self._host_frozen[new] = True
+            self._frozen_changed(new)
+        return int(len(new))
+
+    def _frozen_changed(self, new: np.ndarray) -> None:
+        """Rows ``new`` just became frozen on the host (default: nothing to do)."""
+

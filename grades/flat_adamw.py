@@ -22,14 +22,14 @@ owns (an all-reduce, or Megatron's reduce-scatter of each bucket) when :meth:`Fl
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ._validate import STATS_DTYPE, upload
+from ._validate import STATS_DTYPE
 from .segment_table import SegmentTable
-from .contract import FreezableOptimizer
+from .contract import IndexedFrozenRows
 from .ops import grad_stats, masked_adamw_
 from .optim.hparams import check_hparams
 
@@ -163,7 +163,7 @@ def _carry(old_runs: list[Range], old: dict, runs: list[Range], new: dict) -> No
         npos += b - a
 
 
-class FlatAdamW(FreezableOptimizer):
+class FlatAdamW(IndexedFrozenRows):
     """AdamW on flat parameter / gradient buffers, state sharded over a process group.
 
     Args:
@@ -288,32 +288,8 @@ class FlatAdamW(FreezableOptimizer):
 
     # ------------------------------------------------------------------ contract
 
-    def param_index(self, p: torch.Tensor) -> int:
-        try:
-            return self._index[id(p)]
-        except KeyError:
-            raise ValueError("parameter is not managed by this FlatAdamW") from None
-
-    @property
-    def step_calls(self) -> int:
-        return self._step_calls
-
-    def freeze_mask_(self, mask: torch.Tensor) -> None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (self.num_params,):
-            raise ValueError(f"mask must be a bool tensor of shape [{self.num_params}]")
-        self.frozen.logical_or_(mask.to(self.frozen.device))
-
-    def sync_frozen_state(self, mask: Optional[Union[torch.Tensor, np.ndarray]] = None) -> int:
-        host = (self.frozen.to("cpu").numpy() if mask is None else
-                (mask.to("cpu").numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask))).astype(bool)
-        if host.shape != (self.num_params,):
-            raise ValueError(f"mask must have shape [{self.num_params}], got {list(host.shape)}")
-        new = np.nonzero(host & ~self._host_frozen)[0]
-        if len(new):
-            self.frozen.index_fill_(0, upload(torch.from_numpy(new), self.frozen.device), True)
-            self._host_frozen[new] = True
-            self._relayout()
-        return int(len(new))
+    def _frozen_changed(self, new: np.ndarray) -> None:
+        self._relayout()  # frozen ranges leave the update, the moments and the all-gather
 
     @property
     def state_bytes(self) -> int:

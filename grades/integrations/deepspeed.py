@@ -32,14 +32,14 @@ ZeRO-1/2.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from .._validate import STATS_DTYPE, upload
+from .._validate import STATS_DTYPE
 from ..segment_table import SegmentTable
-from ..contract import FreezableOptimizer
+from ..contract import IndexedFrozenRows
 from ..ops import grad_stats, masked_adamw_
 from ..optim.hparams import check_hparams
 
@@ -108,7 +108,7 @@ def _fragment_rows(params: list, rows: list[int], group_index: int, partition: t
     return out
 
 
-class ZeroAdamW(torch.optim.Optimizer, FreezableOptimizer):
+class ZeroAdamW(torch.optim.Optimizer, IndexedFrozenRows):
     """AdamW as DeepSpeed ZeRO-1/2's client optimizer, with GradES statistics and frozen mask.
 
     Args:
@@ -151,34 +151,6 @@ class ZeroAdamW(torch.optim.Optimizer, FreezableOptimizer):
         self._tables: dict[int, SegmentTable] = {}
         self._step_calls = 0
         self._skipped_now = False
-
-    # ------------------------------------------------------------------ contract
-
-    def param_index(self, p: torch.Tensor) -> int:
-        try:
-            return self._index[id(p)]
-        except KeyError:
-            raise ValueError("parameter is not managed by this ZeroAdamW") from None
-
-    @property
-    def step_calls(self) -> int:
-        return self._step_calls
-
-    def freeze_mask_(self, mask: torch.Tensor) -> None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (self.num_params,):
-            raise ValueError(f"mask must be a bool tensor of shape [{self.num_params}]")
-        self.frozen.logical_or_(mask.to(self.frozen.device))
-
-    def sync_frozen_state(self, mask: Optional[Union[torch.Tensor, np.ndarray]] = None) -> int:
-        host = (self.frozen.to("cpu").numpy() if mask is None else
-                (mask.to("cpu").numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask))).astype(bool)
-        if host.shape != (self.num_params,):
-            raise ValueError(f"mask must have shape [{self.num_params}], got {list(host.shape)}")
-        new = np.nonzero(host & ~self._host_frozen)[0]
-        if len(new):
-            self.frozen.index_fill_(0, upload(torch.from_numpy(new), self.frozen.device), True)
-            self._host_frozen[new] = True
-        return int(len(new))
 
     # ------------------------------------------------------------------ the step
 
