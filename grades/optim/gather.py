@@ -111,7 +111,7 @@ def _check_param_now(opt: "FrozenAwareAdamW", row: int, p: torch.Tensor) -> None
 def _participants(opt: "FrozenAwareAdamW", gi: int, group: dict) -> tuple[list[int], list[torch.Tensor]]:
     start = opt._ranges[gi][0]
     host_frozen, seen = opt._host_frozen, set() if opt._has_duplicates else None
-    local, grads = [], []
+    local, grads, sharded = [], [], opt._shards.has_dtensor
     for i, p in enumerate(group["params"]):
         g = p.grad
         if g is None or host_frozen[start + i]:
@@ -120,7 +120,8 @@ def _participants(opt: "FrozenAwareAdamW", gi: int, group: dict) -> tuple[list[i
             if id(p) in seen:
                 continue
             seen.add(id(p))
-        p, g = dtensor.local(p), dtensor.local(g)  # FSDP2: the kernels run on the local shards
+        if sharded:
+            p, g = dtensor.local(p), dtensor.local(g)  # FSDP2: the kernels run on the local shards
         _check_param_now(opt, start + i, p)
         local.append(i)
         grads.append(_check_grad(start + i, p, g))
@@ -184,8 +185,9 @@ def _state_tensors(opt: "FrozenAwareAdamW", gi: int, plan: Plan, amsgrad: bool) 
     return out
 
 
-def _locals(ts: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
-    return [dtensor.local(t) for t in ts]
+def _locals(opt: "FrozenAwareAdamW", ts: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+    # without DTensors (the usual case) the tensors are the kernels' own: no per-tensor type test
+    return [dtensor.local(t) for t in ts] if opt._shards.has_dtensor else list(ts)
 
 
 def gather_group(opt: "FrozenAwareAdamW", gi: int, group: dict) -> Optional[Work]:
@@ -197,7 +199,7 @@ def gather_group(opt: "FrozenAwareAdamW", gi: int, group: dict) -> Optional[Work
     plan = opt._plans.get(key)
     entries = [group["params"][i] for i in local]
     # FSDP2 may give a DTensor a new local shard (lazy init, loading): taken afresh every step
-    params = _locals(entries)
+    params = _locals(opt, entries)
     if plan is None:
         # the fused update writes every parameter once: no two may share memory
         start = opt._ranges[gi][0]
@@ -213,8 +215,8 @@ def gather_group(opt: "FrozenAwareAdamW", gi: int, group: dict) -> Optional[Work
     amsgrad = bool(group.get("amsgrad", False))
     tensors = _state_tensors(opt, gi, plan, amsgrad)
     plan.checked = tensors
-    work = Work(gi, group, plan, grads, params, _locals([t[0] for t in tensors]), _locals([t[1] for t in tensors]),
-                _locals([t[2] for t in tensors]), _locals([t[3] for t in tensors]) if amsgrad else None)
+    state = [_locals(opt, [t[k] for t in tensors]) for k in range(4)]
+    work = Work(gi, group, plan, grads, params, state[0], state[1], state[2], state[3] if amsgrad else None)
     if not any(m is not None for m in work.masters):
         work.masters = None
     for j, p in enumerate(params):
