@@ -8,7 +8,6 @@ way; ZeRO-3 and a plain torch AdamW under ZeRO-2 are refused when GradES is buil
 import importlib.util
 import json
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dist_util import free_port
 from test_megatron import CFG, LR, STEPS, WD, Net, batch, flat_params, reference_run
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -167,16 +167,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         json.dump(res, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("deepspeed"))
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
 
 

@@ -3,7 +3,6 @@ the same decisions at the same steps on every rank, and sharded statistics equal
 import functools
 import json
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -13,34 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from dist_util import Net, free_port
+
 pytestmark = pytest.mark.distributed
 
 STEPS = 12
 LR = 5e-2
-
-
-class Net(nn.Module):
-    def __init__(self, d: int = 8):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = nn.Linear(4, d)
-        self.layers = nn.ModuleList()
-        for _ in range(2):
-            blk = nn.Module()
-            blk.self_attn = nn.Module()
-            blk.self_attn.q_proj = nn.Linear(d, d, bias=False)
-            blk.mlp = nn.Module()
-            blk.mlp.up_proj = nn.Linear(d, 2 * d, bias=False)
-            blk.mlp.down_proj = nn.Linear(2 * d, d, bias=False)
-            self.layers.append(blk)
-        self.out = nn.Linear(d, 1)
-
-    def forward(self, x):
-        h = self.inp(x)
-        for b in self.layers:
-            h = h + torch.tanh(b.self_attn.q_proj(h))
-            h = h + b.mlp.down_proj(torch.relu(b.mlp.up_proj(h)))
-        return self.out(h)
 
 
 def batch(step: int, rank: int, world: int):
@@ -178,12 +155,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         json.dump(res, f)
     dist.barrier()  # gloo aborts when a peer leaves while another still talks to it
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,6 @@ padded buckets, built on CPU) and over :func:`attach_param_and_grad_buffers`, th
 match a one-process run over the global batch, frozen parameters stay bitwise unchanged after
 their freeze, and both ranks take the same decisions at the same steps.
 """
-import json
-import os
-import socket
 import unittest.mock
 import warnings
 
@@ -17,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from dist_util import Net, spawn
 from grades import FrozenAwareAdamW, GradES, GradESConfig
 from grades.flat_adamw import FlatAdamW, _owned_ranges
 from grades.integrations.megatron import attach_main_grad_buffer, attach_param_and_grad_buffers
@@ -28,30 +25,6 @@ STEPS = 10
 LR = 5e-2
 WD = 0.1
 CFG = dict(rel_tau=0.7, ema=0.5, grace_steps=3, patience=2, stop_ratio=None)
-
-
-class Net(nn.Module):
-    def __init__(self, d: int = 8):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = nn.Linear(4, d)
-        self.layers = nn.ModuleList()
-        for _ in range(2):
-            blk = nn.Module()
-            blk.self_attn = nn.Module()
-            blk.self_attn.q_proj = nn.Linear(d, d, bias=False)
-            blk.mlp = nn.Module()
-            blk.mlp.up_proj = nn.Linear(d, 2 * d, bias=False)
-            blk.mlp.down_proj = nn.Linear(2 * d, d, bias=False)
-            self.layers.append(blk)
-        self.out = nn.Linear(d, 1)
-
-    def forward(self, x):
-        h = self.inp(x)
-        for b in self.layers:
-            h = h + torch.tanh(b.self_attn.q_proj(h))
-            h = h + b.mlp.down_proj(torch.relu(b.mlp.up_proj(h)))
-        return self.out(h)
 
 
 def batch(step: int, rank, world: int):
@@ -322,34 +295,19 @@ def _run_mode(mode: str, rank: int, world: int) -> dict:
             "frozen_numel": frozen_numel, "numel": bufs.param_data.numel()}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    warnings.filterwarnings("ignore")
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int) -> dict:
     res = {}
     for mode in ("megatron", "attach"):
         try:
             res[mode] = _run_mode(mode, rank, world)
         except ImportError as e:
             res[f"{mode}_error"] = f"megatron-core is not installed: {e}"
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
-    dist.barrier()  # gloo aborts when a peer leaves while another still talks to it
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return res
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("megatron"))
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    return spawn(_worker, 2, str(tmp_path_factory.mktemp("megatron")))
 
 
 @pytest.mark.distributed
