@@ -24,7 +24,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX__) || defined(__F16C__) || defined(__FMA__)
+#if defined(__AVX__) || defined(__F16C__) || defined(__FMA__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -35,19 +35,25 @@ namespace {
 
 // ------------------------------------------------------------------------------------------------
 // Portable SIMD through GCC/Clang vector extensions: each operation acts lane by lane with ordinary
-// IEEE float32 semantics, so the result does not depend on the instruction set the compiler picks
-// (AVX2 here, pairs of SSE registers elsewhere). A block is kLanes = 2 x 8 elements.
+// IEEE float32 semantics, so the result does not depend on the instruction set the compiler picks.
+// A vector is 16 floats where the build targets AVX-512 (one zmm register) and 8 otherwise (one ymm,
+// or pairs of SSE registers); a block is kLanes = 16 elements either way, and element i of a chunk
+// always accumulates into lane i % kLanes, so the sums are bitwise the same on every width.
 // ------------------------------------------------------------------------------------------------
 
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-constexpr int kW = 8;                // elements per vector
-constexpr int kV = kLanes / kW;      // vectors per block
+#if defined(__AVX512F__)
+constexpr int kW = 16;  // elements per vector
+#else
+constexpr int kW = 8;
+#endif
+typedef float vf32 __attribute__((vector_size(4 * kW)));
+typedef int32_t vi32 __attribute__((vector_size(4 * kW)));
+typedef uint32_t vu32 __attribute__((vector_size(4 * kW)));
+typedef uint16_t vu16 __attribute__((vector_size(2 * kW)));
+constexpr int kV = kLanes / kW;  // vectors per block
 static_assert(kLanes % kW == 0, "kLanes must be a multiple of the vector width");
 
-inline f32x8 splat(float x) { return f32x8{} + x; }
+inline vf32 splat(float x) { return vf32{} + x; }
 
 // Software prefetch this many bytes ahead of the gradient stream in the statistics-only kernel
 // (measured to help a single core keep more cache-line requests in flight; it did not help the
@@ -58,28 +64,32 @@ inline void prefetch_ahead(const T* x) {
   __builtin_prefetch(reinterpret_cast<const char*>(x) + kPrefetchBytes);
 }
 
-inline f32x8 vsqrt(f32x8 x) {
-#if defined(__AVX__)
+inline vf32 vsqrt(vf32 x) {
+#if defined(__AVX512F__)
+  return _mm512_sqrt_ps(x);
+#elif defined(__AVX__)
   return _mm256_sqrt_ps(x);
 #else
-  f32x8 r;
+  vf32 r;
   for (int i = 0; i < kW; ++i) r[i] = std::sqrt(x[i]);
   return r;
 #endif
 }
 
 // a * b + c with a single rounding (what torch's vectorised lerp uses).
-inline f32x8 vfma(f32x8 a, f32x8 b, f32x8 c) {
-#if defined(__FMA__)
+inline vf32 vfma(vf32 a, vf32 b, vf32 c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
   return _mm256_fmadd_ps(a, b, c);
 #else
-  f32x8 r;
+  vf32 r;
   for (int i = 0; i < kW; ++i) r[i] = std::fma(a[i], b[i], c[i]);
   return r;
 #endif
 }
 
-inline f32x8 vabs(f32x8 x) { return (f32x8)((u32x8)x & 0x7fffffffu); }
+inline vf32 vabs(vf32 x) { return (vf32)((vu32)x & 0x7fffffffu); }
 
 // ------------------------------------------------------------------------------------------------
 // Element conversions, one vector of kW elements at a time.
@@ -91,28 +101,28 @@ struct IO;
 template <>
 struct IO<kF32> {
   using T = float;
-  static inline f32x8 load(const T* s) {
-    f32x8 r;
+  static inline vf32 load(const T* s) {
+    vf32 r;
     std::memcpy(&r, s, sizeof r);
     return r;
   }
-  static inline void store(T* d, f32x8 x) { std::memcpy(d, &x, sizeof x); }
+  static inline void store(T* d, vf32 x) { std::memcpy(d, &x, sizeof x); }
 };
 
 template <>
 struct IO<kBF16> {
   using T = uint16_t;
-  static inline f32x8 load(const T* s) {
-    u16x8 h;
+  static inline vf32 load(const T* s) {
+    vu16 h;
     std::memcpy(&h, s, sizeof h);
-    return (f32x8)(__builtin_convertvector(h, u32x8) << 16);
+    return (vf32)(__builtin_convertvector(h, vu32) << 16);
   }
   // Round to nearest even, NaN -> canonical quiet NaN (what torch's float -> bfloat16 cast does).
-  static inline void store(T* d, f32x8 f) {
-    const u32x8 x = (u32x8)f;
-    const u32x8 r = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
-    const u32x8 nan = (u32x8)((x & 0x7fffffffu) > 0x7f800000u);
-    const u16x8 h = __builtin_convertvector((r & ~nan) | (nan & 0x7fc0u), u16x8);
+  static inline void store(T* d, vf32 f) {
+    const vu32 x = (vu32)f;
+    const vu32 r = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    const vu32 nan = (vu32)((x & 0x7fffffffu) > 0x7f800000u);
+    const vu16 h = __builtin_convertvector((r & ~nan) | (nan & 0x7fc0u), vu16);
     std::memcpy(d, &h, sizeof h);
   }
 };
@@ -120,20 +130,27 @@ struct IO<kBF16> {
 template <>
 struct IO<kF16> {
   using T = uint16_t;
-#if defined(__F16C__)
-  static inline f32x8 load(const T* s) {
+#if defined(__AVX512F__)
+  static inline vf32 load(const T* s) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  }
+  static inline void store(T* d, vf32 x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#elif defined(__F16C__)
+  static inline vf32 load(const T* s) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
   }
-  static inline void store(T* d, f32x8 x) {
+  static inline void store(T* d, vf32 x) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 #else
-  static inline f32x8 load(const T* s) {
-    f32x8 r;
+  static inline vf32 load(const T* s) {
+    vf32 r;
     for (int i = 0; i < kW; ++i) r[i] = static_cast<float>(c10::Half(s[i], c10::Half::from_bits()));
     return r;
   }
-  static inline void store(T* d, f32x8 x) {
+  static inline void store(T* d, vf32 x) {
     for (int i = 0; i < kW; ++i) d[i] = c10::Half(x[i]).x;
   }
 #endif
@@ -144,19 +161,19 @@ struct IO<kF16> {
 template <int D>
 struct Block {
   using T = typename IO<D>::T;
-  static inline void load(const T* s, f32x8* x) {
+  static inline void load(const T* s, vf32* x) {
     for (int k = 0; k < kV; ++k) x[k] = IO<D>::load(s + k * kW);
   }
-  static inline void store(T* d, const f32x8* x) {
+  static inline void store(T* d, const vf32* x) {
     for (int k = 0; k < kV; ++k) IO<D>::store(d + k * kW, x[k]);
   }
-  static inline void load_tail(const T* s, int n, f32x8* x) {
+  static inline void load_tail(const T* s, int n, vf32* x) {
     T tmp[kLanes];
     std::memset(tmp, 0, sizeof tmp);
     std::memcpy(tmp, s, sizeof(T) * n);
     load(tmp, x);
   }
-  static inline void store_tail(T* d, int n, const f32x8* x) {
+  static inline void store_tail(T* d, int n, const vf32* x) {
     T tmp[kLanes];
     store(tmp, x);
     std::memcpy(d, tmp, sizeof(T) * n);
@@ -172,23 +189,23 @@ struct Block {
 // ------------------------------------------------------------------------------------------------
 
 struct Acc {
-  f32x8 sq[kV];
-  f32x8 ab[kV];
+  vf32 sq[kV];
+  vf32 ab[kV];
   inline Acc() {
     for (int k = 0; k < kV; ++k) {
-      sq[k] = f32x8{};
-      ab[k] = f32x8{};
+      sq[k] = vf32{};
+      ab[k] = vf32{};
     }
   }
-  inline void add(const f32x8* g) {
+  inline void add(const vf32* g) {
     for (int k = 0; k < kV; ++k) {
       sq[k] += g[k] * g[k];
       ab[k] += vabs(g[k]);
     }
   }
   inline bool maybe_nonfinite() const {
-    i32x8 bad = i32x8{};
-    for (int k = 0; k < kV; ++k) bad |= (i32x8)(((u32x8)ab[k] & 0x7f800000u) == 0x7f800000u);
+    vi32 bad = vi32{};
+    for (int k = 0; k < kV; ++k) bad |= (vi32)(((vu32)ab[k] & 0x7f800000u) == 0x7f800000u);
     for (int i = 0; i < kW; ++i)
       if (bad[i]) return true;
     return false;
@@ -208,12 +225,12 @@ struct Acc {
   }
 };
 
-inline i32x8 nonfinite_mask(f32x8 x) { return (i32x8)(((u32x8)x & 0x7f800000u) == 0x7f800000u); }
+inline vi32 nonfinite_mask(vf32 x) { return (vi32)(((vu32)x & 0x7f800000u) == 0x7f800000u); }
 
 template <bool SCALE>
-inline void unscale(f32x8* g, const Hyper& h) {
+inline void unscale(vf32* g, const Hyper& h) {
   if (SCALE) {
-    const f32x8 s = splat(h.scale);
+    const vf32 s = splat(h.scale);
     for (int k = 0; k < kV; ++k) g[k] = g[k] / s;  // division, as the reference does
   }
 }
@@ -221,7 +238,7 @@ inline void unscale(f32x8* g, const Hyper& h) {
 // The padded tail of a chunk: lanes past the n loaded ones stay zero (0 / scale is NaN for a
 // GradScaler scale of 0 or NaN, and would count as non-finite gradients).
 template <bool SCALE>
-inline void unscale_tail(f32x8* g, const Hyper& h, int n) {
+inline void unscale_tail(vf32* g, const Hyper& h, int n) {
   if (SCALE) {
     unscale<SCALE>(g, h);
     for (int k = 0; k < kV; ++k)
@@ -234,8 +251,8 @@ inline void unscale_tail(f32x8* g, const Hyper& h, int n) {
 // sums came out non-finite; reads the gradient chunk a second time.
 template <int GD, bool SCALE>
 int64_t count_nonfinite(const typename IO<GD>::T* g, int64_t len, const Hyper& h) {
-  i32x8 nf[kV] = {};
-  f32x8 gf[kV];
+  vi32 nf[kV] = {};
+  vf32 gf[kV];
   const int64_t full = len - len % kLanes;
   for (int64_t i = 0; i < full; i += kLanes) {
     Block<GD>::load(g + i, gf);
@@ -262,7 +279,7 @@ void stats_chunk(const ChunkPtrs& q, int64_t len, const Hyper& h, const MatrixHy
   using GT = typename IO<GD>::T;
   const GT* g = static_cast<const GT*>(q.grad);
   Acc acc;
-  f32x8 gf[kV];
+  vf32 gf[kV];
   const int64_t full = len - len % kLanes;
   for (int64_t i = 0; i < full; i += kLanes) {
     prefetch_ahead(g + i);
@@ -281,19 +298,19 @@ void stats_chunk(const ChunkPtrs& q, int64_t len, const Hyper& h, const MatrixHy
 
 // Broadcast hyperparameters of one chunk.
 struct VHyper {
-  f32x8 lerp_w, lerp_w1, beta2, omb2, eps, decay, step_size, bc2_sqrt;
-  u32x8 neg;  // sign bit flipped by maximize
+  vf32 lerp_w, lerp_w1, beta2, omb2, eps, decay, step_size, bc2_sqrt;
+  vu32 neg;  // sign bit flipped by maximize
   VHyper(const Hyper& h, const MatrixHyper& mh)
       : lerp_w(splat(h.lerp_w)), lerp_w1(splat(h.lerp_w - 1.f)), beta2(splat(h.beta2)),
         omb2(splat(h.one_minus_beta2)), eps(splat(h.eps)), decay(splat(h.decay)),
         step_size(splat(mh.step_size)), bc2_sqrt(splat(mh.bc2_sqrt)),
-        neg(u32x8{} + (h.maximize ? 0x80000000u : 0u)) {}
+        neg(vu32{} + (h.maximize ? 0x80000000u : 0u)) {}
 };
 
 // torch.maximum: the larger value, NaN if either is NaN.
-inline f32x8 vmax_nan(f32x8 a, f32x8 b) {
-  const i32x8 take_a = (a > b) | (a != a);
-  return (f32x8)(((i32x8)a & take_a) | ((i32x8)b & ~take_a));
+inline vf32 vmax_nan(vf32 a, vf32 b) {
+  const vi32 take_a = (a > b) | (a != a);
+  return (vf32)(((vi32)a & take_a) | ((vi32)b & ~take_a));
 }
 
 // One AdamW block, same operation order as the reference (torch.optim.AdamW):
@@ -303,15 +320,15 @@ inline f32x8 vmax_nan(f32x8 a, f32x8 b) {
 // lerp as torch computes it: m + w*(g-m) for w < 0.5, else g + (w-1)*(g-m), with one rounding.
 // vmax is nullptr without amsgrad (a branch the predictor always gets right).
 template <bool SMALL_W>
-inline void adamw_block(f32x8* p, const f32x8* graw, f32x8* m, f32x8* v, f32x8* vmax, const VHyper& h) {
+inline void adamw_block(vf32* p, const vf32* graw, vf32* m, vf32* v, vf32* vmax, const VHyper& h) {
   for (int k = 0; k < kV; ++k) {
-    const f32x8 g = (f32x8)((u32x8)graw[k] ^ h.neg);
-    const f32x8 diff = g - m[k];
-    const f32x8 mk = SMALL_W ? vfma(h.lerp_w, diff, m[k]) : vfma(h.lerp_w1, diff, g);
-    const f32x8 vk = v[k] * h.beta2 + (h.omb2 * g) * g;
-    f32x8 vd = vk;
+    const vf32 g = (vf32)((vu32)graw[k] ^ h.neg);
+    const vf32 diff = g - m[k];
+    const vf32 mk = SMALL_W ? vfma(h.lerp_w, diff, m[k]) : vfma(h.lerp_w1, diff, g);
+    const vf32 vk = v[k] * h.beta2 + (h.omb2 * g) * g;
+    vf32 vd = vk;
     if (vmax) vd = vmax[k] = vmax_nan(vmax[k], vk);
-    const f32x8 denom = vsqrt(vd) / h.bc2_sqrt + h.eps;
+    const vf32 denom = vsqrt(vd) / h.bc2_sqrt + h.eps;
     p[k] = p[k] * h.decay - (h.step_size * mk) / denom;
     m[k] = mk;
     v[k] = vk;
@@ -334,9 +351,11 @@ void adamw_chunk(const ChunkPtrs& q, int64_t len, const Hyper& h, const MatrixHy
   float* x = static_cast<float*>(q.max_exp_avg_sq);
   const VHyper vh(h, mh);
   Acc acc;
-  f32x8 gf[kV], pf[kV], mf[kV], vf[kV], xf[kV];
-  f32x8* xp = x ? xf : nullptr;
+  vf32 gf[kV], pf[kV], mf[kV], vf[kV], xf[kV];
+  vf32* xp = x ? xf : nullptr;
   const int64_t full = len - len % kLanes;
+  // four blocks per iteration: more loads in flight (measured 2-3% faster on AVX-512, one thread)
+#pragma GCC unroll 4
   for (int64_t i = 0; i < full; i += kLanes) {
     Block<GD>::load(g + i, gf);
     unscale<SCALE>(gf, h);
@@ -519,8 +538,10 @@ void run_chunks(const Source* sources, bool per_tensor_sources, const int64_t* r
   const int64_t A = static_cast<int64_t>(active.size());
   const MatrixHyper unit{};
 
-  // Threads take kChunksPerGrab chunks at a time, so a thread slowed down by other processes does
-  // not hold up the others; which thread runs a chunk never affects the result.
+  // Guided schedule: each thread first streams through a long contiguous run of chunks (as a
+  // static split would; measured 2-4% faster than grabbing kChunksPerGrab at a time), and the runs
+  // shrink to kChunksPerGrab towards the end, so a thread slowed down by other processes does not
+  // hold up the others. Which thread runs a chunk never affects the result.
   auto body = [&](int64_t k) {
     const int64_t c = active[k];
     const int64_t start = rows[3 * c], len = rows[3 * c + 1], id = rows[3 * c + 2];
@@ -536,7 +557,7 @@ void run_chunks(const Source* sources, bool per_tensor_sources, const int64_t* r
 
 #ifdef _OPENMP
   if (nthreads > 1 && work >= kMinParallelWork && A > 1) {
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, kChunksPerGrab)
+#pragma omp parallel for num_threads(nthreads) schedule(guided, kChunksPerGrab)
     for (int64_t k = 0; k < A; ++k) body(k);
   } else {
     for (int64_t k = 0; k < A; ++k) body(k);

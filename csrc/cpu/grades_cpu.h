@@ -5,12 +5,12 @@
 
 namespace grades_cpu {
 
-// Independent accumulator lanes per chunk (float32: two vector registers per statistic).
+// Independent accumulator lanes per chunk (float32: one AVX-512 or two AVX vector registers per statistic).
 constexpr int kLanes = 16;
 // Chunk size in elements. The host-side chunk table must be built with this size (exported to
 // Python as CHUNK); it is a constant so that results do not depend on the thread count.
 constexpr int64_t kChunk = 4096;
-// Chunks a thread takes at a time from the shared queue.
+// Smallest run of chunks a thread takes from the shared queue (guided schedule).
 constexpr int kChunksPerGrab = 8;
 // Below this many elements of work the chunks run on the calling thread only.
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
