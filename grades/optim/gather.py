@@ -10,6 +10,7 @@ optimizer's layout when it is usable but laid out differently.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Plan", "Work", "gather_group"]
 
-_REAL_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
+_PARAM_DTYPES = frozenset(SUPPORTED_DTYPES + (torch.float64, torch.complex32, torch.complex64, torch.complex128))
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param", "max_exp_avg_sq")
 
 
@@ -73,8 +74,9 @@ class Work:
     views: list[KernelViews] = field(default_factory=list)  # parameters needing a write-back
 
 
-def _check_grad(row: int, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The checks :func:`grades.masked_adamw_` would make of a gradient; returns it readable."""
+def _check_grad(row: int, p: torch.Tensor, g: torch.Tensor, pdev: torch.device) -> torch.Tensor:
+    """The checks :func:`grades.masked_adamw_` would make of a gradient (``pdev``: the parameter's
+    device, already read); returns it readable."""
     if g.layout != torch.strided:
         raise RuntimeError("FrozenAwareAdamW does not support sparse gradients, please consider SparseAdam instead")
     if is_wrapper_subclass(g):
@@ -86,7 +88,7 @@ def _check_grad(row: int, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"gradient of parameter {row} has dtype {str(g.dtype)[6:]} for a {str(p.dtype)[6:]} "
                         "parameter (float64 and complex parameters need gradients of their own dtype; the others "
                         "float32, bfloat16 or float16)")
-    if g.shape != p.shape or g.device != p.device:
+    if g.shape != p.shape or g.device != pdev:
         raise ValueError(f"gradient of parameter {row} has shape {tuple(g.shape)} on {g.device}, but the "
                          f"parameter has shape {tuple(p.shape)} on {p.device}")
     if g.is_neg():  # a lazily negated view (e.g. .conj().imag): the kernels read raw memory
@@ -94,24 +96,26 @@ def _check_grad(row: int, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def _check_param_now(opt: "FrozenAwareAdamW", row: int, p: torch.Tensor) -> None:
-    """What may have changed since ``p`` joined: its ``.data`` (device, dtype) or a meta placeholder."""
-    dev = opt.frozen.device
-    if p.device.type == "meta":
-        raise ValueError(f"parameter {row} is on the meta device (it has no data): materialise the model "
-                         "(e.g. to_empty() and initialise it) before the optimizer steps")
-    if p.device != dev:
-        raise ValueError(f"parameter {row} is on {p.device} but the optimizer's state lives on {dev} "
+def _check_param_now(row: int, p: torch.Tensor, dev: torch.device) -> torch.device:
+    """What may have changed since ``p`` joined: its ``.data`` (device, dtype) or a meta placeholder.
+    Returns the parameter's device (read once: each read builds a new object)."""
+    pdev = p.device
+    if pdev != dev:
+        if pdev.type == "meta":
+            raise ValueError(f"parameter {row} is on the meta device (it has no data): materialise the model "
+                             "(e.g. to_empty() and initialise it) before the optimizer steps")
+        raise ValueError(f"parameter {row} is on {pdev} but the optimizer's state lives on {dev} "
                          "(create the optimizer after moving the model)")
-    if p.dtype not in _REAL_DTYPES and not p.is_complex():
+    if p.dtype not in _PARAM_DTYPES:
         raise TypeError(f"parameter {row} has dtype {p.dtype}; supported: float32, bfloat16, float16, float64 "
                         "and complex64/complex128")
+    return pdev
 
 
 def _participants(opt: "FrozenAwareAdamW", gi: int, group: dict) -> tuple[list[int], list[torch.Tensor]]:
     start = opt._ranges[gi][0]
     host_frozen, seen = opt._host_frozen, set() if opt._has_duplicates else None
-    local, grads, sharded = [], [], opt._shards.has_dtensor
+    local, grads, sharded, dev = [], [], opt._shards.has_dtensor, opt.frozen.device
     for i, p in enumerate(group["params"]):
         g = p.grad
         if g is None or host_frozen[start + i]:
@@ -122,9 +126,9 @@ def _participants(opt: "FrozenAwareAdamW", gi: int, group: dict) -> tuple[list[i
             seen.add(id(p))
         if sharded:
             p, g = dtensor.local(p), dtensor.local(g)  # FSDP2: the kernels run on the local shards
-        _check_param_now(opt, start + i, p)
+        pdev = _check_param_now(start + i, p, dev)
         local.append(i)
-        grads.append(_check_grad(start + i, p, g))
+        grads.append(_check_grad(start + i, p, g, pdev))
     return local, grads
 
 
@@ -176,7 +180,7 @@ def _state_tensors(opt: "FrozenAwareAdamW", gi: int, plan: Plan, amsgrad: bool) 
         now = (st["exp_avg"], st["exp_avg_sq"], st.get("master_param") if opt._wants_master(p) else None,
                st.get("max_exp_avg_sq") if amsgrad else None)
         before = plan.checked[j] if plan.checked is not None else ()
-        if len(before) != 4 or any(a is not b for a, b in zip(now, before)):
+        if len(before) != 4 or not all(map(operator.is_, now, before)):
             for k, t in zip(_STATE_KEYS, now):
                 if t is not None:
                     st[k] = _adopt_tensor(start + i, k, t, p)
