@@ -1,8 +1,8 @@
 """Settings of ``grades demo``: one dataclass, a full and a quick preset, and their validation."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Optional, Union
 
 from ..ttc.cli import DEFAULT_TOLERANCE
 from .models import LLAMA_SIZES
@@ -50,6 +50,8 @@ class DemoConfig:
     # GradES
     statistic: str = "l1"
     rel_tau: float = 0.5
+    # absolute threshold instead of rel_tau: one number or {component type: number} (GradESConfig.tau)
+    tau: Optional[Union[float, dict]] = None
     alpha: float = 0.4
     patience: int = 10
     ema: float = 0.9
@@ -62,7 +64,6 @@ class DemoConfig:
     ttc_tolerance: float = DEFAULT_TOLERANCE
     quick: bool = False
     out: str = "grades_report"
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)

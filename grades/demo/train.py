@@ -107,7 +107,8 @@ def _optimizer(cfg: DemoConfig, model: torch.nn.Module, run: str):
     opt = FrozenAwareAdamW(model.parameters(), **kw)
     if run == "A":
         return opt, None
-    return opt, GradES(model, opt, GradESConfig(rel_tau=cfg.rel_tau, statistic=cfg.statistic, ema=cfg.ema,
+    threshold = dict(rel_tau=cfg.rel_tau) if cfg.tau is None else dict(tau=cfg.tau)
+    return opt, GradES(model, opt, GradESConfig(**threshold, statistic=cfg.statistic, ema=cfg.ema,
                                                 alpha=cfg.alpha, total_steps=cfg.steps,
                                                 patience=cfg.patience, history_every=1,
                                                 history_max=max(2000, cfg.steps + 1)))
