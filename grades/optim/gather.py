@@ -52,9 +52,14 @@ class Plan:
         self.discard = torch.empty_like(self.scratch)
         self.backend = backends.select(dev, "list", opt.backend)
         self.numels = tuple(dtensor.local(p).numel() for p in params)
-        self.layout = _layout([dtensor.local(p) for p in params])
+        self.set_layout([dtensor.local(p) for p in params])
         self.checked: Optional[list[tuple]] = None  # state tensors checked last, per parameter
         self.hp: Optional[tuple] = None  # (number hyperparameters, their checked AdamWArgs)
+
+    def set_layout(self, params: list[torch.Tensor]) -> None:
+        """Record the parameters' layout and which of them go to the kernels as they are."""
+        self.layout = _layout(params)
+        self.plain = [is_plain(p) for p in params]
 
 
 @dataclass
@@ -215,7 +220,8 @@ def gather_group(opt: "FrozenAwareAdamW", gi: int, group: dict) -> Optional[Work
             raise ValueError(f"parameter {opt._ranges[gi][0] + plan.local[j]} has {params[j].numel()} elements "
                              f"but its optimizer state was made for {plan.numels[j]}: its .data was replaced by a "
                              "tensor of another size; nothing was updated")
-        plan.layout, plan.checked = _layout(params), None  # same sizes: the state is re-laid out
+        plan.set_layout(params)
+        plan.checked = None  # same sizes: the state is re-laid out
     amsgrad = bool(group.get("amsgrad", False))
     tensors = _state_tensors(opt, gi, plan, amsgrad)
     plan.checked = tensors
@@ -223,8 +229,8 @@ def gather_group(opt: "FrozenAwareAdamW", gi: int, group: dict) -> Optional[Work
     work = Work(gi, group, plan, grads, params, state[0], state[1], state[2], state[3] if amsgrad else None)
     if not any(m is not None for m in work.masters):
         work.masters = None
-    for j, p in enumerate(params):
-        if not is_plain(p) or not grads[j].is_contiguous():
+    for j, plain in enumerate(plan.plain):
+        if not plain or not grads[j].is_contiguous():
             _use_views(work, j)
     return work
 
