@@ -112,6 +112,16 @@ def plot(res: dict, path: str) -> None:
             ax.set_xticks(range(len(sm)), list(sm))
             ax.set_ylabel(lab)
         axes[1].axhline(-0.5, color="k", ls=":", lw=1, label="-0.5 points")
+        # a collapse (tens of points) would squeeze every other bar flat: clip the axis, print those
+        worst_all = [s[r]["delta_worst"] for s in sm.values() for r in names]
+        low = max(min(worst_all) - 0.5, -5.0)
+        axes[1].set_ylim(low, 0.5)
+        for i, t in enumerate(sm):
+            for j, rule in enumerate(names):
+                mean, worst = sm[t][rule]["delta_mean"], sm[t][rule]["delta_worst"]
+                if worst < low:
+                    axes[1].annotate(f"mean {mean:.0f}\nworst {worst:.0f}", (i + (j - 1) * 0.25, low), xytext=(0, 4),
+                                     textcoords="offset points", ha="center", fontsize=7)
         fig.suptitle(f"GradES rules against full training (task-digits/step budget), seeds {res['seeds']}, "
                      f"{res['device']}")
         legend_below(fig, axes, ncol=5)
