@@ -23,6 +23,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytest.mark.usefixtures("one_thread")``): tiny models' many
+    small ops run far faster on one thread than on a busy pool."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def available_backends(device: str, kind: str) -> list[str]:
     """Names of backends usable for ``kind`` ("list"/"flat") inputs on ``device`` in this process."""
     from grades import backends

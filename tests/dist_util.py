@@ -5,6 +5,7 @@ import os
 import socket
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -71,10 +72,36 @@ def _entry(rank: int, fn, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _results(out: str, world: int) -> list:
+    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
+
+
 def spawn(fn, world: int, out: str) -> list:
     """Run ``fn(rank, world)`` on ``world`` gloo ranks; returns each rank's JSON result."""
     mp.spawn(_entry, args=(fn, world, free_port(), out), nprocs=world, join=True)
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
+    return _results(out, world)
+
+
+def run_workers(worker, world: int, out: str) -> list:
+    """Run ``worker(rank, world, port, out)`` (it sets up its own process group and writes
+    ``out/rank<r>.json``) on ``world`` processes; returns each rank's JSON result."""
+    mp.spawn(worker, args=(world, free_port(), out), nprocs=world, join=True)
+    return _results(out, world)
+
+
+def unchanged_after_freeze(m: nn.Module, gs, snaps: list) -> list:
+    """For every frozen parameter of ``m``: are its values after its freeze step those at the end,
+    bitwise? ``snaps`` holds the flat parameters after each step."""
+    params = list(m.parameters())
+    ends = np.cumsum([p.numel() for p in params]).tolist()
+    out = []
+    for comp, f in zip(gs.components, gs.state_dict()["freeze_step"]):
+        if f > 0:
+            for p in comp.params:
+                i = next(j for j, q in enumerate(params) if q is p)
+                lo, hi = ends[i] - p.numel(), ends[i]
+                out.append(bool(np.array_equal(snaps[f - 1][lo:hi], snaps[-1][lo:hi])))
+    return out
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:

@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from dist_util import free_port
+from dist_util import run_workers
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.distributed
@@ -85,8 +84,7 @@ def _worker(rank, world, port, out):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp_trainer"))
-    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    return run_workers(_worker, 2, out)
 
 
 def test_trainer_under_torchrun_with_gradient_checkpointing(results):

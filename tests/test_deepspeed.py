@@ -13,9 +13,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from dist_util import free_port
+from dist_util import run_workers, unchanged_after_freeze
 from test_megatron import CFG, LR, STEPS, WD, Net, batch, flat_params, reference_run
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -26,20 +25,6 @@ def _ds_config(stage: int) -> dict:
     return {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
             "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
             "steps_per_print": 10 ** 9}
-
-
-def _unchanged_after_freeze(m, gs, snaps) -> list:
-    """For every frozen parameter: are its values after its freeze step those at the end, bitwise?"""
-    sizes = [p.numel() for p in m.parameters()]
-    ends = np.cumsum(sizes).tolist()
-    out = []
-    for comp, f in zip(gs.components, gs.state_dict()["freeze_step"]):
-        if f > 0:
-            for p in comp.params:
-                i = next(j for j, q in enumerate(m.parameters()) if q is p)
-                lo, hi = ends[i] - sizes[i], ends[i]
-                out.append(bool(np.array_equal(snaps[f - 1][lo:hi], snaps[-1][lo:hi])))
-    return out
 
 
 def _plain(stage: int, rank: int) -> dict:
@@ -61,7 +46,7 @@ def _plain(stage: int, rank: int) -> dict:
         snaps.append(flat_params(m))
     return {"params": snaps[-1].tolist(), "freeze_step": gs.state_dict()["freeze_step"],
             "stats": [h["stat"] for h in gs.history], "agree": decisions_agree(gs),
-            "unchanged": _unchanged_after_freeze(m, gs, snaps)}
+            "unchanged": unchanged_after_freeze(m, gs, snaps)}
 
 
 def _checkpoint(rank: int, out: str) -> dict:
@@ -139,7 +124,7 @@ def _trainer(rank: int, out: str) -> dict:
     gs = cb.gs
     return {"params": snaps[-1].tolist(), "freeze_step": gs.state_dict()["freeze_step"],
             "agree": decisions_agree(gs), "frozen_aware": gs.frozen_aware,
-            "unchanged": _unchanged_after_freeze(model, gs, snaps)}
+            "unchanged": unchanged_after_freeze(model, gs, snaps)}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -170,8 +155,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("deepspeed"))
-    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    return run_workers(_worker, 2, out)
 
 
 @pytest.mark.distributed

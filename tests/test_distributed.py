@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from dist_util import Net, free_port
+from dist_util import Net, run_workers
 
 pytestmark = pytest.mark.distributed
 
@@ -160,8 +159,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    return run_workers(_worker, 2, out)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "hsdp", "flat"])

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_util import Net, spawn
+from dist_util import Net, spawn, unchanged_after_freeze
 from grades import FrozenAwareAdamW, GradES, GradESConfig
 from grades.flat_adamw import FlatAdamW, _owned_ranges
 from grades.integrations.megatron import attach_main_grad_buffer, attach_param_and_grad_buffers
@@ -81,15 +81,8 @@ def test_flat_adamw_equals_torch_adamw_and_frozen_never_move():
     np.testing.assert_allclose(flat_params(m), flat_params(ref), rtol=1e-5, atol=1e-6)
     fs = gs.state_dict()["freeze_step"]
     assert fs == gs_ref.state_dict()["freeze_step"] and any(f > 0 for f in fs)
-    sizes = [p.numel() for p in m.parameters()]
-    ends = np.cumsum(sizes)
-    for comp, f in zip(gs.components, fs):
-        if f > 0:
-            for p in comp.params:
-                i = opt.param_index(p)
-                lo, hi = ends[i] - sizes[i], ends[i]
-                assert np.array_equal(snaps[f - 1][lo:hi], snaps[-1][lo:hi])  # bitwise, weight decay on
-    frozen_numel = sum(p.numel() for c, f in zip(gs.components, fs) if f > 0 for p in c.params)
+    assert all(unchanged_after_freeze(m, gs, snaps))  # bitwise, weight decay on
+    frozen_numel = sum(c.numel for c, f in zip(gs.components, fs) if f > 0)
     assert opt.state_bytes == bytes0 - 8 * frozen_numel  # no moments for frozen ranges
 
 
@@ -156,13 +149,19 @@ def test_flat_adamw_low_precision_keeps_float32_masters():
     assert torch.equal(master.bfloat16(), bufs.param_data[:master.numel()])
 
 
-def test_flat_adamw_skips_nonfinite_steps_and_state_round_trips():
+def _flat_adamw_after_one_step():
+    """A FlatAdamW over Megatron-style buffers of a fresh Net, after one step; returns (bufs, opt)."""
     m = Net()
     bufs = attach_param_and_grad_buffers(m)
     opt = FlatAdamW.from_buffers(bufs, lr=LR)
     x, y = batch(0, None, 1)
     ((m(x) - y) ** 2).mean().backward()
     opt.step()
+    return bufs, opt
+
+
+def test_flat_adamw_skips_nonfinite_steps_and_state_round_trips():
+    bufs, opt = _flat_adamw_after_one_step()
     sd = opt.state_dict()
     before = bufs.param_data.clone()
     bufs.grad_data[3] = float("nan")
@@ -176,12 +175,7 @@ def test_flat_adamw_skips_nonfinite_steps_and_state_round_trips():
 
 
 def test_flat_adamw_state_round_trips_after_a_freeze():
-    m = Net()
-    bufs = attach_param_and_grad_buffers(m)
-    opt = FlatAdamW.from_buffers(bufs, lr=LR)
-    x, y = batch(0, None, 1)
-    ((m(x) - y) ** 2).mean().backward()
-    opt.step()
+    bufs, opt = _flat_adamw_after_one_step()
     opt.freeze_mask_(torch.arange(opt.num_params) == 2)
     opt.sync_frozen_state()
     opt.step()
@@ -279,16 +273,8 @@ def _run_mode(mode: str, rank: int, world: int) -> dict:
         dist.all_reduce(bufs.grad_data)
         bufs.grad_data.div_(world)
     snaps = train_flat(m, opt, gs, rank, world, average)
-    sizes = [p.numel() for p in m.parameters()]
-    ends = np.cumsum(sizes).tolist()
-    unchanged, frozen_numel = [], 0
-    for comp, f in zip(gs.components, gs.state_dict()["freeze_step"]):
-        if f > 0:
-            for p in comp.params:
-                i = next(j for j, q in enumerate(m.parameters()) if q is p)
-                lo, hi = ends[i] - sizes[i], ends[i]
-                unchanged.append(bool(np.array_equal(snaps[f - 1][lo:hi], snaps[-1][lo:hi])))
-                frozen_numel += p.numel()
+    unchanged = unchanged_after_freeze(m, gs, snaps)
+    frozen_numel = sum(c.numel for c, f in zip(gs.components, gs.state_dict()["freeze_step"]) if f > 0)
     return {"params": flat_params(m).tolist(), "freeze_step": gs.state_dict()["freeze_step"],
             "stats": [h["stat"] for h in gs.history], "agree": decisions_agree(gs), "unchanged": unchanged,
             "buckets": len(getattr(bufs, "bucket_indices", [])), "bytes": [bytes0, opt.state_bytes],

@@ -12,18 +12,10 @@ from grades.optim import NonFiniteGradientError
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.filterwarnings("ignore:grades. native backend:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:grades. native backend:RuntimeWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 VOCAB, SEQ, BATCH = 64, 8, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's many small ops run far faster on one thread than on a busy pool."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_llama(seed=0, hidden=32, dtype=torch.float32):

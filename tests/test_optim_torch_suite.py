@@ -57,12 +57,7 @@ IDS = [c.desc.replace(" ", "_") for c in CONFIGS]
 FLAGGED = [c for c in CONFIGS if c.kwargs.get("maximize") or c.kwargs.get("amsgrad")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_params(dtype=torch.float32, seed=0):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from dist_util import run_workers
 from grades.ttc import TTCMonitor
 
 pytestmark = pytest.mark.distributed
@@ -83,17 +82,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ttc_shard"))
-    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    return run_workers(_worker, 2, out)
 
 
 def test_ranks_share_the_problems_and_the_decision(results):
