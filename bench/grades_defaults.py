@@ -155,9 +155,9 @@ def _config(task: str, digits: int, budget: int, seed: int, smoke: bool):
 def _job(task: str, digits: int, budget: int, seed: int, rule_set: dict, smoke: bool, progress: bool) -> dict:
     """One (task, seed) in a worker process (one thread each, as the demo)."""
     torch.set_num_threads(1)
-    runs = run_one(_config(task, digits, budget, seed, smoke), rule_set, progress)
-    budget = 16 if smoke else budget
-    return {"task": f"{task}-{digits}/{budget}", "seed": seed, "budget": budget, "runs": runs}
+    cfg = _config(task, digits, budget, seed, smoke)
+    runs = run_one(cfg, rule_set, progress)
+    return {"task": f"{task}-{digits}/{cfg.steps}", "seed": seed, "budget": cfg.steps, "runs": runs}
 
 
 def main(argv=None) -> int:

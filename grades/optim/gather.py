@@ -51,8 +51,9 @@ class Plan:
         # the fused update's own statistics when a detection pass has already produced them
         self.discard = torch.empty_like(self.scratch)
         self.backend = backends.select(dev, "list", opt.backend)
-        self.numels = tuple(dtensor.local(p).numel() for p in params)
-        self.set_layout([dtensor.local(p) for p in params])
+        shards = [dtensor.local(p) for p in params]
+        self.numels = tuple(t.numel() for t in shards)
+        self.set_layout(shards)
         self.checked: Optional[list[tuple]] = None  # state tensors checked last, per parameter
         self.hp: Optional[tuple] = None  # (number hyperparameters, their checked AdamWArgs)
 
