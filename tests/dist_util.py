@@ -13,7 +13,7 @@ from torch import nn
 
 LR = 5e-2
 #: GradES settings under which matrices of :class:`Net` freeze at different steps of a short run
-CFG = dict(rel_tau=0.7, ema=0.5, grace_steps=3, patience=2, stop_ratio=None)
+CFG = dict(rel_tau=0.9, ema=0.5, grace_steps=4, patience=2, stop_ratio=None)
 
 
 class Net(nn.Module):

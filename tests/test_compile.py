@@ -4,9 +4,11 @@ decisions and reaches the parameters of an eager run."""
 import pytest
 import torch
 
-from dist_util import CFG, LR, Net, batch
+from dist_util import LR, Net, batch
 
 STEPS = 24
+#: settings under which the 12 matrices of Net(blocks=4) freeze at three or more different steps
+CFG = dict(rel_tau=0.7, ema=0.5, grace_steps=3, patience=2, stop_ratio=None)
 MAX_NORM = 0.5
 
 

@@ -11,22 +11,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_util import Net, run_workers
+from dist_util import CFG, Net, batch, run_workers
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 12
 LR = 5e-2
-
-
-def batch(step: int, rank: int, world: int):
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(8 * world, 4, generator=g)
-    y = x.sum(dim=1, keepdim=True)
-    return (x, y) if rank is None else (x[8 * rank:8 * (rank + 1)], y[8 * rank:8 * (rank + 1)])
-
-
-CFG = dict(rel_tau=0.7, ema=0.5, grace_steps=3, patience=2, stop_ratio=None)
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_util import Net, spawn, unchanged_after_freeze
+from dist_util import CFG, Net, batch, spawn, unchanged_after_freeze
 from grades import FrozenAwareAdamW, GradES, GradESConfig
 from grades.flat_adamw import FlatAdamW, _owned_ranges
 from grades.integrations.megatron import attach_main_grad_buffer, attach_param_and_grad_buffers
@@ -24,14 +24,6 @@ from grades.integrations.megatron import attach_main_grad_buffer, attach_param_a
 STEPS = 10
 LR = 5e-2
 WD = 0.1
-CFG = dict(rel_tau=0.7, ema=0.5, grace_steps=3, patience=2, stop_ratio=None)
-
-
-def batch(step: int, rank, world: int):
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(8 * world, 4, generator=g)
-    y = x.sum(dim=1, keepdim=True)
-    return (x, y) if rank is None else (x[8 * rank:8 * (rank + 1)], y[8 * rank:8 * (rank + 1)])
 
 
 def flat_params(m: nn.Module) -> np.ndarray:

@@ -390,12 +390,12 @@ def pairs(m: nn.Module) -> list[Component]:
 
 
 @pytest.mark.parametrize("cfg", [
-    dict(rel_tau=0.5, ema=0.8, grace_steps=5, patience=1, stop_ratio=None),
+    dict(rel_tau=0.8, ema=0.8, grace_steps=9, patience=1, stop_ratio=None),
     dict(tau={"attention": 3.0, "mlp": 1.0}, statistic="l2", grace_steps=3, check_interval=2, patience=3,
          max_frozen_ratio=0.5, stop_ratio=None, history_max=5),
-    dict(rel_tau=0.6, statistic="rms", ema=None, grace_steps=4, patience=2, max_frozen_ratio=0.75, stop_ratio=0.5,
+    dict(rel_tau=0.9, statistic="rms", ema=None, grace_steps=9, patience=2, max_frozen_ratio=0.75, stop_ratio=0.5,
          history_every=3, history_max=4),
-    dict(rel_tau=0.95, statistic="mean_abs", grace_steps=3, patience=1, stop_ratio=None),
+    dict(rel_tau=0.95, statistic="mean_abs", ema=0.9, grace_steps=3, patience=1, stop_ratio=None),
 ])
 @pytest.mark.parametrize("optim", ["frozen_aware", "torch"])
 @pytest.mark.parametrize("comps", ["matrices", "pairs"])
@@ -406,7 +406,8 @@ def test_decision_paths_agree(cfg, optim, comps):
     skipped (non-finite) step, steps in which a matrix has no gradient, clip coefficients
     (one of them infinite, which makes its step invalid), a NaN total norm (invalid too) and a
     finite gradient whose float32 sum of squares overflows during the grace period (an invalid
-    reading, which must not reach the EMA or the automatic threshold)."""
+    reading, which must not reach the EMA or the automatic threshold), and a burst in the last
+    grace step (the level is the lowest statistic of the last grace steps, not the latest)."""
     out = {}
     for path in DECISION_PATHS:
         m = Toy(seed=5)
@@ -423,7 +424,8 @@ def test_decision_paths_agree(cfg, optim, comps):
             if s == 1:  # finite, but its square overflows float32: sum g^2 = inf
                 m.layers[0].mlp.down_proj.weight.grad[0, 0] = 2e19
             opt.step()
-            clip = {3: 0.5, 4: torch.tensor(0.25), 12: float("inf"), 13: 1.0}.get(s)
+            # step 9 (s = 8) ends the grace period with a tenfold reading: the level stays lower
+            clip = {3: 0.5, 4: torch.tensor(0.25), 8: 0.1, 12: float("inf"), 13: 1.0}.get(s)
             if s in (5, 6, 14):  # the total norm clip_grad_norm_ returned (a tensor, a float, a NaN)
                 gs.step(total_norm={5: torch.tensor(7.5), 6: 0.3, 14: torch.tensor(float("nan"))}[s], max_norm=1.0)
             else:
@@ -472,13 +474,48 @@ def test_native_rule_rejects_inconsistent_inputs():
     mod = type(rule)
     with pytest.raises(RuntimeError, match="idx entry"):
         mod(idx=torch.tensor([[5]]), num_rows=2, statistic=0, numel=torch.ones(1, dtype=torch.float64), ema=0.0,
-            ref_decay=0.9, auto_mode=False, check_interval=1, patience=1, max_frozen=1,
+            level_div=4, auto_mode=False, check_interval=1, patience=1, max_frozen=1,
             frozen=torch.zeros(1, dtype=torch.bool), counter=torch.zeros(1, dtype=torch.int64),
             ema_v=torch.zeros(1, dtype=torch.float64), ema_w=torch.zeros(1, dtype=torch.float64),
             ref=torch.zeros(1, dtype=torch.float64), ref_w=torch.zeros(1, dtype=torch.float64),
             thresh=torch.ones(1, dtype=torch.float64), freeze_step=torch.zeros(1, dtype=torch.int64),
             last_stat=torch.zeros(1, dtype=torch.float64), invalid_steps=torch.zeros((), dtype=torch.int64),
             new_frozen=torch.zeros(1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("path", DECISION_PATHS)
+def test_automatic_level_is_the_lowest_statistic_at_the_end_of_the_grace_period(path):
+    """The automatic threshold is rel_tau times the lowest (EMA) statistic of the last
+    grace // 4 grace steps (13-16 of 16). A gradient burst in the last two grace steps does not
+    raise it: a threshold set from a transient would freeze a model that is still learning."""
+    m = Toy()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    gs = GradES(m, opt, GradESConfig(rel_tau=0.5, ema=0.5, grace_steps=16, stop_ratio=None), rule=rule_for(path))
+
+    def burst(s):
+        if s + 1 in (15, 16):
+            for p in m.parameters():
+                p.grad.mul_(50.0)
+    train(m, opt, gs, 16, hook=burst)
+    gs.wait()
+    stats = np.array([h["stat"] for h in gs.history])  # the EMA statistic of steps 1-16
+    assert (stats[15] > 5 * stats[12:14].max(axis=0)).all()  # the burst shows in the statistic
+    np.testing.assert_array_equal(gs.thresholds(), 0.5 * stats[12:16].min(axis=0))
+    assert not (np.array(gs.thresholds()) <= 0.5 * stats[11]).all()  # step 12 is outside the window
+
+
+def test_a_version_2_state_saved_in_the_grace_period_carries_its_level_on():
+    """Versions 1-2 kept the level as a running mean with an unnormalised weight: loading such a
+    state saved during the grace period carries the mean on as the lowest level seen so far."""
+    cfg = GradESConfig(rel_tau=0.5, ema=None, grace_steps=8, stop_ratio=None)
+    m, opt, gs = _trained(steps=7, cfg=cfg)
+    sd = json.loads(json.dumps(gs.state_dict()))
+    C = len(sd["ref"])
+    gs.load_state_dict(dict(sd, version=2, ref=[1e-3] * C, ref_w=[0.25] * C))  # a mean of 4e-3
+    assert gs.state.ref.tolist() == [4e-3] * C and gs.state.ref_w.tolist() == [1.0] * C
+    train(m, opt, gs, 1, start=7)
+    gs.wait()
+    np.testing.assert_array_equal(gs.thresholds(), 0.5 * np.minimum(4e-3, gs.history[-1]["stat"]))
 
 
 # ---------------------------------------------------------------- steps without gradients, clipping
@@ -581,18 +618,18 @@ def test_nonfinite_clip_coefficient_marks_the_step_invalid():
 
 
 def test_default_settings_do_not_freeze_on_noise():
-    """Learning rate 0: the statistics only carry batch noise (3-10% of single steps fall below
-    half the level), so every freeze is false. The raw rule without patience freezes most
-    matrices within 100 decision steps; the defaults (EMA 0.9, patience 3) freeze none."""
+    """Learning rate 0: the statistics only carry batch noise, so every freeze is false. With a
+    threshold of 0.8 times the level, the raw rule without patience freezes all 8 matrices within
+    91 decision steps; the default EMA and patience freeze none, at that threshold or the default."""
     def run(**kw):
         m = Toy()
         opt = torch.optim.SGD(m.parameters(), lr=0.0)
-        gs = GradES(m, opt, GradESConfig(total_steps=140, stop_ratio=None, **kw))  # grace 42
+        gs = GradES(m, opt, GradESConfig(total_steps=140, stop_ratio=None, **kw))  # grace 49
         train(m, opt, gs, 140)
         return gs.history_dict()["freeze_steps"]
     assert GradESConfig().ema == grades.policy.DEFAULT_EMA and GradESConfig().patience == grades.policy.DEFAULT_PATIENCE
-    assert run() == {}
-    assert len(run(ema=None, patience=0)) >= 4
+    assert run() == {} and run(rel_tau=0.8) == {}
+    assert len(run(ema=None, patience=0, rel_tau=0.8)) == 8
 
 
 # ---------------------------------------------------------------- delayed host copies (CUDA path on CPU)

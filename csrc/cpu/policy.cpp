@@ -41,7 +41,7 @@ class HostPolicy {
   // numel: [C] float64 (elements per component, >= 1). The state tensors are [C] (frozen: bool;
   // counter, freeze_step: int64; the rest float64) and invalid_steps a 0-d int64 tensor; they are
   // updated in place. new_frozen: [C] bool, set to the components frozen by the last step().
-  HostPolicy(at::Tensor idx, int64_t num_rows, int64_t statistic, at::Tensor numel, double ema, double ref_decay,
+  HostPolicy(at::Tensor idx, int64_t num_rows, int64_t statistic, at::Tensor numel, double ema, int64_t level_div,
              bool auto_mode, int64_t check_interval, int64_t patience, int64_t max_frozen, at::Tensor frozen,
              at::Tensor counter, at::Tensor ema_v, at::Tensor ema_w, at::Tensor ref, at::Tensor ref_w,
              at::Tensor thresh, at::Tensor freeze_step, at::Tensor last_stat, at::Tensor invalid_steps,
@@ -50,7 +50,7 @@ class HostPolicy {
         ema_v_(std::move(ema_v)), ema_w_(std::move(ema_w)), ref_(std::move(ref)), ref_w_(std::move(ref_w)),
         thresh_(std::move(thresh)), freeze_step_(std::move(freeze_step)), last_stat_(std::move(last_stat)),
         invalid_steps_(std::move(invalid_steps)), new_frozen_(std::move(new_frozen)), num_rows_(num_rows),
-        statistic_(statistic), ema_(ema), ref_decay_(ref_decay), auto_(auto_mode),
+        statistic_(statistic), ema_(ema), level_div_(level_div), auto_(auto_mode),
         check_interval_(check_interval), patience_(patience), max_frozen_(max_frozen) {
     TORCH_CHECK(idx_.device().is_cpu() && idx_.is_contiguous() && idx_.scalar_type() == at::kLong &&
                     idx_.dim() == 2 && idx_.size(1) >= 1,
@@ -63,7 +63,8 @@ class HostPolicy {
       TORCH_CHECK(ix[i] >= 0 && ix[i] <= num_rows_, "idx entry ", ix[i], " outside [0, ", num_rows_, "]");
     TORCH_CHECK(statistic_ >= kL1 && statistic_ <= kRms, "unknown statistic code ", statistic_);
     TORCH_CHECK(ema_ >= 0.0 && ema_ < 1.0, "ema must be in [0, 1), got ", ema_);
-    TORCH_CHECK(check_interval_ >= 1 && patience_ >= 1 && max_frozen_ >= 0, "bad check_interval/patience/max_frozen");
+    TORCH_CHECK(check_interval_ >= 1 && patience_ >= 1 && max_frozen_ >= 0 && level_div_ >= 1,
+                "bad check_interval/patience/max_frozen/level_div");
     check_state(numel_, at::kDouble, C_, "numel");
     check_state(frozen_, at::kBool, C_, "frozen");
     check_state(counter_, at::kLong, C_, "counter");
@@ -178,9 +179,11 @@ class HostPolicy {
       root = roots.data_ptr<double>();
     }
 
-    // 2. statistic, EMA, last value; grace-period reference; patience and freezing
+    // 2. statistic, EMA, last value; the level (lowest statistic in the last grace steps, as
+    // rule.py's level_window_start places them); patience and freezing
     const bool decide = t > grace && (t - grace) % check_interval_ == 0;
-    const double d = ema_, one_d = 1.0 - ema_, rd = ref_decay_, one_rd = 1.0 - ref_decay_;
+    const bool track = auto_ && t <= grace && t > grace - std::max<int64_t>(1, grace / level_div_);
+    const double d = ema_, one_d = 1.0 - ema_;
     int64_t n_frozen = 0;
     for (int64_t i = 0; i < C_; ++i) n_frozen += frozen[i] ? 1 : 0;
     int64_t room = max_frozen_ - n_frozen, n_new = 0;
@@ -208,9 +211,9 @@ class HostPolicy {
       if (ok) last[i] = cur;
       fresh[i] = false;
       if (t <= grace) {
-        if (auto_ && ok) {
-          ref[i] = rd * ref[i] + one_rd * cur;
-          ref_w[i] = rd * ref_w[i] + one_rd;
+        if (track && ok) {
+          ref[i] = ref_w[i] > 0.0 ? std::min(ref[i], cur) : cur;
+          ref_w[i] += 1.0;
         }
       } else if (decide && ok) {
         const bool below = live && cur < thresh[i];
@@ -238,12 +241,9 @@ class HostPolicy {
       full = *n >= hist_steps_.size(0);
     }
     if (t == grace && auto_) {
-      // thresholds become fixed at the end of the grace period; a component that never had a
-      // gradient gets a negative one (it cannot freeze)
-      for (int64_t i = 0; i < C_; ++i) {
-        const double level = ref[i] / std::max(ref_w[i], 1e-300);
-        thresh[i] = thresh[i] * (ref_w[i] > 0.0 ? level : -1.0);
-      }
+      // thresholds become fixed at the end of the grace period; a component without a valid
+      // reading in the level window gets a negative one (it cannot freeze)
+      for (int64_t i = 0; i < C_; ++i) thresh[i] = thresh[i] * (ref_w[i] > 0.0 ? ref[i] : -1.0);
     }
     return (n_new > 0 ? kFroze : 0) + (full ? kHistoryFull : 0);
   }
@@ -271,7 +271,8 @@ class HostPolicy {
   at::Tensor idx_, numel_, frozen_, counter_, ema_v_, ema_w_, ref_, ref_w_, thresh_, freeze_step_, last_stat_,
       invalid_steps_, new_frozen_;
   int64_t num_rows_, statistic_;
-  double ema_, ref_decay_;
+  double ema_;
+  int64_t level_div_;
   bool auto_;
   int64_t check_interval_, patience_, max_frozen_;
   int64_t C_ = 0, K_ = 1;
@@ -287,11 +288,11 @@ void register_policy(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<HostPolicy>(m, "HostPolicy",
                          "The GradES decision rule on host-memory state, one call per optimizer step")
-      .def(py::init<at::Tensor, int64_t, int64_t, at::Tensor, double, double, bool, int64_t, int64_t, int64_t,
+      .def(py::init<at::Tensor, int64_t, int64_t, at::Tensor, double, int64_t, bool, int64_t, int64_t, int64_t,
                     at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                     at::Tensor, at::Tensor, at::Tensor>(),
            py::arg("idx"), py::arg("num_rows"), py::arg("statistic"), py::arg("numel"), py::arg("ema"),
-           py::arg("ref_decay"), py::arg("auto_mode"), py::arg("check_interval"), py::arg("patience"),
+           py::arg("level_div"), py::arg("auto_mode"), py::arg("check_interval"), py::arg("patience"),
            py::arg("max_frozen"), py::arg("frozen"), py::arg("counter"), py::arg("ema_v"), py::arg("ema_w"),
            py::arg("ref"), py::arg("ref_w"), py::arg("thresh"), py::arg("freeze_step"), py::arg("last_stat"),
            py::arg("invalid_steps"), py::arg("new_frozen"))

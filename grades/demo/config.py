@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Union
 
+from ..policy.config import DEFAULT_ALPHA, DEFAULT_EMA, DEFAULT_PATIENCE, DEFAULT_REL_TAU
 from ..ttc.cli import DEFAULT_TOLERANCE
 from .models import LLAMA_SIZES
 
@@ -22,10 +23,10 @@ class DemoConfig:
     with linear warm-up over ``warmup_frac`` of the budget and linear decay to zero at ``steps``
     (every run uses the same schedule). Sorting is learned steadily, with no loss plateau whose
     escape the last bits of float sums could decide, and by about a quarter of the default budget:
-    the budget leaves a wide margin over convergence. GradES: the automatic threshold
-    (``rel_tau`` times each component's own level at the end of the grace period
-    ``alpha * steps``), an EMA of the statistic, and ``patience`` checks below threshold; the
-    grace period ends after the loss has settled, so the thresholds are not set from a transient.
+    the budget leaves a wide margin over convergence. GradES, with ``GradESConfig``'s defaults:
+    the automatic threshold (``rel_tau`` times each component's own level at the end of the grace
+    period ``alpha * steps``, its lowest statistic in the last quarter of that period), an EMA of
+    the statistic, and ``patience`` checks below threshold.
     TTC: ``ttc_problems`` test problems, ``ttc_samples`` samples each at temperature
     ``ttc_temperature`` for every saved checkpoint, k up to ``ttc_k_max``, target = A's final
     accuracy at k = 1 minus ``ttc_tolerance``. ``threads``: torch CPU threads (default 1: the
@@ -49,12 +50,12 @@ class DemoConfig:
     threads: Optional[int] = 1
     # GradES
     statistic: str = "l1"
-    rel_tau: float = 0.5
+    rel_tau: float = DEFAULT_REL_TAU
     # absolute threshold instead of rel_tau: one number or {component type: number} (GradESConfig.tau)
     tau: Optional[Union[float, dict]] = None
-    alpha: float = 0.4
-    patience: int = 10
-    ema: float = 0.9
+    alpha: float = DEFAULT_ALPHA
+    patience: int = DEFAULT_PATIENCE
+    ema: float = DEFAULT_EMA
     # checkpoints and TTC
     checkpoint_fracs: tuple = (0.25, 0.5, 0.75)
     ttc_problems: int = 100

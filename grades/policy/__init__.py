@@ -36,10 +36,10 @@ The files, in the order data flows through them:
 * :mod:`~grades.policy.checkpoint`: state dicts; :mod:`~grades.policy.grad_es`: :class:`GradES`.
 """
 from .clip import clip_coefficient
-from .config import DEFAULT_EMA, DEFAULT_PATIENCE, DEFAULT_REL_TAU, STATISTICS, GradESConfig
+from .config import DEFAULT_ALPHA, DEFAULT_EMA, DEFAULT_PATIENCE, DEFAULT_REL_TAU, STATISTICS, GradESConfig
 from .grad_es import GradES
 from .rule import RULES, select_rule
 from .sources import GradListSource, StatsSource
 
-__all__ = ["GradES", "GradESConfig", "StatsSource", "GradListSource", "STATISTICS", "DEFAULT_REL_TAU", "DEFAULT_EMA",
-           "DEFAULT_PATIENCE", "RULES", "clip_coefficient", "select_rule"]
+__all__ = ["GradES", "GradESConfig", "StatsSource", "GradListSource", "STATISTICS", "DEFAULT_ALPHA", "DEFAULT_REL_TAU",
+           "DEFAULT_EMA", "DEFAULT_PATIENCE", "RULES", "clip_coefficient", "select_rule"]

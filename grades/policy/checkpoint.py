@@ -24,7 +24,7 @@ class Checkpointing:
         thresholds, EMA and reference levels, freeze steps and history (plain Python values;
         JSON-safe). A host sync."""
         self.wait()
-        return {"version": 2, "component_names": [c.name for c in self.components],
+        return {"version": 3, "component_names": [c.name for c in self.components],
                 "step": self.step_count, "grace": self.grace, **self.state.to_lists(),
                 "should_stop": self.should_stop, "stopped_at": self.stopped_at,
                 "history": list(self.history), "freeze_events": list(self.freeze_events),
@@ -35,8 +35,9 @@ class Checkpointing:
         mask, ``requires_grad`` and optimizer), and gives the components *not* frozen in the saved
         state back the ``requires_grad`` their parameters had before GradES froze them (loading an
         earlier state after later freezes, in the same process). So training continues as if
-        never interrupted. (Version-1 states, with one EMA/reference weight for all components,
-        load too.)
+        never interrupted. (States of versions 1 and 2 load too: version 1 had one EMA/level
+        weight for all components, and both kept the grace-period level as a running mean, which
+        a state saved during the grace period carries on as the lowest level seen so far.)
 
         Everything is checked before anything changes: a state that does not fit raises
         ``ValueError`` naming the field (``TypeError`` for a non-mapping) and leaves this policy

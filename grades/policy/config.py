@@ -11,17 +11,22 @@ STATISTICS = ("l1", "l2", "mean_abs", "rms")
 
 #: Default relative threshold of the automatic mode: a component freezes once its statistic has
 #: fallen below this fraction of its own level at the end of the grace period.
-DEFAULT_REL_TAU = 0.5
+DEFAULT_REL_TAU = 0.3
 
-#: Decay of the running mean that records each component's level during the grace period in
-#: the automatic mode (about the last ten grace steps count).
-REF_DECAY = 0.9
+#: Default grace period, as a fraction of the planned steps.
+DEFAULT_ALPHA = 0.35
 
-#: Default EMA decay of the statistic and default patience (consecutive checks below the
-#: threshold). A single step's statistic is noisy; these defaults keep noise from freezing a
-#: matrix while a real drop is still caught within about twenty steps (patience 10, measured in
-#: bench/grades_defaults.py: patience 3 froze matrices on dips and cost accuracy).
-DEFAULT_EMA = 0.9
+#: The automatic mode's level of a component is the lowest value its (EMA) statistic takes in the
+#: last ``1 / LEVEL_WINDOW_DIV`` of the grace period (at least one step). The lowest, not the
+#: latest: a grace period that ends on a transient (a loss spike, a burst of learning) would
+#: otherwise set the threshold from the transient and freeze a model that is still learning.
+LEVEL_WINDOW_DIV = 4
+
+#: Default EMA decay of the statistic (about the last twenty steps count) and default patience
+#: (consecutive checks below the threshold). A single step's statistic is noisy; these keep noise
+#: from freezing a matrix while a real drop is still caught within about thirty steps. These,
+#: DEFAULT_REL_TAU and DEFAULT_ALPHA are measured in bench/grades_defaults.py.
+DEFAULT_EMA = 0.95
 DEFAULT_PATIENCE = 10
 
 TauLike = Union[float, Mapping[str, float], None]
@@ -55,19 +60,20 @@ class GradESConfig:
             (e.g. ``{"attention": 2e-3, "mlp": 5e-3}``; the key ``"default"`` covers types not
             listed; a key naming a type no component has is an error).
         rel_tau: automatic mode: each component's threshold is ``rel_tau`` times its own
-            statistic level at the end of the grace period (a running mean of the last grace
-            steps, recorded on the device); a number or a per-type mapping, in ``(0, 1]``. A
-            component without a single valid reading during the grace period (no gradient, or
-            only steps with non-finite gradients or statistics) has no level to measure: it gets
-            no threshold and never freezes (so ``stop_ratio=1`` is never reached); GradES warns,
-            naming such components, when the grace period ends.
+            statistic level at the end of the grace period (the lowest value of its statistic,
+            after the EMA, in the last quarter of the grace period: see
+            :data:`LEVEL_WINDOW_DIV`; recorded on the device); a number or a per-type mapping, in
+            ``(0, 1]``. A component without a single valid reading in that window (no gradient,
+            or only steps with non-finite gradients or statistics) has no level to measure: it
+            gets no threshold and never freezes (so ``stop_ratio=1`` is never reached); GradES
+            warns, naming such components, when the grace period ends.
         statistic: ``"l1"`` (sum of |g|, the paper's), ``"l2"`` (sqrt of sum g^2), ``"mean_abs"``
             (l1 / numel) or ``"rms"`` (sqrt(sum g^2 / numel)).
         ema: decay in ``[0, 1)`` of an exponential moving average (bias-corrected, per step) applied
             to the statistic before thresholding; ``None`` or ``0`` uses each step's raw value
             (the paper's rule). Default :data:`DEFAULT_EMA`.
         alpha: grace period as a fraction of ``total_steps``, in ``[0, 1)`` (``alpha > 0`` gives at
-            least one grace step, however short the run).
+            least one grace step, however short the run). Default :data:`DEFAULT_ALPHA`.
         grace_steps: grace period in optimizer steps (overrides ``alpha``); less than
             ``total_steps`` when both are given.
         total_steps: planned number of optimizer steps (needed with ``alpha > 0`` unless
@@ -89,7 +95,7 @@ class GradESConfig:
     rel_tau: TauLike = None
     statistic: str = "l1"
     ema: Optional[float] = DEFAULT_EMA
-    alpha: float = 0.4
+    alpha: float = DEFAULT_ALPHA
     grace_steps: Optional[int] = None
     total_steps: Optional[int] = None
     patience: int = DEFAULT_PATIENCE
@@ -152,4 +158,5 @@ class GradESConfig:
 
 
 
-__all__ = ["GradESConfig", "STATISTICS", "DEFAULT_REL_TAU", "DEFAULT_EMA", "DEFAULT_PATIENCE", "REF_DECAY", "TauLike"]
+__all__ = ["GradESConfig", "STATISTICS", "DEFAULT_ALPHA", "DEFAULT_REL_TAU", "DEFAULT_EMA", "DEFAULT_PATIENCE",
+           "LEVEL_WINDOW_DIV", "TauLike"]

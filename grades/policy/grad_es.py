@@ -340,9 +340,9 @@ class GradES(Checkpointing):
             return
         names = [c.name for c, m in zip(self.components, missing.tolist()) if m]
         warnings.warn(f"GradES: the grace period ended (step {self.grace}) without a valid reading for {len(names)} "
-                      f"of {len(self.components)} component(s) ({name_list(names)}): no gradient reached them, "
-                      "or only non-finite ones, so their automatic threshold could not be measured and they will "
-                      "never freeze; check that they are trained, or lengthen the grace period",
+                      f"of {len(self.components)} component(s) ({name_list(names)}) in the last quarter of it: no "
+                      "gradient reached them, or only non-finite ones, so their automatic threshold could not be "
+                      "measured and they will never freeze; check that they are trained, or lengthen the grace period",
                       RuntimeWarning, stacklevel=5)
 
     def _warn_no_grad(self) -> None:

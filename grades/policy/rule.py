@@ -1,8 +1,8 @@
 """The GradES decision rule, in one signature for every implementation.
 
 Per step, for each component: sum its rows of the statistics table, divide out the clip factor,
-turn the sums into the chosen statistic, update the EMA (and in automatic mode, during the grace
-period, the component's reference level), then on check steps count consecutive checks below
+turn the sums into the chosen statistic, update the EMA (and in automatic mode, in the last part
+of the grace period, the component's level: the lowest statistic seen there), then on check steps count consecutive checks below
 the threshold and freeze after ``patience`` of them, earliest components first up to the cap.
 
 Two implementations decide bitwise alike (the same float64 operations in the same order):
@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .clip import unclip
-from .config import REF_DECAY, STATISTICS, GradESConfig
+from .config import LEVEL_WINDOW_DIV, STATISTICS, GradESConfig
 from .state import DecisionState
 
 #: bits of a rule step's result
@@ -74,7 +74,7 @@ def make_rule(kind: str, idx: torch.Tensor, num_rows: int, config: GradESConfig,
     """Build rule ``kind`` over the statistics table ``[num_rows, 3]`` whose rows of each
     component ``idx`` (int64 ``[C, K]``, padded with ``num_rows``) names, on ``state``."""
     args = dict(idx=idx.contiguous(), num_rows=num_rows, statistic=STATISTICS.index(config.statistic), numel=numel,
-                ema=float(config.ema or 0.0), ref_decay=REF_DECAY, auto_mode=config.auto,
+                ema=float(config.ema or 0.0), level_div=LEVEL_WINDOW_DIV, auto_mode=config.auto,
                 check_interval=int(config.check_interval), patience=max(1, config.patience),
                 max_frozen=int(max_frozen))
     if kind == "torch":
@@ -85,6 +85,12 @@ def make_rule(kind: str, idx: torch.Tensor, num_rows: int, config: GradESConfig,
     return mod.HostPolicy(**args, frozen=s.frozen, counter=s.counter, ema_v=s.ema, ema_w=s.ema_w, ref=s.ref,
                           ref_w=s.ref_w, thresh=s.thresh, freeze_step=s.freeze_step, last_stat=s.last_stat,
                           invalid_steps=s.invalid_steps, new_frozen=s.new_frozen)
+
+
+def level_window_start(grace: int, level_div: int) -> int:
+    """The last step before the window of the grace period ``1..grace`` in which the automatic
+    mode measures each component's level: its last ``grace // level_div`` steps, at least one."""
+    return grace - max(1, grace // level_div)
 
 
 def is_identity(idx: torch.Tensor, num_rows: int) -> bool:
@@ -121,10 +127,10 @@ class TorchRule:
     for the native ``HostPolicy``."""
 
     def __init__(self, idx: torch.Tensor, num_rows: int, statistic: int, numel: torch.Tensor, ema: float,
-                 ref_decay: float, auto_mode: bool, check_interval: int, patience: int, max_frozen: int,
+                 level_div: int, auto_mode: bool, check_interval: int, patience: int, max_frozen: int,
                  state: DecisionState):
         self.idx, self.num_rows, self.statistic, self.numel = idx, num_rows, STATISTICS[statistic], numel
-        self.ema, self.ref_decay, self.auto = ema, ref_decay, auto_mode
+        self.ema, self.level_div, self.auto = ema, level_div, auto_mode
         self.check_interval, self.patience, self.max_frozen, self.s = check_interval, patience, max_frozen, state
         self._identity = is_identity(idx, num_rows)
 
@@ -162,7 +168,7 @@ class TorchRule:
         s.last_stat.copy_(torch.where(ok, cur, s.last_stat))
         s.invalid_steps.add_((~valid).to(torch.int64))
         if t <= grace:
-            if self.auto:
+            if self.auto and t > level_window_start(grace, self.level_div):
                 self._track_level(ok, cur, t == grace)
             return 0
         if (t - grace) % self.check_interval != 0:
@@ -171,14 +177,13 @@ class TorchRule:
         return FROZE
 
     def _track_level(self, ok: torch.Tensor, cur: torch.Tensor, last: bool) -> None:
-        s, rd = self.s, self.ref_decay
-        s.ref.copy_(torch.where(ok, rd * s.ref + (1 - rd) * cur, s.ref))
-        s.ref_w.copy_(torch.where(ok, rd * s.ref_w + (1 - rd), s.ref_w))
+        s = self.s
+        s.ref.copy_(torch.where(ok, torch.where(s.ref_w > 0, torch.minimum(s.ref, cur), cur), s.ref))
+        s.ref_w.add_(ok.to(s.ref_w.dtype))
         if last:
-            # thresholds become fixed at the end of the grace period; a component that never
-            # had a valid reading gets a negative one (it cannot freeze)
-            level = s.ref / s.ref_w.clamp_min(1e-300)
-            s.thresh.mul_(torch.where(s.ref_w > 0, level, torch.full_like(level, -1.0)))
+            # thresholds become fixed at the end of the grace period; a component without a
+            # valid reading in the level window gets a negative one (it cannot freeze)
+            s.thresh.mul_(torch.where(s.ref_w > 0, s.ref, torch.full_like(s.ref, -1.0)))
 
     def _decide(self, t: int, ok: torch.Tensor, live: torch.Tensor, cur: torch.Tensor) -> None:
         s = self.s
@@ -194,5 +199,5 @@ class TorchRule:
         s.new_frozen.copy_(cand)
 
 
-__all__ = ["FROZE", "HISTORY_FULL", "RULES", "TorchRule", "component_sums", "is_identity", "make_rule",
-           "native_available", "select_rule"]
+__all__ = ["FROZE", "HISTORY_FULL", "RULES", "TorchRule", "component_sums", "is_identity", "level_window_start",
+           "make_rule", "native_available", "select_rule"]

@@ -22,7 +22,8 @@ class DecisionState:
         frozen: bool ``[C]``.  counter: int64 ``[C]``, consecutive checks below threshold.
         ema, ema_w: float64 ``[C]``, the running mean of the statistic and its weight
             ``1 - decay^(steps counted)`` (bias correction).
-        ref, ref_w: float64 ``[C]``, the grace-period level (automatic mode) and its weight.
+        ref, ref_w: float64 ``[C]``, automatic mode: the level, the lowest statistic seen in the
+            level window at the end of the grace period, and how many valid readings it saw.
         thresh: float64 ``[C]``, thresholds (in automatic mode the relative ones until the grace
             period ends).  freeze_step: int64 ``[C]``, step each froze at (-1: not frozen).
         last_stat: float64 ``[C]``, the latest statistic counted.
@@ -118,6 +119,15 @@ def _check_records(sd: Mapping[str, Any], C: int) -> dict:
     return out
 
 
+def _level_from_mean(out: dict) -> None:
+    """Versions 1-2 kept the level as a running mean with weight ``ref_w`` (unnormalised): carry
+    its value on as the lowest statistic seen so far (only a state saved during the grace period
+    still uses it)."""
+    seen = out["ref_w"] > 0
+    out["ref"] = np.where(seen, out["ref"] / np.where(seen, out["ref_w"], 1.0), out["ref"])
+    out["ref_w"] = seen.astype(np.float64)
+
+
 def check_saved(sd: Any, names: list[str], grace: int) -> dict:
     """A saved GradES state, checked and converted (nothing is changed here): the fields of
     :data:`FIELDS` as NumPy arrays ``[C]``, plus ``step``, ``invalid_steps``, ``grace``,
@@ -135,12 +145,14 @@ def check_saved(sd: Any, names: list[str], grace: int) -> dict:
         n = len(saved) if isinstance(saved, (list, tuple)) else "no"
         raise ValueError(f"the saved GradES state belongs to different components ({n} saved vs {C} here)")
     version = sd.get("version", 2)
-    if version not in (1, 2):
-        raise ValueError(f"unknown GradES state version {version!r} (this GradES reads 1 and 2)")
+    if version not in (1, 2, 3):
+        raise ValueError(f"unknown GradES state version {version!r} (this GradES reads 1 to 3)")
     missing = [k for k in (*FIELDS, "step", "invalid_steps") if k not in sd]
     if missing:
         raise ValueError(f"the saved GradES state lacks {missing}")
     out = _check_fields(sd, C, version)
+    if version < 3:
+        _level_from_mean(out)
     out["step"] = _integer("step", sd["step"], 0)
     out["invalid_steps"] = _integer("invalid_steps", sd["invalid_steps"], 0)
     out["grace"] = _integer("grace", sd.get("grace", grace), 0)
