@@ -7,8 +7,8 @@ stopping when every matrix is frozen. Rules:
 * ``defaults``: ``GradESConfig()``'s own defaults (automatic threshold ``DEFAULT_REL_TAU``, EMA
   ``DEFAULT_EMA``, ``DEFAULT_ALPHA``, ``DEFAULT_PATIENCE``), read from the package, so the bench
   follows them;
-* ``rel .4, EMA .9``: the defaults with a higher threshold on a shorter EMA (a neighbouring
-  setting: how sensitive the outcome is);
+* ``rel .3, EMA .95``: the defaults with a lower threshold on a longer EMA (a more cautious
+  neighbour: what caution buys);
 * ``alpha .4, rel .5``: the values the defaults had before this bench chose the current ones (a
   longer grace period, a higher threshold, EMA 0.9);
 * ``paper``: the paper's rule -- a fixed absolute threshold ``tau`` on the raw per-step statistic
@@ -53,7 +53,7 @@ def rules(paper_tau: dict) -> dict[str, dict]:
     """GradES settings compared (DemoConfig field overrides)."""
     from grades.policy import DEFAULT_ALPHA, DEFAULT_EMA, DEFAULT_PATIENCE, DEFAULT_REL_TAU
     return {"defaults": dict(rel_tau=DEFAULT_REL_TAU, ema=DEFAULT_EMA, alpha=DEFAULT_ALPHA, patience=DEFAULT_PATIENCE),
-            "rel .4, EMA .9": dict(rel_tau=0.4, ema=0.9, alpha=DEFAULT_ALPHA, patience=DEFAULT_PATIENCE),
+            "rel .3, EMA .95": dict(rel_tau=0.3, ema=0.95, alpha=DEFAULT_ALPHA, patience=DEFAULT_PATIENCE),
             "alpha .4, rel .5": dict(rel_tau=0.5, ema=0.9, alpha=0.4, patience=DEFAULT_PATIENCE),
             "paper": dict(tau=paper_tau, ema=None, alpha=0.55, patience=0)}
 

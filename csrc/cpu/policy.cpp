@@ -1,6 +1,6 @@
 // The GradES decision rule for state held in host memory, as one native call per optimizer step.
 //
-// GradES keeps its per-component state (frozen mask, patience counters, EMA, reference levels,
+// GradES keeps its per-component state (frozen mask, patience counters, EMA, levels,
 // thresholds, freeze steps, last statistic) in small tensors. On a GPU the rule runs as a few
 // tensor ops on the device; on the CPU a dozen tiny NumPy/torch ops cost more host time than the
 // arithmetic is worth (each op is microseconds of dispatch for a [C] vector, C ~ 10..1000), and

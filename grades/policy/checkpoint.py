@@ -21,7 +21,7 @@ class Checkpointing:
 
     def state_dict(self) -> dict:
         """Everything needed to continue identically: step, grace period, frozen set, counters,
-        thresholds, EMA and reference levels, freeze steps and history (plain Python values;
+        thresholds, EMA and levels, freeze steps and history (plain Python values;
         JSON-safe). A host sync."""
         self.wait()
         return {"version": 3, "component_names": [c.name for c in self.components],

@@ -11,7 +11,7 @@ STATISTICS = ("l1", "l2", "mean_abs", "rms")
 
 #: Default relative threshold of the automatic mode: a component freezes once its statistic has
 #: fallen below this fraction of its own level at the end of the grace period.
-DEFAULT_REL_TAU = 0.3
+DEFAULT_REL_TAU = 0.4
 
 #: Default grace period, as a fraction of the planned steps.
 DEFAULT_ALPHA = 0.35
@@ -22,11 +22,11 @@ DEFAULT_ALPHA = 0.35
 #: otherwise set the threshold from the transient and freeze a model that is still learning.
 LEVEL_WINDOW_DIV = 4
 
-#: Default EMA decay of the statistic (about the last twenty steps count) and default patience
+#: Default EMA decay of the statistic (about the last ten steps count) and default patience
 #: (consecutive checks below the threshold). A single step's statistic is noisy; these keep noise
-#: from freezing a matrix while a real drop is still caught within about thirty steps. These,
+#: from freezing a matrix while a real drop is still caught within about twenty steps. These,
 #: DEFAULT_REL_TAU and DEFAULT_ALPHA are measured in bench/grades_defaults.py.
-DEFAULT_EMA = 0.95
+DEFAULT_EMA = 0.9
 DEFAULT_PATIENCE = 10
 
 TauLike = Union[float, Mapping[str, float], None]
