@@ -11,12 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_util import CFG, Net, batch, run_workers
+from dist_util import CFG, LR, Net, batch, run_workers
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 12
-LR = 5e-2
 
 
 @functools.lru_cache(maxsize=1)

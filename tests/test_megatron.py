@@ -16,13 +16,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_util import CFG, Net, batch, spawn, unchanged_after_freeze
+from dist_util import CFG, LR, Net, batch, spawn, unchanged_after_freeze
 from grades import FrozenAwareAdamW, GradES, GradESConfig
 from grades.flat_adamw import FlatAdamW, _owned_ranges
 from grades.integrations.megatron import attach_main_grad_buffer, attach_param_and_grad_buffers
 
 STEPS = 10
-LR = 5e-2
 WD = 0.1
 
 
