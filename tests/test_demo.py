@@ -201,3 +201,32 @@ def test_sort_task_problems_are_sorted_distinct_and_seeded():
         SortTask(digits=1)
     with pytest.raises(ValueError, match="leaves no training data"):
         SortTask(digits=2, n_val=50, n_test=50)
+
+
+def test_clipped_training_keeps_gradES_on_the_unclipped_gradient(monkeypatch):
+    """The demo clips the gradient's total norm; GradES is told the clip, so its statistics stay
+    those of the unclipped gradient (clipped ones would be about 1000x smaller here)."""
+    import torch
+    from dataclasses import replace
+    from grades.demo.config import DemoConfig
+    from grades.demo.train import make_task, train
+
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m, **kw: calls.append(m) or clip(p, m, **kw))
+    base = DemoConfig(steps=6, n_val=20, n_test=20, threads=None, max_grad_norm=None)
+    task = make_task(base)
+    plain = train(base, task, "B", progress=False)
+    assert calls == []
+    clipped = train(replace(base, max_grad_norm=1e-3), task, "B", progress=False)
+    assert calls == [1e-3] * 6
+    for a, b in zip(plain.grades.history, clipped.grades.history, strict=True):
+        assert b["stat"] == pytest.approx(a["stat"], rel=0.5), a["step"]
+    assert clipped.grades.history[0]["stat"] == pytest.approx(plain.grades.history[0]["stat"], rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_bad_max_grad_norm_is_refused(bad):
+    from grades.demo.config import DemoConfig, validate
+    with pytest.raises(ValueError, match="max_grad_norm must be a positive finite number or None"):
+        validate(DemoConfig(max_grad_norm=bad))

@@ -147,9 +147,13 @@ def train(cfg: DemoConfig, task: DigitTask, run: str, *, progress: bool = True) 
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         loss = model(**batch).loss
         loss.backward()
+        norm = None
+        if cfg.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         if gs is not None:
-            gs.step()
+            # GradES divides the clip coefficient out: its decisions see the unclipped gradient
+            gs.step(total_norm=norm, max_norm=cfg.max_grad_norm) if norm is not None else gs.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
         step += 1
