@@ -1,8 +1,9 @@
 """Validation of GradES's default rule: what it saves and what it costs, next to other settings.
 
 For each embedded task (of different difficulty) and seed, the same seeded tiny Llama trains with
-``FrozenAwareAdamW`` for the full budget (GradES off), then once per rule with GradES on, each
-stopping when every matrix is frozen. Rules:
+``FrozenAwareAdamW`` and the demo's recipe (``DemoConfig``: schedule, gradient clipping) for the
+full budget (GradES off), then once per rule with GradES on, each stopping when every matrix is
+frozen. Rules:
 
 * ``defaults``: ``GradESConfig()``'s own defaults (automatic threshold ``DEFAULT_REL_TAU``, EMA
   ``DEFAULT_EMA``, ``DEFAULT_ALPHA``, ``DEFAULT_PATIENCE``), read from the package, so the bench
