@@ -24,12 +24,13 @@ class DemoConfig:
     (every run uses the same schedule), the gradients' total norm clipped to ``max_grad_norm``
     (``None``: no clipping) as transformers' ``Trainer`` does by default: unclipped, Adam's loss
     spikes at the task's near-zero loss dropped test accuracy to 0.80 in mid-run on some seeds
-    and kept the gradients from settling until late. Sorting is learned steadily, with no loss plateau whose
-    escape the last bits of float sums could decide, and by about a quarter of the default budget:
-    the budget leaves a wide margin over convergence. GradES, with ``GradESConfig``'s defaults:
-    the automatic threshold (``rel_tau`` times each component's own level at the end of the grace
-    period ``alpha * steps``, its lowest statistic in the last quarter of that period), an EMA of
-    the statistic, and ``patience`` checks below threshold.
+    and kept the gradients from settling until late. Sorting is learned steadily, with no loss
+    plateau whose escape the last bits of float sums could decide, and by about a quarter of the
+    default budget: the budget leaves a wide margin over convergence. GradES, with
+    ``GradESConfig``'s defaults: the automatic threshold (``rel_tau`` times each component's own
+    level at the end of the grace period ``alpha * steps``, its lowest statistic in the last
+    quarter of that period), an EMA of the statistic, and ``patience`` checks below threshold,
+    told the clip so that it judges the unclipped gradient.
     TTC: ``ttc_problems`` test problems, ``ttc_samples`` samples each at temperature
     ``ttc_temperature`` for every saved checkpoint, k up to ``ttc_k_max``, target = A's final
     accuracy at k = 1 minus ``ttc_tolerance``. ``threads``: torch CPU threads (default 1: the
