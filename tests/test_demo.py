@@ -228,5 +228,7 @@ def test_clipped_training_keeps_gradES_on_the_unclipped_gradient(monkeypatch):
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
 def test_a_bad_max_grad_norm_is_refused(bad):
     from grades.demo.config import DemoConfig, validate
-    with pytest.raises(ValueError, match="max_grad_norm must be a positive finite number or None"):
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number > 0"):
         validate(DemoConfig(max_grad_norm=bad))
+    with pytest.raises(TypeError, match="max_grad_norm must be a real number, got str"):
+        validate(DemoConfig(max_grad_norm="1.0"))

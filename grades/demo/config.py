@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Union
 
+from .._checks import check_number
 from ..policy.config import DEFAULT_ALPHA, DEFAULT_EMA, DEFAULT_PATIENCE, DEFAULT_REL_TAU
 from ..ttc.cli import DEFAULT_TOLERANCE
 from .models import LLAMA_SIZES
@@ -104,8 +105,7 @@ def validate(cfg: DemoConfig) -> None:
                          f"a decision window, got {cfg.steps}")
     if cfg.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {cfg.batch_size}")
-    if cfg.max_grad_norm is not None and not 0 < cfg.max_grad_norm < float("inf"):
-        raise ValueError(f"max_grad_norm must be a positive finite number or None, got {cfg.max_grad_norm}")
+    check_number(cfg.max_grad_norm, "max_grad_norm", lo=0.0, lo_open=True, none=True)
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
     total = (10 ** cfg.digits) ** (2 if cfg.task == "addition" else 1)

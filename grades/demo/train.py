@@ -152,8 +152,8 @@ def train(cfg: DemoConfig, task: DigitTask, run: str, *, progress: bool = True) 
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         if gs is not None:
-            # GradES divides the clip coefficient out: its decisions see the unclipped gradient
-            gs.step(total_norm=norm, max_norm=cfg.max_grad_norm) if norm is not None else gs.step()
+            # GradES divides the clip coefficient out (none without a clip): it judges the unclipped gradient
+            gs.step(total_norm=norm, max_norm=cfg.max_grad_norm)
         opt.zero_grad(set_to_none=True)
         sched.step()
         step += 1
