@@ -10,6 +10,9 @@ frozen. Rules:
   follows them;
 * ``rel .3, EMA .95``: the defaults with a lower threshold on a longer EMA (a more cautious
   neighbour: what caution buys);
+* ``defaults, quorum 1``: the defaults with ``freeze_quorum=1``: no matrix freezes before every
+  one qualifies, so the run is full training cut short (what the freezing of single matrices
+  costs in accuracy, and what it saves in training FLOPs);
 * ``alpha .4, rel .5``: the values the defaults had before this bench chose the current ones (a
   longer grace period, a higher threshold, EMA 0.9);
 * ``paper``: the paper's rule -- a fixed absolute threshold ``tau`` on the raw per-step statistic
@@ -55,6 +58,8 @@ def rules(paper_tau: dict) -> dict[str, dict]:
     from grades.policy import DEFAULT_ALPHA, DEFAULT_EMA, DEFAULT_PATIENCE, DEFAULT_REL_TAU
     return {"defaults": dict(rel_tau=DEFAULT_REL_TAU, ema=DEFAULT_EMA, alpha=DEFAULT_ALPHA, patience=DEFAULT_PATIENCE),
             "rel .3, EMA .95": dict(rel_tau=0.3, ema=0.95, alpha=DEFAULT_ALPHA, patience=DEFAULT_PATIENCE),
+            "defaults, quorum 1": dict(rel_tau=DEFAULT_REL_TAU, ema=DEFAULT_EMA, alpha=DEFAULT_ALPHA,
+                                       patience=DEFAULT_PATIENCE, freeze_quorum=1.0),
             "alpha .4, rel .5": dict(rel_tau=0.5, ema=0.9, alpha=0.4, patience=DEFAULT_PATIENCE),
             "paper": dict(tau=paper_tau, ema=None, alpha=0.55, patience=0)}
 
@@ -75,26 +80,30 @@ def run_one(cfg, rule_set: dict, progress: bool) -> dict:
     from grades.demo.train import make_task, train
     task = make_task(cfg)
     full = train(cfg, task, "A", progress=progress)
-    out = {"full": {"steps": full.steps, "acc": greedy_accuracy(full.model, task, task.test)}}
+    out = {"full": {"steps": full.steps, "flops": full.ledger.train_flops,
+                    "acc": greedy_accuracy(full.model, task, task.test)}}
     for name, over in rule_set.items():
         r = train(dataclasses.replace(cfg, **over), task, "B", progress=progress)
-        out[name] = {"steps": r.steps, "acc": greedy_accuracy(r.model, task, task.test)}
+        out[name] = {"steps": r.steps, "flops": r.ledger.train_flops, "acc": greedy_accuracy(r.model, task, task.test)}
     return out
 
 
 def summarise(per: list[dict]) -> dict:
-    """Per (task, rule): steps saved and accuracy change in points (mean, worst seed)."""
+    """Per (task, rule): steps and training FLOPs saved, accuracy change in points (mean, worst
+    seed)."""
     out: dict = {}
     for row in per:
         for rule, d in row["runs"].items():
             if rule == "full":
                 continue
-            s = out.setdefault(row["task"], {}).setdefault(rule, {"saved": [], "delta_points": []})
+            s = out.setdefault(row["task"], {}).setdefault(rule, {"saved": [], "flops_saved": [], "delta_points": []})
             s["saved"].append(1.0 - d["steps"] / row["budget"])
+            s["flops_saved"].append(1.0 - d["flops"] / row["runs"]["full"]["flops"])
             s["delta_points"].append(100.0 * (d["acc"] - row["runs"]["full"]["acc"]))
     for t in out.values():
         for s in t.values():
-            s.update(saved_mean=statistics.fmean(s["saved"]), delta_mean=statistics.fmean(s["delta_points"]),
+            s.update(saved_mean=statistics.fmean(s["saved"]), flops_saved_mean=statistics.fmean(s["flops_saved"]),
+                     delta_mean=statistics.fmean(s["delta_points"]),
                      delta_worst=min(s["delta_points"]))
     return out
 
@@ -145,7 +154,7 @@ def write(per: list, seeds: list, rule_set: dict, args, elapsed: float) -> dict:
            "seeds_planned": seeds,
            "rules": rule_set, "calibration": dict(zip(("task", "digits", "budget", "seed"), CALIBRATION)),
            "per_seed": per,
-           "summary": {t: {r: {k: v for k, v in s.items() if k not in ("saved", "delta_points")}
+           "summary": {t: {r: {k: v for k, v in s.items() if k not in ("saved", "flops_saved", "delta_points")}
                            for r, s in rs.items()} for t, rs in summarise(per).items()},
            "total_time_s": elapsed, "smoke": args.smoke}
     out = results_dir("cpu", args.out)
@@ -196,7 +205,8 @@ def main(argv=None) -> int:
             # written after every run, so an interrupted sweep keeps what it measured
             res = write(per, seeds, rule_set, args, time.perf_counter() - t0)
     for t, rs in res["summary"].items():
-        print(t + ": " + " | ".join(f"{r} saves {100 * s['saved_mean']:.0f}%, {s['delta_mean']:+.2f} points "
+        print(t + ": " + " | ".join(f"{r} saves {100 * s['saved_mean']:.0f}% of steps "
+                                     f"({100 * s['flops_saved_mean']:.0f}% of FLOPs), {s['delta_mean']:+.2f} points "
                                      f"(worst {s['delta_worst']:+.2f})" for r, s in rs.items()))
     return 0
 

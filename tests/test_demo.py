@@ -149,6 +149,7 @@ def test_premise():
     (["--digits", "2"], "too few"),
     (["--device", "tpu"], "unknown device"),
     (["--rel-tau", "0"], "--rel-tau"),
+    (["--freeze-quorum", "1.5"], "freeze_quorum must be"),
 ])
 def test_bad_flags_error_cleanly(argv, message, tmp_path, capsys):
     rc = main(argv + ["--out", str(tmp_path / "r")])
@@ -232,3 +233,14 @@ def test_a_bad_max_grad_norm_is_refused(bad):
         validate(DemoConfig(max_grad_norm=bad))
     with pytest.raises(TypeError, match="max_grad_norm must be a real number, got str"):
         validate(DemoConfig(max_grad_norm="1.0"))
+
+
+def test_the_freeze_quorum_reaches_gradES():
+    """``--freeze-quorum`` (DemoConfig.freeze_quorum) is run B's GradESConfig.freeze_quorum."""
+    from grades.demo import _config_from_args, build_parser
+    from grades.demo.models import tiny_llama
+    from grades.demo.train import _optimizer, make_task
+    cfg = _config_from_args(build_parser().parse_args(["--freeze-quorum", "0.75"]))
+    model = tiny_llama(make_task(cfg).vocab_size, cfg.model_size, seed=0)
+    _, gs = _optimizer(cfg, model, "B")
+    assert gs.config.freeze_quorum == 0.75

@@ -72,7 +72,8 @@ def train(model, opt, gs, steps, start=0, hook=None):
     (dict(tau=1.0, rel_tau=0.5), "either"), (dict(rel_tau=1.5), "rel_tau"),
     (dict(ema=1.0), "ema"), (dict(max_frozen_ratio=0.0), "max_frozen_ratio"),
     (dict(max_frozen_ratio=0.5, stop_ratio=1.0), "stop_ratio"), (dict(history_max=0), "history_max"),
-    (dict(grace_steps=10, total_steps=10), "grace_steps"),
+    (dict(grace_steps=10, total_steps=10), "grace_steps"), (dict(freeze_quorum=1.5), "freeze_quorum"),
+    (dict(freeze_quorum=-0.1), "freeze_quorum"), (dict(freeze_quorum=float("nan")), "freeze_quorum"),
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -356,6 +357,50 @@ def rule_for(path: str) -> str:
     return path
 
 
+def _late_mlp_run(path: str, quorum: float, steps: int, never_freeze: bool = False):
+    """Toy trained with FrozenAwareAdamW, gradients scaled so that the attention components
+    qualify (patience 2 below tau) at step 4 and the MLP ones at step 9; ``never_freeze``: the
+    same run with GradES watching and nothing ever below tau."""
+    m = Toy(seed=3)
+    opt = grades.FrozenAwareAdamW(m.parameters(), lr=1e-2)
+    cfg = GradESConfig(tau=1e-30 if never_freeze else 1e-3, ema=None, grace_steps=2, patience=2,
+                       freeze_quorum=quorum)
+    gs = GradES(m, opt, cfg, rule=rule_for(path))
+
+    def quiet(s):  # step s + 1: tiny attention gradients from step 3, tiny MLP ones from step 8
+        for c in gs.components:
+            if s + 1 >= (3 if c.type == "attention" else 8):
+                for p in c.params:
+                    if p.grad is not None:
+                        p.grad.mul_(1e-9)
+    train(m, opt, gs, steps, hook=quiet)
+    gs.wait()
+    return m, gs
+
+
+@pytest.mark.parametrize("path", DECISION_PATHS)
+def test_freeze_quorum_holds_freezes_until_enough_qualify(path):
+    """Attention components qualify at step 4, MLP ones at step 9. Each on its own (quorum 0),
+    attention freezes at 4; with a quorum of all, nothing freezes before 9, then everything
+    does, and the model at the stop is bitwise that of the run in which nothing ever froze
+    (full training cut short); a quorum of half is met by the attention half at step 4."""
+    _, alone = _late_mlp_run(path, 0.0, 9)
+    fs = alone.history_dict()["freeze_steps"]
+    assert sorted(set(fs.values())) == [4, 9]
+    m, together = _late_mlp_run(path, 1.0, 9)
+    assert set(together.history_dict()["freeze_steps"].values()) == {9} and together.stopped_at == 9
+    ref, _ = _late_mlp_run(path, 1.0, 9, never_freeze=True)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
+    m0, _ = _late_mlp_run(path, 0.0, 9)
+    assert not all(torch.equal(a, b) for a, b in zip(m0.parameters(), ref.parameters()))  # freezing changed it
+    n_att = sum(c.type == "attention" for c in alone.components)
+    assert n_att * 2 == len(alone.components)
+    _, half = _late_mlp_run(path, 0.5, 9)
+    assert half.history_dict()["freeze_steps"] == fs
+    _, most = _late_mlp_run(path, 0.75, 9)
+    assert set(most.history_dict()["freeze_steps"].values()) == {9}
+
+
 def test_optimizer_and_rule_arguments_are_checked():
     """Anything but an optimizer (or None) is a TypeError; the rule is named from RULES, and the
     policy drives an optimizer through the FreezableOptimizer contract only (a stock optimizer
@@ -396,6 +441,8 @@ def pairs(m: nn.Module) -> list[Component]:
     dict(rel_tau=0.9, statistic="rms", ema=None, grace_steps=9, patience=2, max_frozen_ratio=0.75, stop_ratio=0.5,
          history_every=3, history_max=4),
     dict(rel_tau=0.95, statistic="mean_abs", ema=0.9, grace_steps=3, patience=1, stop_ratio=None),
+    dict(rel_tau=0.9, ema=0.8, grace_steps=9, patience=2, freeze_quorum=0.5, max_frozen_ratio=0.75, stop_ratio=None),
+    dict(rel_tau=0.95, statistic="l2", ema=0.5, grace_steps=5, patience=1, freeze_quorum=1.0),
 ])
 @pytest.mark.parametrize("optim", ["frozen_aware", "torch"])
 @pytest.mark.parametrize("comps", ["matrices", "pairs"])
@@ -474,7 +521,7 @@ def test_native_rule_rejects_inconsistent_inputs():
     mod = type(rule)
     with pytest.raises(RuntimeError, match="idx entry"):
         mod(idx=torch.tensor([[5]]), num_rows=2, statistic=0, numel=torch.ones(1, dtype=torch.float64), ema=0.0,
-            level_div=4, auto_mode=False, check_interval=1, patience=1, max_frozen=1,
+            level_div=4, auto_mode=False, check_interval=1, patience=1, max_frozen=1, quorum=0,
             frozen=torch.zeros(1, dtype=torch.bool), counter=torch.zeros(1, dtype=torch.int64),
             ema_v=torch.zeros(1, dtype=torch.float64), ema_w=torch.zeros(1, dtype=torch.float64),
             ref=torch.zeros(1, dtype=torch.float64), ref_w=torch.zeros(1, dtype=torch.float64),

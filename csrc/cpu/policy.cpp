@@ -41,8 +41,10 @@ class HostPolicy {
   // numel: [C] float64 (elements per component, >= 1). The state tensors are [C] (frozen: bool;
   // counter, freeze_step: int64; the rest float64) and invalid_steps a 0-d int64 tensor; they are
   // updated in place. new_frozen: [C] bool, set to the components frozen by the last step().
+  // quorum: qualifying components freeze only when at least this many qualify or are frozen.
   HostPolicy(at::Tensor idx, int64_t num_rows, int64_t statistic, at::Tensor numel, double ema, int64_t level_div,
-             bool auto_mode, int64_t check_interval, int64_t patience, int64_t max_frozen, at::Tensor frozen,
+             bool auto_mode, int64_t check_interval, int64_t patience, int64_t max_frozen, int64_t quorum,
+             at::Tensor frozen,
              at::Tensor counter, at::Tensor ema_v, at::Tensor ema_w, at::Tensor ref, at::Tensor ref_w,
              at::Tensor thresh, at::Tensor freeze_step, at::Tensor last_stat, at::Tensor invalid_steps,
              at::Tensor new_frozen)
@@ -51,7 +53,7 @@ class HostPolicy {
         thresh_(std::move(thresh)), freeze_step_(std::move(freeze_step)), last_stat_(std::move(last_stat)),
         invalid_steps_(std::move(invalid_steps)), new_frozen_(std::move(new_frozen)), num_rows_(num_rows),
         statistic_(statistic), ema_(ema), level_div_(level_div), auto_(auto_mode),
-        check_interval_(check_interval), patience_(patience), max_frozen_(max_frozen) {
+        check_interval_(check_interval), patience_(patience), max_frozen_(max_frozen), quorum_(quorum) {
     TORCH_CHECK(idx_.device().is_cpu() && idx_.is_contiguous() && idx_.scalar_type() == at::kLong &&
                     idx_.dim() == 2 && idx_.size(1) >= 1,
                 "idx must be a contiguous int64 CPU tensor [C, K], got ", idx_.scalar_type(), " ", idx_.sizes());
@@ -63,8 +65,8 @@ class HostPolicy {
       TORCH_CHECK(ix[i] >= 0 && ix[i] <= num_rows_, "idx entry ", ix[i], " outside [0, ", num_rows_, "]");
     TORCH_CHECK(statistic_ >= kL1 && statistic_ <= kRms, "unknown statistic code ", statistic_);
     TORCH_CHECK(ema_ >= 0.0 && ema_ < 1.0, "ema must be in [0, 1), got ", ema_);
-    TORCH_CHECK(check_interval_ >= 1 && patience_ >= 1 && max_frozen_ >= 0 && level_div_ >= 1,
-                "bad check_interval/patience/max_frozen/level_div");
+    TORCH_CHECK(check_interval_ >= 1 && patience_ >= 1 && max_frozen_ >= 0 && level_div_ >= 1 && quorum_ >= 0,
+                "bad check_interval/patience/max_frozen/level_div/quorum");
     check_state(numel_, at::kDouble, C_, "numel");
     check_state(frozen_, at::kBool, C_, "frozen");
     check_state(counter_, at::kLong, C_, "counter");
@@ -180,13 +182,13 @@ class HostPolicy {
     }
 
     // 2. statistic, EMA, last value; the level (lowest statistic in the last grace steps, as
-    // rule.py's level_window_start places them); patience and freezing
+    // rule.py's level_window_start places them); patience; which components qualify
     const bool decide = t > grace && (t - grace) % check_interval_ == 0;
     const bool track = auto_ && t <= grace && t > grace - std::max<int64_t>(1, grace / level_div_);
     const double d = ema_, one_d = 1.0 - ema_;
     int64_t n_frozen = 0;
     for (int64_t i = 0; i < C_; ++i) n_frozen += frozen[i] ? 1 : 0;
-    int64_t room = max_frozen_ - n_frozen, n_new = 0;
+    int64_t n_qual = 0;
     for (int64_t i = 0; i < C_; ++i) {
       const bool live = !frozen[i];
       const bool ok = valid && (ok_[i] || frozen[i]);
@@ -218,14 +220,25 @@ class HostPolicy {
       } else if (decide && ok) {
         const bool below = live && cur < thresh[i];
         counter[i] = below ? counter[i] + 1 : 0;
-        if (live && counter[i] >= patience_ && room > 0) {
-          // the earliest components in order win when more qualify than the cap allows
-          --room;
-          ++n_new;
-          frozen[i] = true;
+        if (live && counter[i] >= patience_) {
           fresh[i] = true;
-          fstep[i] = t;
+          ++n_qual;
         }
+      }
+    }
+    // 3. freezing: the qualifying components, once the quorum is met; the earliest in order win
+    // when more qualify than the cap allows
+    int64_t room = max_frozen_ - n_frozen, n_new = 0;
+    const bool quorate = n_frozen + n_qual >= quorum_;
+    for (int64_t i = 0; i < C_; ++i) {
+      if (!fresh[i]) continue;
+      if (quorate && room > 0) {
+        --room;
+        ++n_new;
+        frozen[i] = true;
+        fstep[i] = t;
+      } else {
+        fresh[i] = false;
       }
     }
     bool full = false;
@@ -274,7 +287,7 @@ class HostPolicy {
   double ema_;
   int64_t level_div_;
   bool auto_;
-  int64_t check_interval_, patience_, max_frozen_;
+  int64_t check_interval_, patience_, max_frozen_, quorum_;
   int64_t C_ = 0, K_ = 1;
   at::Tensor hist_steps_, hist_frozen_, hist_stat_, hist_n_;
   int64_t hist_every_ = 1;
@@ -289,11 +302,11 @@ void register_policy(pybind11::module& m) {
   py::class_<HostPolicy>(m, "HostPolicy",
                          "The GradES decision rule on host-memory state, one call per optimizer step")
       .def(py::init<at::Tensor, int64_t, int64_t, at::Tensor, double, int64_t, bool, int64_t, int64_t, int64_t,
-                    at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                     at::Tensor, at::Tensor, at::Tensor>(),
            py::arg("idx"), py::arg("num_rows"), py::arg("statistic"), py::arg("numel"), py::arg("ema"),
            py::arg("level_div"), py::arg("auto_mode"), py::arg("check_interval"), py::arg("patience"),
-           py::arg("max_frozen"), py::arg("frozen"), py::arg("counter"), py::arg("ema_v"), py::arg("ema_w"),
+           py::arg("max_frozen"), py::arg("quorum"), py::arg("frozen"), py::arg("counter"), py::arg("ema_v"), py::arg("ema_w"),
            py::arg("ref"), py::arg("ref_w"), py::arg("thresh"), py::arg("freeze_step"), py::arg("last_stat"),
            py::arg("invalid_steps"), py::arg("new_frozen"))
       .def("step", &HostPolicy::step, py::arg("rows"), py::arg("row_part"), py::arg("participated"),

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"grace period (default: {d.rel_tau})")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"GradES grace period, fraction of --steps (default: {d.alpha})")
     p.add_argument("--patience", type=int, default=d.patience, help=f"GradES patience in checks (default: {d.patience})")
+    p.add_argument("--freeze-quorum", type=float, default=d.freeze_quorum,
+                   help="GradES: matrices freeze only once this fraction of them qualifies; 1 freezes all at "
+                        f"the stop, so B is A cut short (default: {d.freeze_quorum:g}, each on its own)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help=f"torch CPU threads (default: {d.threads}; 0 keeps torch's own setting)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -59,7 +62,7 @@ def _config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = DemoConfig(device=args.device, seed=args.seed, model_size=args.model_size, task=args.task,
                      digits=args.digits,
                      out=args.out, batch_size=args.batch_size, lr=args.lr, rel_tau=args.rel_tau,
-                     alpha=args.alpha, patience=args.patience,
+                     alpha=args.alpha, patience=args.patience, freeze_quorum=args.freeze_quorum,
                      threads=None if args.threads == 0 else args.threads)
     if args.steps is not None:
         cfg.steps = args.steps

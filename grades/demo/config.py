@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional, Union
 
 from .._checks import check_number
-from ..policy.config import DEFAULT_ALPHA, DEFAULT_EMA, DEFAULT_PATIENCE, DEFAULT_REL_TAU
+from ..policy.config import DEFAULT_ALPHA, DEFAULT_EMA, DEFAULT_PATIENCE, DEFAULT_REL_TAU, GradESConfig
 from ..ttc.cli import DEFAULT_TOLERANCE
 from .models import LLAMA_SIZES
 
@@ -62,6 +62,7 @@ class DemoConfig:
     alpha: float = DEFAULT_ALPHA
     patience: int = DEFAULT_PATIENCE
     ema: float = DEFAULT_EMA
+    freeze_quorum: float = GradESConfig.freeze_quorum  # (1.0: every matrix freezes at the stop)
     # checkpoints and TTC
     checkpoint_fracs: tuple = (0.25, 0.5, 0.75)
     ttc_problems: int = 100
@@ -106,6 +107,7 @@ def validate(cfg: DemoConfig) -> None:
     if cfg.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {cfg.batch_size}")
     check_number(cfg.max_grad_norm, "max_grad_norm", lo=0.0, lo_open=True, none=True)
+    check_number(cfg.freeze_quorum, "freeze_quorum", lo=0.0, hi=1.0)
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
     total = (10 ** cfg.digits) ** (2 if cfg.task == "addition" else 1)

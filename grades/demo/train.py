@@ -110,7 +110,8 @@ def _optimizer(cfg: DemoConfig, model: torch.nn.Module, run: str):
     threshold = dict(rel_tau=cfg.rel_tau) if cfg.tau is None else dict(tau=cfg.tau)
     return opt, GradES(model, opt, GradESConfig(**threshold, statistic=cfg.statistic, ema=cfg.ema,
                                                 alpha=cfg.alpha, total_steps=cfg.steps,
-                                                patience=cfg.patience, history_every=1,
+                                                patience=cfg.patience, freeze_quorum=cfg.freeze_quorum,
+                                                history_every=1,
                                                 history_max=max(2000, cfg.steps + 1)))
 
 

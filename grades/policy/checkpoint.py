@@ -12,7 +12,7 @@ from .state import check_saved
 #: config fields that shape the decisions a saved state carries on (thresholds, EMA levels,
 #: counters): loading a state saved under other values is worth a warning
 DECISION_FIELDS = ("statistic", "tau", "rel_tau", "ema", "patience", "check_interval", "max_frozen_ratio",
-                   "stop_ratio")
+                   "freeze_quorum", "stop_ratio")
 
 
 class Checkpointing:

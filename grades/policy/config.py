@@ -85,6 +85,13 @@ class GradESConfig:
         max_frozen_ratio: at most ``floor(max_frozen_ratio * C)`` of the ``C`` components are ever
             frozen (in ``(0, 1]``; at least one); when more qualify at once, the earliest in
             component order win.
+        freeze_quorum: in ``[0, 1]``: a component that qualifies (``patience`` checks below tau)
+            freezes only at a check where at least ``ceil(freeze_quorum * C)`` components qualify
+            or are frozen, so that ``1.0`` freezes them all together, at the first check where
+            every one qualifies: the run is then full training cut short, step for step (freezing
+            one matrix changes how the others train, so under ``0`` the last ones can qualify
+            sooner than they would have in full training), at the cost of the weight-gradient
+            work that earlier freezes save. Default ``0``: each freezes on its own (the paper's).
         stop_ratio: ``should_stop`` turns true once ``ceil(stop_ratio * C)`` components are frozen,
             or as many as ``max_frozen_ratio`` allows if that is fewer (``None``: never).
         history_every: record the statistics into the history every this many steps.
@@ -101,6 +108,7 @@ class GradESConfig:
     patience: int = DEFAULT_PATIENCE
     check_interval: int = 1
     max_frozen_ratio: float = 1.0
+    freeze_quorum: float = 0.0
     stop_ratio: Optional[float] = 1.0
     history_every: int = 1
     history_max: int = 2000
@@ -126,6 +134,7 @@ class GradESConfig:
         for name in ("check_interval", "history_every", "history_max"):
             setattr(self, name, check_number(getattr(self, name), name, lo=1, integer=True))
         self.max_frozen_ratio = check_number(self.max_frozen_ratio, "max_frozen_ratio", lo=0.0, lo_open=True, hi=1.0)
+        self.freeze_quorum = check_number(self.freeze_quorum, "freeze_quorum", lo=0.0, hi=1.0)
         self.stop_ratio = check_number(self.stop_ratio, "stop_ratio", lo=0.0, lo_open=True, hi=1.0, none=True)
         if self.stop_ratio is not None and self.stop_ratio > self.max_frozen_ratio:
             raise ValueError(f"stop_ratio={self.stop_ratio} can never be reached with "

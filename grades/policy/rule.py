@@ -2,8 +2,10 @@
 
 Per step, for each component: sum its rows of the statistics table, divide out the clip factor,
 turn the sums into the chosen statistic, update the EMA (and in automatic mode, in the last part
-of the grace period, the component's level: the lowest statistic seen there), then on check steps count consecutive checks below
-the threshold and freeze after ``patience`` of them, earliest components first up to the cap.
+of the grace period, the component's level: the lowest statistic seen there), then on check
+steps count consecutive checks below the threshold: a component qualifies after ``patience`` of
+them, and the qualifying ones freeze once enough qualify or are frozen (the quorum), earliest
+components first up to the cap.
 
 Two implementations decide bitwise alike (the same float64 operations in the same order):
 
@@ -19,6 +21,7 @@ without a host sync), :data:`HISTORY_FULL` set when the native rule filled its h
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional, Union
 
@@ -73,10 +76,11 @@ def make_rule(kind: str, idx: torch.Tensor, num_rows: int, config: GradESConfig,
               max_frozen: int, state: DecisionState) -> Any:
     """Build rule ``kind`` over the statistics table ``[num_rows, 3]`` whose rows of each
     component ``idx`` (int64 ``[C, K]``, padded with ``num_rows``) names, on ``state``."""
+    quorum = math.ceil(config.freeze_quorum * idx.shape[0] - 1e-9)  # components that must qualify or be frozen
     args = dict(idx=idx.contiguous(), num_rows=num_rows, statistic=STATISTICS.index(config.statistic), numel=numel,
                 ema=float(config.ema or 0.0), level_div=LEVEL_WINDOW_DIV, auto_mode=config.auto,
                 check_interval=int(config.check_interval), patience=max(1, config.patience),
-                max_frozen=int(max_frozen))
+                max_frozen=int(max_frozen), quorum=int(quorum))
     if kind == "torch":
         return TorchRule(**args, state=state)
     from .. import _build
@@ -128,10 +132,11 @@ class TorchRule:
 
     def __init__(self, idx: torch.Tensor, num_rows: int, statistic: int, numel: torch.Tensor, ema: float,
                  level_div: int, auto_mode: bool, check_interval: int, patience: int, max_frozen: int,
-                 state: DecisionState):
+                 quorum: int, state: DecisionState):
         self.idx, self.num_rows, self.statistic, self.numel = idx, num_rows, STATISTICS[statistic], numel
         self.ema, self.level_div, self.auto = ema, level_div, auto_mode
         self.check_interval, self.patience, self.max_frozen, self.s = check_interval, patience, max_frozen, state
+        self.quorum = quorum
         self._identity = is_identity(idx, num_rows)
 
     def _value(self, stats: torch.Tensor) -> torch.Tensor:
@@ -190,6 +195,8 @@ class TorchRule:
         below = (cur < s.thresh) & live
         s.counter.copy_(torch.where(ok, torch.where(below, s.counter + 1, 0), s.counter))
         cand = (s.counter >= self.patience) & live & ok
+        if self.quorum > 1:  # (one qualifying component meets a quorum of one by itself)
+            cand = cand & (s.frozen.sum() + cand.sum() >= self.quorum)
         if self.max_frozen < len(live):
             # the earliest components in order win when more qualify than the cap allows
             room = self.max_frozen - s.frozen.sum()
