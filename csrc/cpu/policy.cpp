@@ -44,10 +44,9 @@ class HostPolicy {
   // quorum: qualifying components freeze only when at least this many qualify or are frozen.
   HostPolicy(at::Tensor idx, int64_t num_rows, int64_t statistic, at::Tensor numel, double ema, int64_t level_div,
              bool auto_mode, int64_t check_interval, int64_t patience, int64_t max_frozen, int64_t quorum,
-             at::Tensor frozen,
-             at::Tensor counter, at::Tensor ema_v, at::Tensor ema_w, at::Tensor ref, at::Tensor ref_w,
-             at::Tensor thresh, at::Tensor freeze_step, at::Tensor last_stat, at::Tensor invalid_steps,
-             at::Tensor new_frozen)
+             at::Tensor frozen, at::Tensor counter, at::Tensor ema_v, at::Tensor ema_w, at::Tensor ref,
+             at::Tensor ref_w, at::Tensor thresh, at::Tensor freeze_step, at::Tensor last_stat,
+             at::Tensor invalid_steps, at::Tensor new_frozen)
       : idx_(std::move(idx)), numel_(std::move(numel)), frozen_(std::move(frozen)), counter_(std::move(counter)),
         ema_v_(std::move(ema_v)), ema_w_(std::move(ema_w)), ref_(std::move(ref)), ref_w_(std::move(ref_w)),
         thresh_(std::move(thresh)), freeze_step_(std::move(freeze_step)), last_stat_(std::move(last_stat)),
@@ -302,13 +301,13 @@ void register_policy(pybind11::module& m) {
   py::class_<HostPolicy>(m, "HostPolicy",
                          "The GradES decision rule on host-memory state, one call per optimizer step")
       .def(py::init<at::Tensor, int64_t, int64_t, at::Tensor, double, int64_t, bool, int64_t, int64_t, int64_t,
-                    int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                    at::Tensor, at::Tensor, at::Tensor>(),
+                    int64_t, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    at::Tensor, at::Tensor, at::Tensor, at::Tensor>(),
            py::arg("idx"), py::arg("num_rows"), py::arg("statistic"), py::arg("numel"), py::arg("ema"),
            py::arg("level_div"), py::arg("auto_mode"), py::arg("check_interval"), py::arg("patience"),
-           py::arg("max_frozen"), py::arg("quorum"), py::arg("frozen"), py::arg("counter"), py::arg("ema_v"), py::arg("ema_w"),
-           py::arg("ref"), py::arg("ref_w"), py::arg("thresh"), py::arg("freeze_step"), py::arg("last_stat"),
-           py::arg("invalid_steps"), py::arg("new_frozen"))
+           py::arg("max_frozen"), py::arg("quorum"), py::arg("frozen"), py::arg("counter"), py::arg("ema_v"),
+           py::arg("ema_w"), py::arg("ref"), py::arg("ref_w"), py::arg("thresh"), py::arg("freeze_step"),
+           py::arg("last_stat"), py::arg("invalid_steps"), py::arg("new_frozen"))
       .def("step", &HostPolicy::step, py::arg("rows"), py::arg("row_part"), py::arg("participated"),
            py::arg("clip"), py::arg("skipped"), py::arg("t"), py::arg("grace"))
       .def("bind_history", &HostPolicy::bind_history, py::arg("steps"), py::arg("frozen"), py::arg("stat"),
