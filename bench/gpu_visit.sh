@@ -3,7 +3,7 @@
 # hand back only a few files: every part packs what it wrote into ONE archive.
 #
 #     bash bench/gpu_visit.sh checks     # build, pytest -m gpu, compute-sanitizer (gpu_checks.sh)
-#     bash bench/gpu_visit.sh kernels    # bench/kernels.py, optim.py (fp32 and bf16) on cuda
+#     bash bench/gpu_visit.sh kernels    # bench/kernel_bandwidth.py, optim.py (fp32 and bf16) on cuda
 #     bash bench/gpu_visit.sh rest       # bench/overhead.py (tiny Llama, Qwen3-0.6B-shaped), e2e.py on cuda
 #
 # The archive is $OUT/<part>.tar.gz when OUT is set (else bench/results/visit/<part>.tar.gz): the
@@ -48,7 +48,7 @@ case "$part" in
     run "${CHECKS_LIMIT:-540}" gpu_checks env OUT="$WORK/gpu_checks" bash bench/gpu_checks.sh
     ;;
   kernels)
-    run "${KERNELS_LIMIT:-200}" kernels "$PY" bench/kernels.py --device cuda
+    run "${KERNELS_LIMIT:-200}" kernels "$PY" bench/kernel_bandwidth.py --device cuda
     run "${OPTIM_LIMIT:-160}" optim "$PY" bench/optim.py --device cuda --rounds 3
     run "${OPTIM_LIMIT:-160}" optim_bf16 "$PY" bench/optim.py --device cuda --rounds 3 --dtype bf16
     ;;

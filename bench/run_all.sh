@@ -3,7 +3,7 @@
 #
 #   bash bench/run_all.sh cpu|cuda [--smoke] [--out DIR]
 #
-# Runs bench/kernels.py, optim.py (fp32, then bf16 parameters), overhead.py, ttc_eval.py, ttc_stop.py and
+# Runs bench/kernel_bandwidth.py, optim.py (fp32, then bf16 parameters), overhead.py, ttc_eval.py, ttc_stop.py and
 # e2e.py in turn, each with --device DEV (when the script takes it) and --smoke / --out passed through. Results land in
 # bench/results/<device>/ unless --out is given. A script that does not exist is skipped with a
 # message; the exit status is non-zero when any script that ran failed.
@@ -39,7 +39,7 @@ fi
 
 failed=()
 ran=0
-for entry in kernels optim "optim --dtype bf16" overhead ttc_eval ttc_stop e2e; do
+for entry in kernel_bandwidth optim "optim --dtype bf16" overhead ttc_eval ttc_stop e2e; do
   name=${entry%% *}
   extra=()
   [ "$entry" != "$name" ] && read -r -a extra <<<"${entry#* }"

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-SCRIPTS = ("kernels", "optim", "overhead", "ttc_eval", "ttc_stop", "e2e", "grades_defaults")
+SCRIPTS = ("kernel_bandwidth", "optim", "overhead", "ttc_eval", "ttc_stop", "e2e", "grades_defaults")
 
 
 def _help(script: Path) -> str:
@@ -62,3 +62,16 @@ def test_optim_bf16_smoke(tmp_path):
 def test_run_all_rejects_bad_device():
     r = subprocess.run(["bash", str(BENCH / "run_all.sh"), "tpu"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_no_bench_script_shadows_an_installed_module():
+    """``python bench/<name>.py`` puts bench/ first on ``sys.path``, so a script named like an
+    installed top-level module is imported in its place (transformers imports ``kernels``, its
+    dependency, when it loads its models)."""
+    import importlib.util
+    clash = []
+    for script in BENCH.glob("*.py"):
+        spec = importlib.util.find_spec(script.stem)
+        if spec is not None and spec.origin and Path(spec.origin).parent != BENCH:
+            clash.append(f"{script.name} shadows {spec.origin}")
+    assert not clash, clash

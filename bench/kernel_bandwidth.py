@@ -21,9 +21,9 @@ by round so that load from other processes hits them alike; the median is report
 Writes ``bench/results/<device-slug>/kernels.json`` and ``kernels.png`` (``kernels-smoke.*`` with
 ``--smoke``) and prints a table. Usage::
 
-    python bench/kernels.py --device cpu --layers 4 --no-embedding
-    python bench/kernels.py --device cuda
-    python bench/kernels.py --device cpu --smoke      # tiny shapes, one repetition, seconds
+    python bench/kernel_bandwidth.py --device cpu --layers 4 --no-embedding
+    python bench/kernel_bandwidth.py --device cuda
+    python bench/kernel_bandwidth.py --device cpu --smoke      # tiny shapes, one repetition, seconds
 """
 from __future__ import annotations
 
