@@ -384,14 +384,13 @@ def test_freeze_quorum_holds_freezes_until_enough_qualify(path):
     attention freezes at 4; with a quorum of all, nothing freezes before 9, then everything
     does, and the model at the stop is bitwise that of the run in which nothing ever froze
     (full training cut short); a quorum of half is met by the attention half at step 4."""
-    _, alone = _late_mlp_run(path, 0.0, 9)
+    m0, alone = _late_mlp_run(path, 0.0, 9)
     fs = alone.history_dict()["freeze_steps"]
     assert sorted(set(fs.values())) == [4, 9]
     m, together = _late_mlp_run(path, 1.0, 9)
     assert set(together.history_dict()["freeze_steps"].values()) == {9} and together.stopped_at == 9
     ref, _ = _late_mlp_run(path, 1.0, 9, never_freeze=True)
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), ref.parameters()))
-    m0, _ = _late_mlp_run(path, 0.0, 9)
     assert not all(torch.equal(a, b) for a, b in zip(m0.parameters(), ref.parameters()))  # freezing changed it
     n_att = sum(c.type == "attention" for c in alone.components)
     assert n_att * 2 == len(alone.components)

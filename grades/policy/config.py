@@ -32,6 +32,12 @@ DEFAULT_PATIENCE = 10
 TauLike = Union[float, Mapping[str, float], None]
 
 
+def fraction_count(ratio: float, C: int) -> int:
+    """The fewest of ``C`` components that make up ``ratio`` of them: ``ceil(ratio * C)``, with
+    the float error of the product forgiven (``0.3 * 10`` counts as 3, not 4)."""
+    return math.ceil(ratio * C - 1e-9)
+
+
 def _check_tau(name: str, v: TauLike, upper: float = math.inf) -> TauLike:
     """``v`` (a number or a ``{component type: number}`` mapping, each in ``(0, upper]``) as
     plain floats; ``TypeError``/``ValueError`` naming the entry otherwise."""
@@ -167,5 +173,5 @@ class GradESConfig:
 
 
 
-__all__ = ["GradESConfig", "STATISTICS", "DEFAULT_ALPHA", "DEFAULT_REL_TAU", "DEFAULT_EMA", "DEFAULT_PATIENCE",
+__all__ = ["GradESConfig", "STATISTICS", "fraction_count", "DEFAULT_ALPHA", "DEFAULT_REL_TAU", "DEFAULT_EMA", "DEFAULT_PATIENCE",
            "LEVEL_WINDOW_DIV", "TauLike"]

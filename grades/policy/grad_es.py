@@ -17,7 +17,7 @@ from ..components import Component, PatternsLike, resolve_components
 from ..contract import FreezableOptimizer
 from .checkpoint import Checkpointing
 from .clip import clip_coefficient
-from .config import DEFAULT_REL_TAU, GradESConfig, TauLike
+from .config import DEFAULT_REL_TAU, GradESConfig, TauLike, fraction_count
 from .freezing import Freezer, name_list
 from .history import History
 from .no_gradient import NoGradientWatch
@@ -85,8 +85,7 @@ class GradES(Checkpointing):
         if self._max_frozen < 1:
             raise ValueError(f"max_frozen_ratio={config.max_frozen_ratio} of {C} components allows no component "
                              f"to freeze; use at least {1 / C:.4g}")
-        stop_at = None if config.stop_ratio is None else min(math.ceil(config.stop_ratio * C - 1e-9),
-                                                             self._max_frozen)
+        stop_at = None if config.stop_ratio is None else min(fraction_count(config.stop_ratio, C), self._max_frozen)
         tracked = [p for c in self.components for p in c.params]
         self.device = dev = local(tracked[0]).device
         self.frozen_aware = isinstance(self.optimizer, FreezableOptimizer)

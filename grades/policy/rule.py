@@ -21,14 +21,13 @@ without a host sync), :data:`HISTORY_FULL` set when the native rule filled its h
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Optional, Union
 
 import torch
 
 from .clip import unclip
-from .config import LEVEL_WINDOW_DIV, STATISTICS, GradESConfig
+from .config import LEVEL_WINDOW_DIV, STATISTICS, GradESConfig, fraction_count
 from .state import DecisionState
 
 #: bits of a rule step's result
@@ -76,7 +75,7 @@ def make_rule(kind: str, idx: torch.Tensor, num_rows: int, config: GradESConfig,
               max_frozen: int, state: DecisionState) -> Any:
     """Build rule ``kind`` over the statistics table ``[num_rows, 3]`` whose rows of each
     component ``idx`` (int64 ``[C, K]``, padded with ``num_rows``) names, on ``state``."""
-    quorum = math.ceil(config.freeze_quorum * idx.shape[0] - 1e-9)  # components that must qualify or be frozen
+    quorum = fraction_count(config.freeze_quorum, idx.shape[0])  # components that must qualify or be frozen
     args = dict(idx=idx.contiguous(), num_rows=num_rows, statistic=STATISTICS.index(config.statistic), numel=numel,
                 ema=float(config.ema or 0.0), level_div=LEVEL_WINDOW_DIV, auto_mode=config.auto,
                 check_interval=int(config.check_interval), patience=max(1, config.patience),
