@@ -75,3 +75,16 @@ def test_no_bench_script_shadows_an_installed_module():
         if spec is not None and spec.origin and Path(spec.origin).parent != BENCH:
             clash.append(f"{script.name} shadows {spec.origin}")
     assert not clash, clash
+
+
+def test_grades_defaults_counts_seeds_within_the_aim(monkeypatch):
+    """A seed 0.5 points below full training is within the aim (float error forgiven), 0.6 is not."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from grades_defaults import summarise
+    per = [{"task": "t", "seed": s, "budget": 100,
+            "runs": {"full": {"steps": 100, "flops": 1.0, "acc": 1.0},
+                     "rule": {"steps": 50, "flops": 0.5, "acc": acc}}}
+           for s, acc in enumerate((0.994, 0.995, 1.0))]
+    got = summarise(per)["t"]["rule"]
+    assert (got["seeds"], got["within_aim"]) == (3, 2)
+    assert got["delta_worst"] == pytest.approx(-0.6)
